@@ -1,0 +1,280 @@
+"""YAML search spaces: schema, validation and sampling.
+
+A space file holds `fixed` settings and searched `params`, both keyed by `trainer.TrainConfig`
+field names::
+
+    fixed:
+      optimizer: sgdm
+      epochs: 150
+    params:
+      lr: {type: float, low: 1.0e-3, high: 0.1, log: true}
+      batch_size: {type: categorical, choices: [32, 64, 128]}
+      t_max: {type: categorical, choices: [100, 150, 200], when: {schedule: cosine}}
+
+Types: float and int (low, high, optional log or step), categorical (choices). `when` makes a
+parameter exist only while earlier parameters (or fixed settings) take the given value(s).
+Every error names the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.errors import UserError
+from trainer.config import ConfigError, TrainConfig, field_types
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+TOP_KEYS = {"name", "description", "fixed", "params"}
+PARAM_KEYS = {
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
+}
+Scalar = (str, int, float, bool, type(None))
+
+
+class SpaceError(UserError):
+    pass
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list[Any] = field(default_factory=list)
+    when: dict[str, list[Any]] = field(default_factory=dict)
+
+    def values(self) -> list[Any] | None:
+        """All values this parameter can take when finite (categorical or stepped), else None."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.step is None and self.type == "float":
+            return None
+        step = self.step or 1
+        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        vals = [self.low + i * step for i in range(count)]
+        return [int(v) for v in vals] if self.type == "int" else vals
+
+    def suggest(self, trial) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1,
+                                     log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass
+class Space:
+    path: Path
+    name: str
+    fixed: dict[str, Any]
+    params: list[Param]
+    text: str
+    description: str = ""
+
+    @property
+    def hash(self) -> str:
+        """Hash of the parsed content: comments and layout do not change it."""
+        canon = json.dumps({"fixed": self.fixed, "params": [vars(p) for p in self.params]},
+                           sort_keys=True, default=str)
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def active(self, param: Param, values: dict[str, Any]) -> bool:
+        return all(values.get(k) in allowed for k, allowed in param.when.items())
+
+    def sample(self, trial) -> dict[str, Any]:
+        """Suggests every active parameter on an Optuna trial; returns fixed + sampled values."""
+        values = dict(self.fixed)
+        for p in self.params:
+            if self.active(p, values):
+                values[p.name] = p.suggest(trial)
+        return values
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Search space for Optuna's GridSampler; every parameter must have finite values."""
+        out = {}
+        for p in self.params:
+            vals = p.values()
+            if vals is None:
+                raise SpaceError(f"{self.path}: params.{p.name}: the grid sampler needs "
+                                 "categorical choices or a step; got a continuous range")
+            out[p.name] = vals
+        return out
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    """A path as given, else a bare name looked up in spaces/ (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (SPACES_DIR / path.name, SPACES_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise SpaceError(f"{name_or_path}: no such space file (looked here and in {SPACES_DIR})")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _coerce(v: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; take it as the number the user meant."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _check_setting(where: str, key: str, value: Any, fixed: dict[str, Any]) -> None:
+    """Raises SpaceError unless `key: value` builds a valid TrainConfig beside `fixed`."""
+    kind = field_types()[key]
+    if "int" in kind and "float" not in kind and not isinstance(value, int | type(None)):
+        raise SpaceError(f"{where}: expected an integer, got {value!r}")
+    if "float" in kind and not (_is_number(value) or value is None):
+        raise SpaceError(f"{where}: expected a number, got {value!r}")
+    if kind.startswith("str") and not isinstance(value, str | type(None)):
+        raise SpaceError(f"{where}: expected a string, got {value!r}")
+    try:
+        TrainConfig(**{**fixed, key: value})
+    except ConfigError as exc:
+        raise SpaceError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
+    except TypeError as exc:
+        raise SpaceError(f"{where}: {exc}") from None
+
+
+def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
+                 known: dict[str, list[Any] | None]) -> Param:
+    where = f"{file}: params.{name}"
+    if name not in field_types():
+        raise SpaceError(f"{where}: unknown setting; expected one of "
+                         f"{', '.join(sorted(field_types()))}")
+    if name in fixed:
+        raise SpaceError(f"{where}: also set under fixed; a setting is either fixed or searched")
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{where}: expected a mapping with a type (float, int, categorical)")
+    kind = spec.get("type")
+    if kind not in PARAM_KEYS:
+        raise SpaceError(f"{where}.type: expected float, int or categorical, got {kind!r}")
+    extra = sorted(set(spec) - PARAM_KEYS[kind])
+    if extra:
+        raise SpaceError(f"{where}.{extra[0]}: not a key of a {kind} parameter; expected "
+                         f"{', '.join(sorted(PARAM_KEYS[kind]))}")
+    p = Param(name, kind)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}.choices: expected a non-empty list")
+        p.choices = [_coerce(c) for c in choices]
+        for i, c in enumerate(p.choices):
+            if not isinstance(c, Scalar):
+                raise SpaceError(f"{where}.choices[{i}]: expected a scalar, got {c!r}")
+            _check_setting(f"{where}.choices[{i}]", name, c, fixed)
+        if len(set(map(repr, p.choices))) != len(p.choices):
+            raise SpaceError(f"{where}.choices: duplicate values")
+    else:
+        for bound in ("low", "high"):
+            if bound not in spec:
+                raise SpaceError(f"{where}.{bound}: missing; a {kind} parameter needs low and high")
+            value = _coerce(spec[bound])
+            ok = isinstance(value, int) if kind == "int" else _is_number(value)
+            if not ok or isinstance(value, bool):
+                raise SpaceError(f"{where}.{bound}: expected {'an integer' if kind == 'int' else 'a number'}, got {spec[bound]!r}")
+            setattr(p, bound, value)
+        if p.low > p.high:
+            raise SpaceError(f"{where}: low {p.low} > high {p.high}; expected low <= high")
+        p.log = spec.get("log", False)
+        if not isinstance(p.log, bool):
+            raise SpaceError(f"{where}.log: expected true or false, got {p.log!r}")
+        if "step" in spec:
+            p.step = _coerce(spec["step"])
+            if not _is_number(p.step) or p.step <= 0 or (kind == "int" and not isinstance(p.step, int)):
+                raise SpaceError(f"{where}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {spec['step']!r}")
+            if p.log:
+                raise SpaceError(f"{where}: step and log cannot be combined (Optuna's rule)")
+        if p.log and p.low <= 0:
+            raise SpaceError(f"{where}.low: a log range needs low > 0, got {p.low}")
+        if kind == "float" and "int" in field_types()[name] and "float" not in field_types()[name]:
+            raise SpaceError(f"{where}.type: {name} is an integer setting; use type int")
+        for bound in ("low", "high"):
+            _check_setting(f"{where}.{bound}", name, getattr(p, bound), fixed)
+    when = spec.get("when", {"": None}) if "when" in spec else {}
+    if not isinstance(when, dict) or "" in when:
+        raise SpaceError(f"{where}.when: expected a mapping of an earlier setting to its value(s)")
+    for key, allowed in when.items():
+        if key not in known:
+            raise SpaceError(f"{where}.when.{key}: not a fixed setting or an earlier parameter")
+        allowed = [_coerce(a) for a in (allowed if isinstance(allowed, list) else [allowed])]
+        possible = known[key]
+        if possible is not None:
+            missing = [a for a in allowed if a not in possible]
+            if missing:
+                raise SpaceError(f"{where}.when.{key}: {missing[0]!r} is never taken; "
+                                 f"{key} takes {possible}")
+        p.when[key] = allowed
+    return p
+
+
+def parse_space(text: str, path: Path | str = "<space>") -> Space:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpaceError(f"{path}: {at}malformed YAML ({problem})") from None
+    if not isinstance(doc, dict):
+        raise SpaceError(f"{path}: expected a mapping with fixed and params at the top")
+    extra = sorted(set(doc) - TOP_KEYS)
+    if extra:
+        raise SpaceError(f"{path}: {extra[0]}: unknown top-level key; expected "
+                         f"{', '.join(sorted(TOP_KEYS))}")
+    fixed = doc.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise SpaceError(f"{path}: fixed: expected a mapping of setting: value")
+    fixed = {k: _coerce(v) for k, v in fixed.items()}
+    for key, value in fixed.items():
+        if key not in field_types():
+            raise SpaceError(f"{path}: fixed.{key}: unknown setting; expected one of "
+                             f"{', '.join(sorted(field_types()))}")
+        _check_setting(f"{path}: fixed.{key}", key, value, {})
+    try:
+        TrainConfig(**fixed)
+    except ConfigError as exc:
+        raise SpaceError(f"{path}: fixed.{exc}") from None
+    params_doc = doc.get("params")
+    if not isinstance(params_doc, dict) or not params_doc:
+        raise SpaceError(f"{path}: params: expected a mapping of at least one searched setting")
+    known: dict[str, list[Any] | None] = {k: [v] for k, v in fixed.items()}
+    params = []
+    for name, spec in params_doc.items():
+        p = _parse_param(path, str(name), spec, fixed, known)
+        known[p.name] = p.values()
+        params.append(p)
+    name = doc.get("name") or path.stem
+    if not isinstance(name, str):
+        raise SpaceError(f"{path}: name: expected a string, got {name!r}")
+    return Space(path, name, fixed, params, text, str(doc.get("description", "")))
+
+
+def load_space(name_or_path: str | Path) -> Space:
+    path = resolve_path(name_or_path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpaceError(f"{path}: cannot read ({exc})") from None
+    return parse_space(text, path)

@@ -1,0 +1,12 @@
+"""trainer: everything one training run needs, and nothing about search.
+
+Owns the data (CIFAR-100, digits, synthetic; held as uint8 tensors on the device), batched
+per-sample augmentation, the LeNet-5 model, the optimisers (AdamW, SGDM, LARS, LAMB), the lr
+schedule and the training loop `train(config, on_epoch)`. It imports neither Optuna nor MLflow:
+the per-epoch callback is the only seam to the search half.
+"""
+
+from trainer.config import TrainConfig
+from trainer.loop import Diverged, TrainResult, train
+
+__all__ = ["Diverged", "TrainConfig", "TrainResult", "train"]

@@ -1,0 +1,128 @@
+"""One dataclass holding every knob of a training run; defaults are the notes' baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OPTIMIZERS = ("adamw", "sgdm", "lars", "lamb")
+DATASETS = ("cifar100", "digits", "synthetic")
+AUGMENTS = ("none", "flip-crop", "adamw", "sgdm", "final")
+SCHEDULES = ("cosine", "constant")
+LR_SCALINGS = ("none", "linear", "sqrt")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# The notes' baseline lr per optimiser (AdamW 1e-3, SGDM 1e-2); LARS and LAMB start from the
+# values their papers use at batch 64 equivalents.
+DEFAULT_LR = {"adamw": 1e-3, "sgdm": 1e-2, "lars": 1.0, "lamb": 2e-3}
+
+DATA_ROOT_ENV = "SEARCH_DATA_ROOT"
+
+
+def default_data_root() -> Path:
+    """`$SEARCH_DATA_ROOT`, else `~/.cache/search/data`."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "search" / "data"
+
+
+class ConfigError(ValueError):
+    """A setting has a value it cannot take; the message names the key and what was expected."""
+
+
+@dataclass
+class TrainConfig:
+    # optimiser
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    momentum: float = 0.9  # SGDM/LARS momentum, AdamW/LAMB beta1
+    beta2: float = 0.999
+    weight_decay: float = 1e-4
+    trust_coefficient: float = 0.001  # LARS eta
+    lamb_clamp: float = 10.0  # LAMB upper clamp of ||w||
+    # schedule
+    epochs: int = 150
+    batch_size: int = 64
+    schedule: str = "cosine"
+    t_max: int | None = None  # cosine period in epochs; None: epochs
+    warmup_epochs: int = 0
+    lr_scaling: str = "none"  # relative to base_batch_size
+    base_batch_size: int = 64
+    # data
+    dataset: str = "cifar100"
+    data_root: str | None = None  # None: default_data_root()
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    augment: str = "final"
+    # local methods (K simulated workers, H local steps between averages)
+    local_workers: int = 1
+    local_steps: int = 1
+    slowmo_beta: float = 0.0
+    slowmo_lr: float = 1.0
+    # run
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    threads: int | None = None  # CPU threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def base_lr(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    def validate(self) -> None:
+        choices = {
+            "optimizer": OPTIMIZERS,
+            "dataset": DATASETS,
+            "augment": AUGMENTS,
+            "schedule": SCHEDULES,
+            "lr_scaling": LR_SCALINGS,
+            "precision": PRECISIONS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                )
+        positive = ("epochs", "batch_size", "base_batch_size", "local_workers", "local_steps")
+        for key in positive:
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr: expected a positive number, got {self.lr}")
+        if self.t_max is not None and self.t_max < 1:
+            raise ConfigError(f"t_max: expected an integer >= 1, got {self.t_max}")
+        for key in ("weight_decay", "warmup_epochs", "slowmo_beta"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: expected a value >= 0, got {getattr(self, key)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum: expected 0 <= value < 1, got {self.momentum}")
+        if not 0 <= self.beta2 < 1:
+            raise ConfigError(f"beta2: expected 0 <= value < 1, got {self.beta2}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: expected 0 < value < 1, got {self.val_fraction}")
+        if self.batch_size % self.local_workers:
+            raise ConfigError(
+                f"batch_size: {self.batch_size} is not divisible by local_workers "
+                f"{self.local_workers} (K x local batch = global batch)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown setting; expected one of {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def field_types() -> dict[str, str]:
+    """Setting name -> its annotated type as text (`'float | None'`), for schema checks."""
+    return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}

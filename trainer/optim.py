@@ -1,0 +1,127 @@
+"""Optimiser factory plus LARS (You et al. 2017) and LAMB (You et al. 2019).
+
+"Adapted" tensors are those with ndim > 1: biases and other 1-D tensors get neither weight
+decay nor trust scaling unless `exclude_1d=False`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from trainer.config import TrainConfig
+
+
+def _adapted(p: torch.Tensor, exclude_1d: bool) -> bool:
+    return p.ndim > 1 or not exclude_1d
+
+
+class LARS(Optimizer):
+    """d = g + wd*w; trust = eta*||w|| / (||g|| + wd*||w|| + eps); buf = m*buf + lr*trust*d;
+    w -= buf. Trust is 1 where a norm is zero and for non-adapted tensors (which use d = g)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_1d: bool = True):
+        if lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {lr}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, eta, eps = group["weight_decay"], group["trust_coefficient"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if _adapted(p, group["exclude_1d"]):
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    d = g.add(p, alpha=wd)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        eta * w_norm / (g_norm + wd * w_norm + eps),
+                        torch.ones_like(w_norm),
+                    )
+                    d.mul_(trust)
+                else:
+                    d = g.clone()
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(d, alpha=group["lr"])
+                p.sub_(buf)
+        return loss
+
+
+class LAMB(Optimizer):
+    """Adam moments with bias correction; r = m_hat/(sqrt(v_hat)+eps) + wd*w (adapted only);
+    trust = clip(||w||, clamp)/||r|| for adapted tensors with both norms > 0, else 1;
+    w -= lr*trust*r."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0,
+                 clamp: tuple[float, float] = (0.0, 10.0), exclude_1d: bool = True):
+        if lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {lr}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp=clamp,
+                        exclude_1d=exclude_1d)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lo, hi = group["clamp"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                m_hat = m / (1 - beta1**t)
+                v_hat = v / (1 - beta2**t)
+                r = m_hat / (v_hat.sqrt() + group["eps"])
+                if _adapted(p, group["exclude_1d"]):
+                    r.add_(p, alpha=group["weight_decay"])
+                    w_norm = torch.linalg.vector_norm(p).clamp(lo, hi)
+                    r_norm = torch.linalg.vector_norm(r)
+                    trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm,
+                                        torch.ones_like(w_norm))
+                    r.mul_(trust)
+                p.sub_(r, alpha=group["lr"])
+        return loss
+
+
+def build_optimizer(config: TrainConfig, params, lr: float) -> Optimizer:
+    """The optimiser named by `config.optimizer`, starting at `lr` (the schedule sets it later)."""
+    name, wd, mom = config.optimizer, config.weight_decay, config.momentum
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(mom, config.beta2), weight_decay=wd)
+    if name == "sgdm":
+        return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=mom, weight_decay=wd,
+                    trust_coefficient=config.trust_coefficient)
+    if name == "lamb":
+        return LAMB(params, lr=lr, betas=(mom, config.beta2), weight_decay=wd,
+                    clamp=(0.0, config.lamb_clamp))
+    raise ValueError(f"optimizer: unknown {name!r}")
