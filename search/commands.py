@@ -1,0 +1,211 @@
+"""Subcommands of the search half: run, validate, status, export, dashboard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import optuna
+
+from search.errors import UserError
+from search.space import load_space
+from search.study import PRUNERS, SAMPLERS, RunSpec, open_storage, redact, storage_url
+from trainer.config import DATASETS, PRECISIONS
+
+State = optuna.trial.TrialState
+
+
+def _storage_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="SQLAlchemy URL or journal file "
+                   "(default $SEARCH_STORAGE, else search-journal.log)")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("run", help="create or resume a study and run trials")
+    p.add_argument("--space", required=True, help="space YAML file, or a name in spaces/")
+    p.add_argument("--study", help="study name (default: the space's name)")
+    _storage_flag(p)
+    p.add_argument("--n-trials", type=int, help="trials in total for this command")
+    p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    p.add_argument("--pruner", choices=PRUNERS, default="median")
+    p.add_argument("--pruner-startup-trials", type=int, default=5,
+                   help="median pruner: trials finished before pruning starts")
+    p.add_argument("--pruner-warmup-epochs", type=int, default=0,
+                   help="median pruner: epochs of a trial before it can be pruned")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-root")
+    p.add_argument("--seed", type=int, help="training seed, and the sampler's seed")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
+                   "else MLflow's default ./mlflow.db)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check space files; one line per error")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("status", help="studies with trial counts per state and the best trial")
+    _storage_flag(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write a study's trials table")
+    p.add_argument("--study", required=True)
+    _storage_flag(p)
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--output", "-o", help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard for the storage")
+    _storage_flag(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.workers import run_study
+
+    space = load_space(args.space)
+    if args.workers < 1:
+        raise UserError(f"--workers: expected an integer >= 1, got {args.workers}")
+    if args.n_trials is not None and args.n_trials < 0:
+        raise UserError(f"--n-trials: expected an integer >= 0, got {args.n_trials}")
+    overrides = {k: v for k, v in {
+        "epochs": args.epochs, "dataset": args.dataset, "data_root": args.data_root,
+        "seed": args.seed, "device": args.device, "precision": args.precision,
+    }.items() if v is not None}
+    n_trials = args.n_trials if args.n_trials is not None or args.timeout else 20
+    spec = RunSpec(
+        space_path=str(space.path), study_name=args.study or space.name,
+        storage=storage_url(args.storage), sampler=args.sampler, pruner=args.pruner,
+        pruner_startup_trials=args.pruner_startup_trials,
+        pruner_warmup_epochs=args.pruner_warmup_epochs, n_trials=n_trials,
+        timeout=args.timeout, overrides=overrides, mlflow_uri=args.mlflow_uri, seed=args.seed,
+    )
+    study = run_study(spec, args.workers)
+    print_summary(study)
+    return 0
+
+
+def print_summary(study: optuna.Study) -> None:
+    counts = state_counts(study)
+    line = f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+    try:
+        best = study.best_trial
+        line += f"; best trial {best.number}: {best.value:.4f} {best.params}"
+    except ValueError:
+        pass
+    print(line)
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    out = {s.name: 0 for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING,
+                               State.WAITING)}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] += 1
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    status = 0
+    for f in args.files:
+        try:
+            space = load_space(f)
+        except UserError as exc:
+            print(f"{exc}", file=sys.stderr)
+            status = 2
+        else:
+            print(f"{space.path}: ok ({len(space.params)} parameters, hash {space.hash})")
+    return status
+
+
+def _load_studies(storage_arg: str | None) -> tuple[object, list]:
+    storage = open_storage(storage_arg)
+    if "://" not in storage_url(storage_arg) and not Path(storage_url(storage_arg)).exists():
+        return storage, []
+    return storage, optuna.get_all_study_names(storage)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    storage, names = _load_studies(args.storage)
+    rows = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        row = {"study": name, "counts": state_counts(study), "best": None}
+        try:
+            b = study.best_trial
+            row["best"] = {"number": b.number, "value": b.value, "params": b.params,
+                           "mlflow_run_id": b.user_attrs.get("mlflow_run_id")}
+        except ValueError:
+            pass
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no studies in {redact(storage_url(args.storage))}")
+    for r in rows:
+        c = r["counts"]
+        line = (f"{r['study']}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} "
+                f"failed, {c['RUNNING']} running")
+        if r["best"]:
+            line += f"; best #{r['best']['number']} {r['best']['value']:.4f} {r['best']['params']}"
+        print(line)
+    return 0
+
+
+def trials_table(study: optuna.Study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({
+            "number": t.number, "state": t.state.name, "value": t.value,
+            "epochs": max(t.intermediate_values, default=0),
+            **{f"params_{k}": v for k, v in t.params.items()},
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            "reason": t.user_attrs.get("fail_reason") or t.user_attrs.get("pruned_reason"),
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        })
+    return rows
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    storage, names = _load_studies(args.storage)
+    if args.study not in names:
+        raise UserError(f"--study: no study {args.study!r} in {redact(storage_url(args.storage))}"
+                        f"; studies: {', '.join(names) or 'none'}")
+    rows = trials_table(optuna.load_study(study_name=args.study, storage=storage))
+    if args.format == "json":
+        text = json.dumps(rows, indent=2, default=str) + "\n"
+    else:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from optuna_dashboard import run_server
+
+    storage = open_storage(args.storage)
+    print(f"optuna-dashboard for {redact(storage_url(args.storage))} on "
+          f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    run_server(storage, host=args.host, port=args.port)
+    return 0

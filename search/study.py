@@ -1,0 +1,190 @@
+"""Study building: storage, sampler, pruner, the objective, and create-or-resume.
+
+Storage: an Optuna journal file in the working directory by default (several processes share it
+safely through file locks), or any SQLAlchemy URL (PostgreSQL for many machines) from
+`--storage` or $SEARCH_STORAGE. The space's text and hash live on the study as user attributes;
+resuming with a different space is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+from search.errors import UserError
+from search.space import Space, SpaceError
+from search.tracking import RUN_ATTR, Tracker
+from trainer import Diverged, TrainConfig, train
+from trainer.config import ConfigError
+
+DEFAULT_STORAGE = "search-journal.log"
+STORAGE_ENV = "SEARCH_STORAGE"
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
+PRUNERS = ("median", "hyperband", "sha", "none")
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    if "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://***"
+
+
+def storage_url(url: str | None) -> str:
+    return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def open_storage(url: str | None = None, heartbeat: int | None = None,
+                 max_retry: int = 0) -> optuna.storages.BaseStorage:
+    """Journal file for a plain path, RDBStorage (with heartbeats) for a SQLAlchemy URL."""
+    url = storage_url(url)
+    if "://" not in url:
+        return JournalStorage(JournalFileBackend(url))
+    try:
+        kwargs: dict[str, Any] = {}
+        if heartbeat:
+            kwargs = dict(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
+                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                              max_retry=max_retry, inherit_intermediate_values=True))
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+    except Exception as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
+
+
+def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    raise UserError(f"--sampler: unknown {name!r}; expected one of {', '.join(SAMPLERS)}")
+
+
+def make_pruner(name: str, epochs: int, startup_trials: int = 5,
+                warmup_epochs: int = 0) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
+                                           n_warmup_steps=warmup_epochs)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if name == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise UserError(f"--pruner: unknown {name!r}; expected one of {', '.join(PRUNERS)}")
+
+
+@dataclass
+class RunSpec:
+    """Everything a worker process needs to join a study; plain data, so it pickles."""
+
+    space_path: str
+    study_name: str
+    storage: str
+    sampler: str = "tpe"
+    pruner: str = "median"
+    pruner_startup_trials: int = 5
+    pruner_warmup_epochs: int = 0
+    n_trials: int | None = None
+    timeout: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    mlflow_uri: str | None = None
+    seed: int | None = None
+    heartbeat: int | None = None
+    max_retry: int = 0
+
+
+def check_space(study: optuna.Study, space: Space) -> None:
+    """Stores the space on a new study; refuses a study built from a different space."""
+    attrs = study.user_attrs
+    if "space_hash" not in attrs:
+        study.set_user_attr("space_hash", space.hash)
+        study.set_user_attr("space_yaml", space.text)
+        study.set_user_attr("space_path", str(space.path))
+    elif attrs["space_hash"] != space.hash:
+        raise UserError(
+            f"study {study.study_name!r} was created from a different space "
+            f"(hash {attrs['space_hash']}, {attrs.get('space_path', '?')}); {space.path} has hash "
+            f"{space.hash}. Use --study NEW_NAME to start a new study"
+        )
+
+
+def open_study(spec: RunSpec, space: Space, worker: int = 0) -> optuna.Study:
+    storage = open_storage(spec.storage, spec.heartbeat, spec.max_retry)
+    epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
+    seed = None if spec.seed is None else spec.seed + worker
+    study = optuna.create_study(
+        storage=storage, study_name=spec.study_name, direction="maximize", load_if_exists=True,
+        sampler=make_sampler(spec.sampler, space, seed),
+        pruner=make_pruner(spec.pruner, epochs, spec.pruner_startup_trials,
+                           spec.pruner_warmup_epochs),
+    )
+    check_space(study, space)
+    return study
+
+
+class Objective:
+    """objective(trial): sample, train with per-epoch report / should_prune, log to MLflow.
+
+    Pruned trials end their MLflow run KILLED, diverged or broken ones FAILED with the reason
+    (also stored on the trial as `fail_reason`)."""
+
+    def __init__(self, space: Space, overrides: dict[str, Any], tracker: Tracker,
+                 parent_run_id: str):
+        self.space, self.overrides = space, overrides
+        self.tracker, self.parent_run_id = tracker, parent_run_id
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = {**self.space.sample(trial), **self.overrides}
+        try:
+            config = TrainConfig.from_dict(values)
+        except ConfigError as exc:
+            trial.set_user_attr("fail_reason", f"invalid configuration: {exc}")
+            raise
+        run_id = self.tracker.start_trial(
+            self.parent_run_id, trial.number, config.to_dict(),
+            {"optimizer": config.optimizer, "space_hash": self.space.hash}, self.space.text)
+        trial.set_user_attr(RUN_ATTR, run_id)
+
+        def on_epoch(metrics: dict[str, Any]) -> None:
+            self.tracker.log_epoch(run_id, metrics)
+            trial.report(metrics["val_acc"], metrics["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
+
+        try:
+            result = train(config, on_epoch)
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("pruned_reason", str(exc))
+            self.tracker.end_trial(run_id, "PRUNED", str(exc))
+            raise
+        except BaseException as exc:
+            reason = str(exc) or type(exc).__name__
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.end_trial(run_id, "FAIL", reason)
+            raise
+        self.tracker.end_trial(run_id, "COMPLETE", value=result.val_acc)
+        return result.val_acc
+
+
+# Exceptions that fail one trial and let the study go on; anything else ends the worker.
+TRIAL_FAILURES = (Diverged, ConfigError)
+__all__ = ["SpaceError"]
