@@ -131,20 +131,42 @@ def random_perspective_points(n: int, size: int, distortion: float, gen, device)
     return start, end
 
 
-def warp(images: torch.Tensor, matrices: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Samples each image through its 3x3 matrix (projective divide included); zeros outside."""
+def _merge_exact(stages: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Folds a leading flip into the next stage: a flip maps the frame onto itself, so its
+    intermediate image needs no bounds check (one matrix product fewer per pixel)."""
+    if len(stages) > 1:
+        stages = [stages[0] @ stages[1], *stages[2:]]
+    return stages
+
+
+def warp(images: torch.Tensor, stages: torch.Tensor | list[torch.Tensor],
+         mode: str = "bilinear") -> torch.Tensor:
+    """Samples each image through its matrices, zeros outside.
+
+    `stages` is one (B, 3, 3) matrix or a list of them in the order the ops apply. One
+    `grid_sample` reads the input through their product; a point that some intermediate stage
+    would have taken from outside its image is zeroed, as the op-by-op pipeline's fill does."""
+    stages = [stages] if isinstance(stages, torch.Tensor) else stages
     n, _, h, w = images.shape
     ys, xs = torch.meshgrid(
         torch.arange(h, device=images.device, dtype=torch.float32) - (h - 1) / 2,
         torch.arange(w, device=images.device, dtype=torch.float32) - (w - 1) / 2,
         indexing="ij",
     )
-    base = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, h * w, 3)
-    pts = base @ matrices.transpose(1, 2)  # (n, hw, 3)
-    grid = pts[..., :2] / pts[..., 2:]
-    grid = grid / torch.tensor([w / 2, h / 2], device=images.device)
-    grid = grid.reshape(n, h, w, 2).to(images.dtype)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    pts = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, h * w, 3)
+    half = torch.tensor([w / 2, h / 2], device=images.device)
+    inside = None
+    for i, m in enumerate(reversed(stages)):
+        pts = pts @ m.transpose(1, 2)
+        pts = pts / pts[..., 2:]
+        if i < len(stages) - 1:  # an intermediate image: outside it there was only fill
+            ok = (pts[..., :2].abs() <= half).all(dim=-1)
+            inside = ok if inside is None else inside & ok
+    grid = (pts[..., :2] / half).reshape(n, h, w, 2).to(images.dtype)
+    out = F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    if inside is not None:
+        out = out * inside.reshape(n, 1, h, w).to(out.dtype)
+    return out
 
 
 # --- colour: torchvision's definitions with one factor per sample ---
@@ -216,28 +238,29 @@ class Augment:
         self.preset = PRESETS[preset] if isinstance(preset, str) else preset
         self.gen = generator
 
-    def sample_geometry(self, n: int, size: int, device) -> torch.Tensor:
+    def sample_geometry(self, n: int, size: int, device) -> list[torch.Tensor]:
+        """Per-sample matrices of the preset's geometric ops, in the order they apply."""
         p, g = self.preset, self.gen
-        m = _eye(n, device)
+        stages = []
         if p.flip:
-            m = m @ flip_matrix(torch.rand(n, generator=g, device=device) < 0.5)
+            stages.append(flip_matrix(torch.rand(n, generator=g, device=device) < 0.5))
         if p.rotation:
-            m = m @ rotation_matrix(_uniform(n, -p.rotation, p.rotation, g, device))
+            stages.append(rotation_matrix(_uniform(n, -p.rotation, p.rotation, g, device)))
         if p.crop_padding:
             span = 2 * p.crop_padding + 1
             top, left = _randint(n, 0, span, g, device), _randint(n, 0, span, g, device)
-            m = m @ crop_matrix(top, left, p.crop_padding)
+            stages.append(crop_matrix(top, left, p.crop_padding))
         if p.translate:
             limit = p.translate * size
             dx = torch.round(_uniform(n, -limit, limit, g, device))
             dy = torch.round(_uniform(n, -limit, limit, g, device))
-            m = m @ translation_matrix(dx, dy)
+            stages.append(translation_matrix(dx, dy))
         if p.perspective:
             start, end = random_perspective_points(n, size, p.perspective, g, device)
             persp = perspective_matrix(start, end, size)
             apply = torch.rand(n, generator=g, device=device) < p.perspective_p
-            m = m @ torch.where(apply.view(-1, 1, 1), persp, _eye(n, device))
-        return m
+            stages.append(torch.where(apply.view(-1, 1, 1), persp, _eye(n, device)))
+        return _merge_exact(stages)
 
     def sample_colour(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, s, h = self.preset.jitter
