@@ -66,6 +66,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     threads: int | None = None  # CPU threads; None: torch's default
+    # a run whose epoch-mean train loss exceeds this many times the chance loss ln(classes)
+    # has diverged (weights blown up, even where the loss stays finite)
+    diverge_factor: float = 3.0
 
     def __post_init__(self) -> None:
         self.validate()

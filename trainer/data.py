@@ -126,9 +126,12 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
 
 def split_indices(labels: np.ndarray, val_fraction: float, split_seed: int):
     """Stratified (train, val) index arrays; the same seed gives every trial the same split."""
-    return train_test_split(
-        np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=split_seed
-    )
+    try:
+        return train_test_split(np.arange(len(labels)), test_size=val_fraction,
+                                stratify=labels, random_state=split_seed)
+    except ValueError as exc:  # too few samples per class for a stratified split
+        raise DataError(f"val_fraction {val_fraction}: cannot carve a stratified validation "
+                        f"split from {len(labels)} training images ({exc})") from None
 
 
 def to_device(arrays: Arrays, device: torch.device, index: np.ndarray | None = None) -> DeviceSplit:

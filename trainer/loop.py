@@ -31,11 +31,18 @@ EVAL_BATCH = 1024
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or far above the chance loss."""
 
-    def __init__(self, epoch: int):
-        super().__init__(f"diverged at epoch {epoch}: training loss is not finite")
-        self.epoch = epoch
+    def __init__(self, epoch: int, loss: float):
+        what = "is not finite" if not math.isfinite(loss) else f"is {loss:.3g}"
+        super().__init__(f"diverged at epoch {epoch}: training loss {what}")
+        self.epoch, self.loss = epoch, loss
+
+
+def check_divergence(config: TrainConfig, epoch: int, loss: float, num_classes: int) -> None:
+    """Raises Diverged for a non-finite loss or one above diverge_factor x ln(classes)."""
+    if not math.isfinite(loss) or loss > config.diverge_factor * math.log(num_classes):
+        raise Diverged(epoch, loss)
 
 
 @dataclass
@@ -199,8 +206,7 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None,
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()
         train_loss = loss_sum.item() / n
-        if not math.isfinite(train_loss):
-            raise Diverged(epoch + 1)
+        check_divergence(config, epoch + 1, train_loss, setup.num_classes)
         seconds = time.perf_counter() - start
         val_loss, val_acc = evaluate(model, setup.val, device, precision)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / n,
