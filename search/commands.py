@@ -11,8 +11,11 @@ import optuna
 
 from search.errors import UserError
 from search.space import load_space
-from search.study import PRUNERS, SAMPLERS, RunSpec, open_storage, redact, storage_url
+from search.storage import open_storage, redact, storage_url
 from trainer.config import DATASETS, PRECISIONS
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
+PRUNERS = ("median", "hyperband", "sha", "none")
 
 State = optuna.trial.TrialState
 
@@ -70,6 +73,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from search.study import RunSpec
     from search.workers import run_study
 
     space = load_space(args.space)

@@ -174,6 +174,7 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
         raise SpaceError(f"{where}.{extra[0]}: not a key of a {kind} parameter; expected "
                          f"{', '.join(sorted(PARAM_KEYS[kind]))}")
     p = Param(name, kind)
+    number = "an integer" if kind == "int" else "a number"
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -192,7 +193,7 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
             value = _coerce(spec[bound])
             ok = isinstance(value, int) if kind == "int" else _is_number(value)
             if not ok or isinstance(value, bool):
-                raise SpaceError(f"{where}.{bound}: expected {'an integer' if kind == 'int' else 'a number'}, got {spec[bound]!r}")
+                raise SpaceError(f"{where}.{bound}: expected {number}, got {spec[bound]!r}")
             setattr(p, bound, value)
         if p.low > p.high:
             raise SpaceError(f"{where}: low {p.low} > high {p.high}; expected low <= high")
@@ -202,7 +203,7 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
         if "step" in spec:
             p.step = _coerce(spec["step"])
             if not _is_number(p.step) or p.step <= 0 or (kind == "int" and not isinstance(p.step, int)):
-                raise SpaceError(f"{where}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {spec['step']!r}")
+                raise SpaceError(f"{where}.step: expected {number} > 0, got {spec['step']!r}")
             if p.log:
                 raise SpaceError(f"{where}: step and log cannot be combined (Optuna's rule)")
         if p.log and p.low <= 0:

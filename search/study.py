@@ -1,65 +1,23 @@
-"""Study building: storage, sampler, pruner, the objective, and create-or-resume.
+"""Study building: sampler, pruner, the objective, and create-or-resume on a storage.
 
-Storage: an Optuna journal file in the working directory by default (several processes share it
-safely through file locks), or any SQLAlchemy URL (PostgreSQL for many machines) from
-`--storage` or $SEARCH_STORAGE. The space's text and hash live on the study as user attributes;
-resuming with a different space is refused.
+The space's text and hash live on the study as user attributes; resuming with a different
+space is refused.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from search.commands import PRUNERS, SAMPLERS
 from search.errors import UserError
 from search.space import Space, SpaceError
+from search.storage import open_storage
 from search.tracking import RUN_ATTR, Tracker
 from trainer import Diverged, TrainConfig, train
 from trainer.config import ConfigError
-
-DEFAULT_STORAGE = "search-journal.log"
-STORAGE_ENV = "SEARCH_STORAGE"
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
-PRUNERS = ("median", "hyperband", "sha", "none")
-
-
-def redact(url: str) -> str:
-    """The URL with any password masked, for messages and logs."""
-    if "://" not in url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("://", 1)[0] + "://***"
-
-
-def storage_url(url: str | None) -> str:
-    return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-
-
-def open_storage(url: str | None = None, heartbeat: int | None = None,
-                 max_retry: int = 0) -> optuna.storages.BaseStorage:
-    """Journal file for a plain path, RDBStorage (with heartbeats) for a SQLAlchemy URL."""
-    url = storage_url(url)
-    if "://" not in url:
-        return JournalStorage(JournalFileBackend(url))
-    try:
-        kwargs: dict[str, Any] = {}
-        if heartbeat:
-            kwargs = dict(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
-                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(
-                              max_retry=max_retry, inherit_intermediate_values=True))
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
-    except Exception as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
 
 
 def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:

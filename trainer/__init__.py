@@ -7,6 +7,14 @@ the per-epoch callback is the only seam to the search half.
 """
 
 from trainer.config import TrainConfig
-from trainer.loop import Diverged, TrainResult, train
 
 __all__ = ["Diverged", "TrainConfig", "TrainResult", "train"]
+
+
+def __getattr__(name: str):
+    # torch loads only when training is asked for: `search validate` and `--help` stay fast
+    if name in ("Diverged", "TrainResult", "train"):
+        from trainer import loop
+
+        return getattr(loop, name)
+    raise AttributeError(name)
