@@ -72,9 +72,20 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_dashboard)
 
 
+def quiet_libraries() -> None:
+    """Our bars and one-line messages replace Optuna's and MLflow's INFO chatter."""
+    import logging
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from search.study import RunSpec
     from search.workers import run_study
+
+    quiet_libraries()
 
     space = load_space(args.space)
     if args.workers < 1:

@@ -7,7 +7,6 @@ the CPU the cores are split between them. The parent only watches the storage an
 
 from __future__ import annotations
 
-import logging
 import multiprocessing as mp
 import os
 import sys
@@ -17,6 +16,7 @@ import time
 import optuna
 from tqdm import tqdm
 
+from search.commands import quiet_libraries
 from search.errors import UserError
 from search.space import load_space
 from search.study import TRIAL_FAILURES, Objective, RunSpec, open_study
@@ -53,8 +53,7 @@ def worker_device(index: int, overrides: dict) -> dict:
 def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | None) -> None:
     """One worker: open the study, run its share of trials. Trial failures (divergence, an
     impossible combination) fail that trial only; anything else ends the worker."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    quiet_libraries()
     if threads:
         import torch
 

@@ -1,0 +1,146 @@
+"""`search run` end to end on digits: what lands in the storage and in MLflow, pruning, resume,
+refusing a different space, status and export, and the dashboard answering its HTTP API."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port
+
+SPACE = """
+description: AdamW on digits, a test space
+fixed: {optimizer: adamw, epochs: 3, dataset: digits, augment: none}
+params:
+  lr: {type: float, low: 1.0e-5, high: 3.0e-3, log: true}
+  batch_size: {type: categorical, choices: [64, 128]}
+  weight_decay: {type: categorical, choices: [0.0, 1.0e-4]}
+"""
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """One study of 7 trials x 3 epochs on digits, run as a user runs it, pruning on."""
+    d = tmp_path_factory.mktemp("study")
+    (d / "digits.yaml").write_text(SPACE)
+    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
+                        "--n-trials", "7", "--pruner", "median", "--pruner-startup-trials", "2",
+                        "--seed", "1"], cwd=d, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def _study(d):
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(d / "search-journal.log")))
+    return optuna.load_study(study_name="digits", storage=storage)
+
+
+def test_trials_land_in_the_embedded_storage(study_dir):
+    study = _study(study_dir)
+    states = [t.state for t in study.trials]
+    assert len(states) == 7
+    assert states.count(optuna.trial.TrialState.COMPLETE) >= 2
+    assert optuna.trial.TrialState.PRUNED in states  # the pruner really pruned
+    for t in study.trials:
+        assert t.user_attrs["mlflow_run_id"]
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert sorted(t.intermediate_values) == [1, 2, 3]
+            assert t.value == t.intermediate_values[3]
+    assert study.user_attrs["space_hash"] and "digits" in study.user_attrs["space_yaml"]
+
+
+def test_mlflow_parent_and_children(study_dir):
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_dir}/mlflow.db")
+    exp = client.get_experiment_by_name("digits")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 7
+    study = _study(study_dir)
+    by_id = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    for run in children:
+        trial = by_id[run.info.run_id]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["optuna_state"] == trial.state.name
+        assert run.data.tags["trial_number"] == str(trial.number)
+        assert run.data.params["optimizer"] == "adamw" and run.data.params["epochs"] == "3"
+        assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in history] == sorted(trial.intermediate_values)
+        assert [m.value for m in history] == pytest.approx(
+            [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)])
+        for key in ("train_loss", "train_acc", "val_loss", "lr", "images_per_s"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == len(history)
+        expected = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[trial.state.name]
+        assert run.info.status == expected
+        if trial.state.name == "PRUNED":
+            assert run.data.tags["reason"].startswith("pruned at epoch")
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert "space.yaml" in artifacts
+
+
+def test_resume_adds_trials_and_refuses_another_space(study_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
+                        "--n-trials", "1", "--epochs", "1"], cwd=study_dir, capture_output=True,
+                       text=True, timeout=600)
+    # --epochs changes a trial setting, not the space: same study, one more trial
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(_study(study_dir).trials) == 8
+    (study_dir / "other.yaml").write_text(SPACE.replace("3.0e-3", "1.0e-2"))
+    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "other.yaml",
+                        "--study", "digits", "--n-trials", "1"], cwd=study_dir,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    assert "different space" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert len(_study(study_dir).trials) == 8
+
+
+def test_status_and_export(study_dir):
+    r = subprocess.run([sys.executable, "-m", "search", "status", "--json"], cwd=study_dir,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert rows[0]["study"] == "digits" and rows[0]["counts"]["PRUNED"] >= 1
+    assert rows[0]["best"]["mlflow_run_id"]
+    for fmt in ("csv", "json"):
+        r = subprocess.run([sys.executable, "-m", "search", "export", "--study", "digits",
+                            "--format", fmt], cwd=study_dir, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "mlflow_run_id" in r.stdout and "params_lr" in r.stdout
+    table = json.loads(r.stdout)
+    assert {row["state"] for row in table} >= {"COMPLETE", "PRUNED"}
+    r = subprocess.run([sys.executable, "-m", "search", "export", "--study", "nope"],
+                       cwd=study_dir, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "nope" in r.stderr
+
+
+def test_dashboard_serves_the_study(study_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--port", str(port)],
+                            cwd=study_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "dashboard did not answer"
+        studies = body["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["digits"]
+        sid = studies[0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{sid}", timeout=10) as r:
+            detail = json.loads(r.read())
+        assert len(detail["trials"]) >= 7
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
