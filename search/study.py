@@ -6,6 +6,7 @@ space is refused.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +71,19 @@ class RunSpec:
     max_retry: int = 0
 
 
-def check_space(study: optuna.Study, space: Space) -> None:
+def wait_for_attr(study: optuna.Study, key: str, timeout: float = 60.0) -> Any:
+    """A study attribute its creator (another process, maybe another machine) is about to set."""
+    deadline = time.monotonic() + timeout
+    while key not in (attrs := study.user_attrs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return attrs.get(key)
+
+
+def check_space(study: optuna.Study, space: Space, created: bool) -> None:
     """Stores the space on a new study; refuses a study built from a different space."""
-    attrs = study.user_attrs
-    if "space_hash" not in attrs:
+    attrs = study.user_attrs if created else {"space_hash": wait_for_attr(study, "space_hash"),
+                                              **study.user_attrs}
+    if attrs.get("space_hash") is None:
         study.set_user_attr("space_hash", space.hash)
         study.set_user_attr("space_yaml", space.text)
         study.set_user_attr("space_path", str(space.path))
@@ -85,18 +95,24 @@ def check_space(study: optuna.Study, space: Space) -> None:
         )
 
 
-def open_study(spec: RunSpec, space: Space, worker: int = 0) -> optuna.Study:
+def open_study(spec: RunSpec, space: Space, worker: int = 0) -> tuple[optuna.Study, bool]:
+    """Creates the study, or loads it when it exists; returns (study, created_here). Exactly
+    one process creates it, so one-time set-up (space attributes, MLflow parent) happens once."""
     storage = open_storage(spec.storage, spec.heartbeat, spec.max_retry)
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
     seed = None if spec.seed is None else spec.seed + worker
-    study = optuna.create_study(
-        storage=storage, study_name=spec.study_name, direction="maximize", load_if_exists=True,
-        sampler=make_sampler(spec.sampler, space, seed),
-        pruner=make_pruner(spec.pruner, epochs, spec.pruner_startup_trials,
-                           spec.pruner_warmup_epochs),
-    )
-    check_space(study, space)
-    return study
+    sampler = make_sampler(spec.sampler, space, seed)
+    pruner = make_pruner(spec.pruner, epochs, spec.pruner_startup_trials, spec.pruner_warmup_epochs)
+    try:
+        study = optuna.create_study(storage=storage, study_name=spec.study_name,
+                                    direction="maximize", sampler=sampler, pruner=pruner)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
+                                  pruner=pruner)
+        created = False
+    check_space(study, space, created)
+    return study, created
 
 
 class Objective:

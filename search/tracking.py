@@ -57,9 +57,12 @@ class Tracker:
         except MlflowException:  # another worker created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def parent_run(self, study, space_text: str, space_hash: str) -> str:
-        """The study's parent run (created once, its id stored on the study), marked RUNNING."""
-        run_id = study.user_attrs.get(PARENT_ATTR)
+    def parent_run(self, study, space_text: str, space_hash: str, created: bool) -> str:
+        """The study's parent run, marked RUNNING. The process that created the study creates
+        it and stores its id on the study; the others wait for that id."""
+        from search.study import wait_for_attr
+
+        run_id = study.user_attrs.get(PARENT_ATTR) if created else wait_for_attr(study, PARENT_ATTR)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={
                 "study": study.study_name, "space_hash": space_hash, "kind": "study",

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from search.commands import quiet_libraries
 from search.errors import UserError
 from search.space import load_space
-from search.study import TRIAL_FAILURES, Objective, RunSpec, open_study
-from search.tracking import Tracker
+from search.study import TRIAL_FAILURES, Objective, RunSpec, open_study, wait_for_attr
+from search.tracking import PARENT_ATTR, Tracker
 from trainer.config import ConfigError
 from trainer.data import DataError
 
@@ -59,10 +59,9 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
 
         torch.set_num_threads(threads)
     space = load_space(spec.space_path)
-    study = open_study(spec, space, worker=index)
+    study, _ = open_study(spec, space, worker=index)
     tracker = Tracker(spec.mlflow_uri, spec.study_name)
-    parent = study.user_attrs.get("mlflow_parent_run_id") or tracker.parent_run(
-        study, space.text, space.hash)
+    parent = wait_for_attr(study, PARENT_ATTR)
     objective = Objective(space, worker_device(index, spec.overrides), tracker, parent)
     if n_trials == 0:
         return
@@ -136,9 +135,9 @@ def run_study(spec: RunSpec, workers: int = 1) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `spec.n_trials` (or the timeout) are spent. Returns the study."""
     space = load_space(spec.space_path)
-    study = open_study(spec, space)
+    study, created = open_study(spec, space)
     tracker = Tracker(spec.mlflow_uri, spec.study_name)
-    parent = tracker.parent_run(study, space.text, space.hash)
+    parent = tracker.parent_run(study, space.text, space.hash, created)
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", 150)))
     progress = Progress(study, spec.n_trials, epochs)
     progress.watch()
