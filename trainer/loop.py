@@ -112,6 +112,18 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, device: torch.device, precision: str):
+    """One optimiser step on an already augmented batch; returns (loss, logits), detached."""
+    with autocast(device, precision):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: DeviceSplit, device: torch.device,
              precision: str) -> tuple[float, float]:
@@ -197,14 +209,9 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None,
             idx = perm[i:i + bs]
             x = augment(setup.train.x[idx]).contiguous(memory_format=torch.channels_last)
             y = setup.train.y[idx]
-            with autocast(device, precision):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss, logits = train_step(model, optimizer, x, y, device, precision)
+            loss_sum += loss * len(idx)
+            correct += (logits.argmax(1) == y).sum()
         train_loss = loss_sum.item() / n
         check_divergence(config, epoch + 1, train_loss, setup.num_classes)
         seconds = time.perf_counter() - start
