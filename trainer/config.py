@@ -14,6 +14,7 @@ AUGMENTS = ("none", "flip-crop", "adamw", "sgdm", "final")
 SCHEDULES = ("cosine", "constant")
 LR_SCALINGS = ("none", "linear", "sqrt")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARTITIONS = ("iid", "noniid")
 
 # The notes' baseline lr per optimiser (AdamW 1e-3, SGDM 1e-2); LARS and LAMB start from the
 # values their papers use at batch 64 equivalents.
@@ -59,7 +60,8 @@ class TrainConfig:
     # local methods (K simulated workers, H local steps between averages)
     local_workers: int = 1
     local_steps: int = 1
-    slowmo_beta: float = 0.0
+    local_partition: str = "iid"  # iid (label-stratified shards) or noniid (classes split)
+    slowmo_beta: float = 0.0  # SlowMo outer momentum; 0 with slowmo_lr 1 is plain averaging
     slowmo_lr: float = 1.0
     # run
     seed: int = 0
@@ -85,6 +87,7 @@ class TrainConfig:
             "schedule": SCHEDULES,
             "lr_scaling": LR_SCALINGS,
             "precision": PRECISIONS,
+            "local_partition": PARTITIONS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -12,8 +12,17 @@ from torch.optim import Optimizer
 from trainer.config import TrainConfig
 
 
-def _adapted(p: torch.Tensor, exclude_1d: bool) -> bool:
-    return p.ndim > 1 or not exclude_1d
+def _adapted(p: torch.Tensor, exclude_1d: bool, batch_dims: int = 0) -> bool:
+    return p.ndim - batch_dims > 1 or not exclude_1d
+
+
+def _norm(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Norm of the whole tensor, or per leading index when it stacks several models' copies
+    (local SGD keeps K workers' parameters in one tensor); shaped to broadcast against t."""
+    if batch_dims == 0:
+        return torch.linalg.vector_norm(t)
+    norms = torch.linalg.vector_norm(t.flatten(batch_dims), dim=-1)
+    return norms.reshape(*norms.shape, *([1] * (t.ndim - batch_dims)))
 
 
 class LARS(Optimizer):
@@ -21,11 +30,13 @@ class LARS(Optimizer):
     w -= buf. Trust is 1 where a norm is zero and for non-adapted tensors (which use d = g)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_1d: bool = True):
+                 trust_coefficient: float = 0.001, eps: float = 1e-8, exclude_1d: bool = True,
+                 batch_dims: int = 0):
         if lr <= 0:
             raise ValueError(f"lr: expected > 0, got {lr}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d)
+                        trust_coefficient=trust_coefficient, eps=eps, exclude_1d=exclude_1d,
+                        batch_dims=batch_dims)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -40,8 +51,9 @@ class LARS(Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad
-                if _adapted(p, group["exclude_1d"]):
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                bd = group["batch_dims"]
+                if _adapted(p, group["exclude_1d"], bd):
+                    w_norm, g_norm = _norm(p, bd), _norm(g, bd)
                     d = g.add(p, alpha=wd)
                     trust = torch.where(
                         (w_norm > 0) & (g_norm > 0),
@@ -67,11 +79,12 @@ class LAMB(Optimizer):
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0,
-                 clamp: tuple[float, float] = (0.0, 10.0), exclude_1d: bool = True):
+                 clamp: tuple[float, float] = (0.0, 10.0), exclude_1d: bool = True,
+                 batch_dims: int = 0):
         if lr <= 0:
             raise ValueError(f"lr: expected > 0, got {lr}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp=clamp,
-                        exclude_1d=exclude_1d)
+                        exclude_1d=exclude_1d, batch_dims=batch_dims)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -100,10 +113,11 @@ class LAMB(Optimizer):
                 m_hat = m / (1 - beta1**t)
                 v_hat = v / (1 - beta2**t)
                 r = m_hat / (v_hat.sqrt() + group["eps"])
-                if _adapted(p, group["exclude_1d"]):
+                bd = group["batch_dims"]
+                if _adapted(p, group["exclude_1d"], bd):
                     r.add_(p, alpha=group["weight_decay"])
-                    w_norm = torch.linalg.vector_norm(p).clamp(lo, hi)
-                    r_norm = torch.linalg.vector_norm(r)
+                    w_norm = _norm(p, bd).clamp(lo, hi)
+                    r_norm = _norm(r, bd)
                     trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm,
                                         torch.ones_like(w_norm))
                     r.mul_(trust)
@@ -111,8 +125,11 @@ class LAMB(Optimizer):
         return loss
 
 
-def build_optimizer(config: TrainConfig, params, lr: float) -> Optimizer:
-    """The optimiser named by `config.optimizer`, starting at `lr` (the schedule sets it later)."""
+def build_optimizer(config: TrainConfig, params, lr: float, batch_dims: int = 0) -> Optimizer:
+    """The optimiser named by `config.optimizer`, starting at `lr` (the schedule sets it later).
+
+    `batch_dims=1` when each tensor stacks K models' copies: AdamW and SGDM are elementwise, so
+    one optimiser over stacked tensors is K independent ones; LARS and LAMB take norms per copy."""
     name, wd, mom = config.optimizer, config.weight_decay, config.momentum
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(mom, config.beta2), weight_decay=wd)
@@ -120,8 +137,8 @@ def build_optimizer(config: TrainConfig, params, lr: float) -> Optimizer:
         return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
     if name == "lars":
         return LARS(params, lr=lr, momentum=mom, weight_decay=wd,
-                    trust_coefficient=config.trust_coefficient)
+                    trust_coefficient=config.trust_coefficient, batch_dims=batch_dims)
     if name == "lamb":
         return LAMB(params, lr=lr, betas=(mom, config.beta2), weight_decay=wd,
-                    clamp=(0.0, config.lamb_clamp))
+                    clamp=(0.0, config.lamb_clamp), batch_dims=batch_dims)
     raise ValueError(f"optimizer: unknown {name!r}")

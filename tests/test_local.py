@@ -1,0 +1,64 @@
+"""Local methods: K=1, H=1 is the centralised run; averaging and SlowMo by hand; K=4, H=8
+learns digits."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import TrainConfig, train
+from trainer.local import SlowMo, shards, train_local
+from trainer.loop import prepare
+
+
+def test_k1_h1_reproduces_the_centralised_run():
+    config = TrainConfig(dataset="digits", optimizer="sgdm", epochs=2, augment="final", seed=3)
+    central = train(config)
+    local = train_local(prepare(config))  # the batched K-worker path, forced with K = 1
+    for a, b in zip(central.history, local.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    assert [h["comm_rounds"] for h in local.history] == [18, 36]  # ceil(1149 / 64) per epoch
+
+
+def test_averaging_by_hand():
+    params = {"w": torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]])}  # K = 3 copies
+    SlowMo(params, beta=0.0, alpha=1.0).step(params, inner_lr=0.1)
+    torch.testing.assert_close(params["w"], torch.tensor([[3.0, 3.0]] * 3))
+
+
+def test_slowmo_by_hand():
+    start = torch.tensor([[1.0, -1.0], [1.0, -1.0]])  # K = 2, synced at x0 = (1, -1)
+    params = {"w": start.clone()}
+    outer = SlowMo(params, beta=0.5, alpha=2.0)
+    gamma = 0.1
+    params["w"] = torch.tensor([[0.8, -1.2], [0.6, -0.6]])  # after local steps: mean (0.7, -0.9)
+    outer.step(params, gamma)
+    # u1 = 0.5 * 0 + (x0 - avg) / gamma = (3, -1); x1 = x0 - alpha * gamma * u1 = (0.4, -0.8)
+    torch.testing.assert_close(outer.u["w"], torch.tensor([3.0, -1.0]))
+    torch.testing.assert_close(params["w"], torch.tensor([[0.4, -0.8]] * 2))
+    params["w"] = torch.tensor([[0.3, -0.8], [0.3, -0.6]])  # mean (0.3, -0.7)
+    outer.step(params, gamma)
+    # u2 = 0.5 * (3, -1) + ((0.4, -0.8) - (0.3, -0.7)) / 0.1 = (2.5, -1.5); x2 = x1 - 0.2 * u2
+    torch.testing.assert_close(outer.u["w"], torch.tensor([2.5, -1.5]))
+    torch.testing.assert_close(params["w"], torch.tensor([[-0.1, -0.5]] * 2))
+
+
+def test_shards_iid_are_stratified_and_noniid_split_classes():
+    labels = np.repeat(np.arange(10), 40)
+    iid = shards(labels, 4, "iid", seed=0)
+    assert sorted(np.concatenate(iid).tolist()) == list(range(400))
+    assert all(np.bincount(labels[s], minlength=10).tolist() == [10] * 10 for s in iid)
+    noniid = shards(labels, 4, "noniid", seed=0)
+    classes = [set(labels[s].tolist()) for s in noniid]
+    assert sum(len(c) for c in classes) == 10 and not set.intersection(*classes[:2])
+
+
+def test_k4_h8_learns_digits(cli):
+    import json
+
+    r = cli("train", "--dataset", "digits", "--optimizer", "sgdm", "--augment", "none",
+            "--epochs", "8", "--local-workers", "4", "--local-steps", "8", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["best_val_acc"] >= 0.85
+    assert out["history"][-1]["comm_rounds"] == 8 * 18 // 8
