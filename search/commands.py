@@ -27,17 +27,18 @@ def _storage_flag(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("run", help="create or resume a study and run trials")
-    p.add_argument("--space", required=True, help="space YAML file, or a name in spaces/")
-    p.add_argument("--study", help="study name (default: the space's name)")
+    p.add_argument("--space", help="space YAML file, or a name in spaces/")
+    p.add_argument("--study", help="a study file (studies/NAME.yaml, or a bare name in "
+                   "studies/), or with --space the study's name (default: the space's name)")
     _storage_flag(p)
     p.add_argument("--n-trials", type=int, help="trials in total for this command")
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
-    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
-    p.add_argument("--pruner", choices=PRUNERS, default="median")
-    p.add_argument("--pruner-startup-trials", type=int, default=5,
-                   help="median pruner: trials finished before pruning starts")
-    p.add_argument("--pruner-warmup-epochs", type=int, default=0,
-                   help="median pruner: epochs of a trial before it can be pruned")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the study file's, else tpe")
+    p.add_argument("--pruner", choices=PRUNERS, help="default: the study file's, else median")
+    p.add_argument("--pruner-startup-trials", type=int,
+                   help="median pruner: trials finished before pruning starts (default 5)")
+    p.add_argument("--pruner-warmup-epochs", type=int,
+                   help="median pruner: epochs of a trial before it can be pruned (default 0)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--epochs", type=int)
     p.add_argument("--dataset", choices=DATASETS)
@@ -65,6 +66,26 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", "-o", help="file to write (default: stdout)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("table", help="the study as a markdown table in the notes' format")
+    p.add_argument("--study", required=True)
+    _storage_flag(p)
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of the study")
+    p.add_argument("--study", required=True)
+    _storage_flag(p)
+    p.add_argument("--output", "-o", help="HTML file (default: reports/STUDY.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("retrain", help="retrain the best trial on train+val, test once")
+    p.add_argument("--study", required=True)
+    _storage_flag(p)
+    p.add_argument("--epochs", type=int, help="override the trial's epochs")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-root")
+    p.add_argument("--mlflow-uri")
+    p.set_defaults(func=cmd_retrain)
+
     p = sub.add_parser("dashboard", help="serve optuna-dashboard for the storage")
     _storage_flag(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -83,27 +104,48 @@ def quiet_libraries() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from search.study import RunSpec
+    from search.studyfile import is_study_file, load_study_file
     from search.workers import run_study
 
     quiet_libraries()
-
-    space = load_space(args.space)
     if args.workers < 1:
         raise UserError(f"--workers: expected an integer >= 1, got {args.workers}")
     if args.n_trials is not None and args.n_trials < 0:
         raise UserError(f"--n-trials: expected an integer >= 0, got {args.n_trials}")
-    overrides = {k: v for k, v in {
+    if is_study_file(args.study) and not args.space:
+        sf = load_study_file(args.study)
+        space, name, options, overrides = sf.space, sf.name, sf.options, dict(sf.overrides)
+        fixed = [vars(f) for f in sf.fixed_trials]
+        table = sf.table
+    elif args.space:
+        space = load_space(args.space)
+        name, options, overrides, fixed, table = args.study or space.name, {}, {}, [], None
+    else:
+        raise UserError("give --space SPACE.yaml, or --study with a study file (studies/NAME.yaml)")
+    overrides.update({k: v for k, v in {
         "epochs": args.epochs, "dataset": args.dataset, "data_root": args.data_root,
         "seed": args.seed, "device": args.device, "precision": args.precision,
-    }.items() if v is not None}
-    n_trials = args.n_trials if args.n_trials is not None or args.timeout else 20
+    }.items() if v is not None})
+
+    def pick(flag, key, default):
+        return flag if flag is not None else options.get(key, default)
+
+    timeout = pick(args.timeout, "timeout", None)
+    n_trials = pick(args.n_trials, "n_trials", None)
+    if n_trials is None and timeout is None:
+        n_trials = max(20, len(fixed))
     spec = RunSpec(
-        space_path=str(space.path), study_name=args.study or space.name,
-        storage=storage_url(args.storage), sampler=args.sampler, pruner=args.pruner,
-        pruner_startup_trials=args.pruner_startup_trials,
-        pruner_warmup_epochs=args.pruner_warmup_epochs, n_trials=n_trials,
-        timeout=args.timeout, overrides=overrides, mlflow_uri=args.mlflow_uri, seed=args.seed,
+        space_text=space.text, space_path=str(space.path), study_name=name,
+        storage=storage_url(args.storage), sampler=pick(args.sampler, "sampler", "tpe"),
+        pruner=pick(args.pruner, "pruner", "median"),
+        pruner_startup_trials=pick(args.pruner_startup_trials, "pruner_startup_trials", 5),
+        pruner_warmup_epochs=pick(args.pruner_warmup_epochs, "pruner_warmup_epochs", 0),
+        n_trials=n_trials, timeout=timeout, overrides=overrides, mlflow_uri=args.mlflow_uri,
+        seed=args.seed, fixed_trials=fixed, table=table,
     )
+    if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:
+        raise UserError(f"sampler {spec.sampler!r} / pruner {spec.pruner!r}: expected one of "
+                        f"{', '.join(SAMPLERS)} / {', '.join(PRUNERS)}")
     study = run_study(spec, args.workers)
     print_summary(study)
     return 0
@@ -191,15 +233,76 @@ def trials_table(study: optuna.Study) -> list[dict]:
     return rows
 
 
+def load_existing_study(name: str, storage_arg: str | None) -> optuna.Study:
+    """A study that must already exist; a study file's path names its study too."""
+    from search.studyfile import is_study_file, load_study_file
+
+    storage, names = _load_studies(storage_arg)
+    if name not in names and is_study_file(name):
+        name = load_study_file(name).name
+    if name not in names:
+        raise UserError(f"--study: no study {name!r} in {redact(storage_url(storage_arg))}"
+                        f"; studies: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from search.report import render_table
+
+    print(render_table(load_existing_study(args.study, args.storage)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    quiet_libraries()
+    study = load_existing_study(args.study, args.storage)
+    path = Path(args.output or f"reports/{study.study_name}.html")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(write_report(study, path))
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from search.tracking import PARENT_ATTR, Tracker
+    from trainer import TrainConfig, train
+
+    quiet_libraries()
+    study = load_existing_study(args.study, args.storage)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise UserError(f"study {study.study_name!r} has no complete trial to retrain") from None
+    values = {**best.user_attrs.get("config", {}), **best.params}
+    values.update({k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
+                                     "data_root": args.data_root}.items() if v is not None})
+    config = TrainConfig.from_dict(values)
+    tracker = Tracker(args.mlflow_uri, study.study_name)
+    run_id = tracker.start_trial(study.user_attrs.get(PARENT_ATTR, ""), best.number,
+                                 config.to_dict(), {"kind": "retrain"}, study.user_attrs.get("space_yaml", ""))
+    tracker.client.set_tag(run_id, "mlflow.runName", f"retrain-trial-{best.number}")
+    try:
+        result = train(config, lambda m: tracker.log_epoch(run_id, m), holdout="test")
+    except BaseException as exc:
+        tracker.end_trial(run_id, "FAIL", str(exc) or type(exc).__name__)
+        raise
+    test_acc = result.val_acc  # with holdout="test" the held-out split is the test set
+    tracker.client.log_metric(run_id, "test_acc", test_acc)
+    tracker.end_trial(run_id, "COMPLETE")
+    study.set_user_attr("retrain", {"trial": best.number, "test_acc": test_acc,
+                                    "epochs": result.epochs, "mlflow_run_id": run_id,
+                                    "dataset": config.dataset})
+    print(f"study {study.study_name}: best trial {best.number} (val {best.value:.4f}) retrained on "
+          f"train+val for {result.epochs} epochs: test accuracy {test_acc:.4f}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import csv
     import io
 
-    storage, names = _load_studies(args.storage)
-    if args.study not in names:
-        raise UserError(f"--study: no study {args.study!r} in {redact(storage_url(args.storage))}"
-                        f"; studies: {', '.join(names) or 'none'}")
-    rows = trials_table(optuna.load_study(study_name=args.study, storage=storage))
+    rows = trials_table(load_existing_study(args.study, args.storage))
     if args.format == "json":
         text = json.dumps(rows, indent=2, default=str) + "\n"
     else:

@@ -7,6 +7,7 @@ space is refused.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import optuna
 
 from search.commands import PRUNERS, SAMPLERS
 from search.errors import UserError
-from search.space import Space, SpaceError
+from search.space import Space, SpaceError, parse_space
 from search.storage import open_storage
 from search.tracking import RUN_ATTR, Tracker
 from trainer import Diverged, TrainConfig, train
@@ -23,7 +24,12 @@ from trainer.config import ConfigError
 
 def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        # multivariate + group: models lr jointly with the optimiser, and conditional
+        # parameters (t_max only with cosine, ...) as their own groups
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
+                                              group=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -55,7 +61,8 @@ def make_pruner(name: str, epochs: int, startup_trials: int = 5,
 class RunSpec:
     """Everything a worker process needs to join a study; plain data, so it pickles."""
 
-    space_path: str
+    space_text: str
+    space_path: str  # where the space came from, for messages
     study_name: str
     storage: str
     sampler: str = "tpe"
@@ -69,6 +76,32 @@ class RunSpec:
     seed: int | None = None
     heartbeat: int | None = None
     max_retry: int = 0
+    fixed_trials: list[dict[str, Any]] = field(default_factory=list)
+    table: dict[str, str] | None = None
+
+    def load_space(self) -> Space:
+        return parse_space(self.space_text, self.space_path)
+
+
+def enqueue_fixed_trials(study: optuna.Study, fixed: list[dict[str, Any]], created: bool) -> int:
+    """Enqueues the labelled trials no trial carries yet; returns how many were enqueued.
+
+    The creating process enqueues them all, then marks the study; others wait for that mark so
+    two commands starting together cannot both enqueue."""
+    if not fixed:
+        return 0
+    if not created:
+        wait_for_attr(study, "fixed_enqueued")
+    have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)}
+    count = 0
+    for row in fixed:
+        if row["label"] not in have:
+            study.enqueue_trial(row["params"], user_attrs={
+                "label": row["label"], "reported": row.get("reported")})
+            count += 1
+    if created:
+        study.set_user_attr("fixed_enqueued", True)
+    return count
 
 
 def wait_for_attr(study: optuna.Study, key: str, timeout: float = 60.0) -> Any:
@@ -133,13 +166,18 @@ class Objective:
         except ConfigError as exc:
             trial.set_user_attr("fail_reason", f"invalid configuration: {exc}")
             raise
-        run_id = self.tracker.start_trial(
-            self.parent_run_id, trial.number, config.to_dict(),
-            {"optimizer": config.optimizer, "space_hash": self.space.hash}, self.space.text)
+        tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
+        if "label" in trial.user_attrs:
+            tags["label"] = str(trial.user_attrs["label"])
+        run_id = self.tracker.start_trial(self.parent_run_id, trial.number, config.to_dict(), tags,
+                                          self.space.text)
         trial.set_user_attr(RUN_ATTR, run_id)
+        trial.set_user_attr("config", config.to_dict())
 
         def on_epoch(metrics: dict[str, Any]) -> None:
             self.tracker.log_epoch(run_id, metrics)
+            if "comm_rounds" in metrics:
+                trial.set_user_attr("comm_rounds", metrics["comm_rounds"])
             trial.report(metrics["val_acc"], metrics["epoch"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")

@@ -18,8 +18,7 @@ from tqdm import tqdm
 
 from search.commands import quiet_libraries
 from search.errors import UserError
-from search.space import load_space
-from search.study import TRIAL_FAILURES, Objective, RunSpec, open_study, wait_for_attr
+from search.study import TRIAL_FAILURES, Objective, RunSpec, enqueue_fixed_trials, open_study, wait_for_attr
 from search.tracking import PARENT_ATTR, Tracker
 from trainer.config import ConfigError
 from trainer.data import DataError
@@ -58,7 +57,7 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
         import torch
 
         torch.set_num_threads(threads)
-    space = load_space(spec.space_path)
+    space = spec.load_space()
     study, _ = open_study(spec, space, worker=index)
     tracker = Tracker(spec.mlflow_uri, spec.study_name)
     parent = wait_for_attr(study, PARENT_ATTR)
@@ -134,10 +133,13 @@ class Progress:
 def run_study(spec: RunSpec, workers: int = 1) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `spec.n_trials` (or the timeout) are spent. Returns the study."""
-    space = load_space(spec.space_path)
+    space = spec.load_space()
     study, created = open_study(spec, space)
     tracker = Tracker(spec.mlflow_uri, spec.study_name)
     parent = tracker.parent_run(study, space.text, space.hash, created)
+    enqueue_fixed_trials(study, spec.fixed_trials, created)
+    if spec.table and created:
+        study.set_user_attr("table", spec.table)
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", 150)))
     progress = Progress(study, spec.n_trials, epochs)
     progress.watch()

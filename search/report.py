@@ -1,0 +1,167 @@
+"""Reading a finished (or running) study back: `search table`, `search report`, `search retrain`.
+
+The table follows the notes' format, measured beside reported values, with each trial's state
+("pruned at epoch 12", "failed: diverged at epoch 3"); a study with a `table: {rows, columns}`
+pivot (accuracy versus batch size per optimiser, or by K and H) also gets that grid. The report
+is one self-contained HTML file built from Optuna's own plotly figures, plotly.js inlined.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+State = optuna.trial.TrialState
+COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "learning_rate",
+           "results", "reported", "state")
+
+
+def _config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {**trial.user_attrs.get("config", {}), **trial.params}
+
+
+def describe_state(trial: optuna.trial.FrozenTrial) -> str:
+    epochs = max(trial.intermediate_values, default=0)
+    if trial.state == State.COMPLETE:
+        return f"complete ({epochs} epochs)"
+    if trial.state == State.PRUNED:
+        return f"pruned at epoch {epochs}"
+    if trial.state == State.FAIL:
+        reason = trial.user_attrs.get("fail_reason", "")
+        return f"failed: {reason}" if reason else "failed"
+    return trial.state.name.lower()
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2%}"
+
+
+def table_rows(study: optuna.Study) -> list[list[str]]:
+    """Labelled (fixed) trials first in file order, then the rest best first."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state != State.WAITING]
+    labelled = [t for t in trials if "label" in t.user_attrs]
+    others = sorted((t for t in trials if "label" not in t.user_attrs),
+                    key=lambda t: -(t.value if t.value is not None else -1))
+    rows = []
+    for t in labelled + others:
+        c = _config(t)
+        lr = c.get("lr")
+        rows.append([
+            str(t.user_attrs.get("label", f"#{t.number}")),
+            str(c.get("epochs", "")), str(c.get("batch_size", "")), str(c.get("momentum", "")),
+            f"{c.get('weight_decay', '')}", "" if lr is None else f"{lr:.3g}",
+            f"Val Acc: {_pct(t.value)}" if t.value is not None else "",
+            _pct(t.user_attrs.get("reported")), describe_state(t),
+        ])
+    return rows
+
+
+def markdown(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pivot(study: optuna.Study, rows: str, columns: str) -> tuple[list[str], list[list[str]]]:
+    """Best value per (row, column) setting, with trial counts and, for local methods,
+    communication rounds."""
+    cells: dict[tuple, list[optuna.trial.FrozenTrial]] = defaultdict(list)
+    for t in study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.FAIL)):
+        c = _config(t)
+        cells[(c.get(rows), c.get(columns))].append(t)
+    row_keys = sorted({k[0] for k in cells}, key=str)
+    col_keys = sorted({k[1] for k in cells}, key=lambda v: (isinstance(v, str), v))
+    out = []
+    for r in row_keys:
+        line = [str(r)]
+        for c in col_keys:
+            trials = cells.get((r, c), [])
+            done = [t for t in trials if t.state == State.COMPLETE and t.value is not None]
+            if not done:
+                line.append(describe_state(trials[0]) if trials else "")
+                continue
+            best = max(done, key=lambda t: t.value)
+            text = _pct(best.value)
+            if "comm_rounds" in best.user_attrs:
+                text += f" ({best.user_attrs['comm_rounds']} rounds)"
+            line.append(text + (f" [{len(trials)}]" if len(trials) > 1 else ""))
+        out.append(line)
+    return [f"{rows} \\ {columns}", *map(str, col_keys)], out
+
+
+def render_table(study: optuna.Study) -> str:
+    parts = [f"### {study.study_name}", "", markdown(COLUMNS, table_rows(study))]
+    spec = study.user_attrs.get("table")
+    if spec:
+        header, rows = pivot(study, spec["rows"], spec["columns"])
+        parts += ["", f"Best val accuracy by {spec['rows']} and {spec['columns']}:", "",
+                  markdown(header, rows)]
+    dataset = {str(_config(t).get("dataset")) for t in study.get_trials(deepcopy=False)}
+    if dataset - {"cifar100"}:
+        parts += ["", f"_Measured on {', '.join(sorted(dataset))}, not CIFAR-100._"]
+    return "\n".join(parts)
+
+
+def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
+    import plotly.graph_objects as go
+    from optuna import visualization as vis
+
+    figs: list[tuple[str, Any]] = [("Optimisation history", vis.plot_optimization_history(study))]
+    complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
+    varying = {k for t in complete for k in t.params
+               if len({str(u.params.get(k)) for u in complete}) > 1}
+    if len(complete) >= 2 and varying:
+        try:
+            figs.append(("Parameter importances", vis.plot_param_importances(study)))
+        except (RuntimeError, ValueError) as exc:
+            figs.append(("Parameter importances", go.Figure().add_annotation(
+                text=f"not computable: {exc}", showarrow=False)))
+    figs.append(("Parallel coordinates", vis.plot_parallel_coordinate(study)))
+    figs.append(("Learning curves (validation accuracy per epoch)",
+                 vis.plot_intermediate_values(study)))
+    spec = study.user_attrs.get("table")
+    if spec:
+        fig = go.Figure()
+        series: dict[Any, dict[Any, float]] = defaultdict(dict)
+        for t in complete:
+            c = _config(t)
+            key, x = c.get(spec["rows"]), c.get(spec["columns"])
+            series[key][x] = max(series[key].get(x, -1.0), t.value)
+        for key, points in sorted(series.items(), key=lambda kv: str(kv[0])):
+            xs = sorted(points)
+            fig.add_trace(go.Scatter(x=xs, y=[points[x] for x in xs], mode="lines+markers",
+                                     name=f"{spec['rows']}={key}"))
+        log_x = spec["columns"] == "batch_size"
+        fig.update_layout(xaxis_title=spec["columns"], yaxis_title="best val accuracy",
+                          xaxis_type="log" if log_x else None)
+        figs.append((f"Accuracy versus {spec['columns']} per {spec['rows']}", fig))
+    return figs
+
+
+def write_report(study: optuna.Study, path: Path) -> Path:
+    """One HTML file that opens offline: plotly.js is inlined once, no script URLs."""
+    body = []
+    for i, (title, fig) in enumerate(_figures(study)):
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        body.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
+    retrain = study.user_attrs.get("retrain")
+    extra = ""
+    if retrain:
+        extra = (f"<p>Best configuration retrained on train+val: test accuracy "
+                 f"<b>{retrain['test_acc']:.2%}</b> (trial {retrain['trial']}).</p>")
+    table = html.escape(render_table(study))
+    doc = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(study.study_name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} pre{{background:#f6f6f6;padding:1em}}</style>
+</head><body><h1>Study {html.escape(study.study_name)}</h1>{extra}
+<pre>{table}</pre>
+{''.join(body)}
+</body></html>
+"""
+    path.write_text(doc)
+    return path

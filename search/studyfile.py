@@ -1,0 +1,115 @@
+"""Study files (`studies/*.yaml`): a space, a sampler, a pruner, a budget, and fixed trials.
+
+    name: seed-adamw
+    space: adamw                 # a space name / path, or an inline {fixed, params} mapping
+    sampler: tpe                 # tpe random grid cmaes qmc gp
+    pruner: median               # median hyperband sha none
+    n_trials: 10                 # this command's budget, fixed trials included
+    overrides: {epochs: 150}     # settings forced on every trial
+    fixed_trials:                # enqueued once, before the sampler takes over
+      - {label: L1, params: {batch_size: 64, lr: 5.0e-4}, reported: 0.4921}
+    table: {rows: optimizer, columns: batch_size}   # optional pivot for `search table`
+
+Fixed trials are enqueued by the process that creates the study; a resume enqueues only labels
+no trial carries yet, so each runs once however many workers or resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.space import Space, SpaceError, load_space, parse_space
+from trainer.config import field_types
+
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
+        "pruner_warmup_epochs", "n_trials", "timeout", "overrides", "fixed_trials", "table"}
+
+
+@dataclass
+class FixedTrial:
+    label: str
+    params: dict[str, Any]
+    reported: float | None = None
+
+
+@dataclass
+class StudyFile:
+    path: Path
+    name: str
+    space: Space
+    options: dict[str, Any] = field(default_factory=dict)  # sampler, pruner, n_trials, ...
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fixed_trials: list[FixedTrial] = field(default_factory=list)
+    table: dict[str, str] | None = None
+
+
+def is_study_file(arg: str | None) -> bool:
+    if not arg:
+        return False
+    return arg.endswith((".yaml", ".yml")) or (STUDIES_DIR / f"{arg}.yaml").is_file()
+
+
+def resolve(arg: str) -> Path:
+    path = Path(arg)
+    if path.is_file():
+        return path
+    for candidate in (STUDIES_DIR / path.name, STUDIES_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise SpaceError(f"{arg}: no such study file (looked here and in {STUDIES_DIR})")
+
+
+def load_study_file(arg: str) -> StudyFile:
+    path = resolve(arg)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(doc, dict):
+        raise SpaceError(f"{path}: expected a mapping with space, sampler, pruner, ...")
+    extra = sorted(set(doc) - KEYS)
+    if extra:
+        raise SpaceError(f"{path}: {extra[0]}: unknown key; expected one of {', '.join(sorted(KEYS))}")
+    spec = doc.get("space")
+    if isinstance(spec, dict):
+        space = parse_space(yaml.safe_dump(spec, sort_keys=False), path)
+    elif isinstance(spec, str):
+        space = load_space(spec if Path(spec).is_file() or "/" not in spec
+                           else path.parent / spec)
+    else:
+        raise SpaceError(f"{path}: space: expected a space name or an inline mapping")
+    name = doc.get("name") or path.stem
+    overrides = doc.get("overrides") or {}
+    if not isinstance(overrides, dict) or any(k not in field_types() for k in overrides):
+        bad = next((k for k in overrides if k not in field_types()), "") if isinstance(overrides, dict) else ""
+        raise SpaceError(f"{path}: overrides{'.' + bad if bad else ''}: expected trainer settings")
+    known = {p.name: p for p in space.params}
+    fixed = []
+    for i, row in enumerate(doc.get("fixed_trials") or []):
+        where = f"{path}: fixed_trials[{i}]"
+        if not isinstance(row, dict) or "label" not in row or not isinstance(row.get("params"), dict):
+            raise SpaceError(f"{where}: expected a mapping with label and params")
+        for key, value in row["params"].items():
+            if key not in known:
+                raise SpaceError(f"{where}.params.{key}: not a searched parameter of the space; "
+                                 f"expected one of {', '.join(known)}")
+            choices = known[key].values()
+            if known[key].type == "categorical" and value not in choices:
+                raise SpaceError(f"{where}.params.{key}: {value!r} is not among {choices}")
+        reported = row.get("reported")
+        fixed.append(FixedTrial(str(row["label"]), dict(row["params"]),
+                                None if reported is None else float(reported)))
+    labels = [f.label for f in fixed]
+    if len(set(labels)) != len(labels):
+        raise SpaceError(f"{path}: fixed_trials: duplicate labels")
+    options = {k: doc[k] for k in ("sampler", "pruner", "pruner_startup_trials",
+                                   "pruner_warmup_epochs", "n_trials", "timeout") if k in doc}
+    table = doc.get("table")
+    if table is not None and not (isinstance(table, dict) and {"rows", "columns"} <= set(table)):
+        raise SpaceError(f"{path}: table: expected {{rows: SETTING, columns: SETTING}}")
+    return StudyFile(path, str(name), space, options, overrides, fixed, table)

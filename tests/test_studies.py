@@ -1,0 +1,104 @@
+"""Study files: fixed trials enqueued exactly once (two workers, then a resume), the table with
+reported beside measured values, the offline HTML report, and retrain's test accuracy."""
+
+import re
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from search.studyfile import STUDIES_DIR, load_study_file
+
+STUDY = """
+name: mini
+space:
+  fixed: {epochs: 1, dataset: digits, augment: none, batch_size: 64}
+  params:
+    optimizer: {type: categorical, choices: [adamw, sgdm]}
+    lr: {type: categorical, choices: [1.0e-3, 1.0e-2, 3.0e-2]}
+sampler: random
+pruner: none
+n_trials: 5
+table: {rows: optimizer, columns: lr}
+fixed_trials:
+  - {label: R1, reported: 0.91, params: {optimizer: adamw, lr: 1.0e-3}}
+  - {label: R2, reported: 0.85, params: {optimizer: sgdm, lr: 1.0e-2}}
+  - {label: R3, params: {optimizer: sgdm, lr: 3.0e-2}}
+"""
+
+
+def _search(d, *args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "search", *args], cwd=d, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("studies")
+    (d / "mini.yaml").write_text(STUDY)
+    r = _search(d, "run", "--study", "mini.yaml", "--workers", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _search(d, "run", "--study", "mini.yaml", "--n-trials", "2")  # resume
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def _trials(d):
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(d / "search-journal.log")))
+    return optuna.load_study(study_name="mini", storage=storage).get_trials()
+
+
+def test_fixed_trials_run_exactly_once(study_dir):
+    trials = _trials(study_dir)
+    assert len(trials) == 7
+    labels = [t.user_attrs["label"] for t in trials if "label" in t.user_attrs]
+    assert sorted(labels) == ["R1", "R2", "R3"]
+    by_label = {t.user_attrs["label"]: t for t in trials if "label" in t.user_attrs}
+    assert by_label["R2"].params == {"optimizer": "sgdm", "lr": 0.01}
+    assert all(t.state.is_finished() for t in trials)
+
+
+def test_table_shows_labelled_rows_with_reported_and_measured(study_dir):
+    r = _search(study_dir, "table", "--study", "mini")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "| Test # | Epochs | batch_size | beta/momentum | weight_decay | learning_rate | results |" in r.stdout
+    rows = {ln.split("|")[1].strip(): ln for ln in lines if ln.startswith("| R")}
+    assert set(rows) == {"R1", "R2", "R3"}
+    assert "91.00%" in rows["R1"] and "85.00%" in rows["R2"]
+    assert re.search(r"Val Acc: \d+\.\d\d%", rows["R1"])
+    assert "Best val accuracy by optimizer and lr" in r.stdout
+    assert "not CIFAR-100" in r.stdout
+
+
+def test_report_is_self_contained(study_dir, tmp_path):
+    out = tmp_path / "mini.html"
+    r = _search(study_dir, "report", "--study", "mini", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    for title in ("Optimisation history", "Parameter importances", "Parallel coordinates",
+                  "Learning curves", "Accuracy versus lr per optimizer"):
+        assert title in text
+    assert text.count('class="plotly-graph-div"') >= 5
+    assert not re.search(r"<script[^>]+src=", text)  # plotly.js is inlined, nothing fetched
+    assert len(text) > 1_000_000
+
+
+def test_retrain_stores_test_accuracy(study_dir):
+    r = _search(study_dir, "retrain", "--study", "mini")
+    assert r.returncode == 0, r.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(study_dir / "search-journal.log")))
+    info = optuna.load_study(study_name="mini", storage=storage).user_attrs["retrain"]
+    assert 0.0 <= info["test_acc"] <= 1.0 and info["mlflow_run_id"]
+    assert "test accuracy" in r.stdout
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))
+def test_shipped_study_files_load(name):
+    sf = load_study_file(name)
+    assert sf.name == name
+    for row in sf.fixed_trials:
+        assert set(row.params) <= {p.name for p in sf.space.params}
