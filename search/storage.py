@@ -8,6 +8,7 @@ machines); passwords never appear in messages (`redact`).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import optuna
@@ -41,14 +42,20 @@ def open_storage(url: str | None = None, heartbeat: int | None = None,
     url = storage_url(url)
     if "://" not in url:
         return JournalStorage(JournalFileBackend(url))
-    try:
-        kwargs: dict[str, Any] = {}
-        if heartbeat:
-            kwargs = dict(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
-                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(
-                              max_retry=max_retry, inherit_intermediate_values=True))
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
-    except Exception as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
-        raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = dict(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
+                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                          max_retry=max_retry, inherit_intermediate_values=True))
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+        except Exception as exc:
+            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            # processes opening a fresh database together race to create Optuna's tables;
+            # the losers see the winner's tables after a moment
+            racing = "duplicate key" in reason or "already exists" in reason
+            if not racing or attempt == 5:
+                raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
