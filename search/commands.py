@@ -48,6 +48,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                    "else MLflow's default ./mlflow.db)")
+    p.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between trial heartbeats on a database storage (default 10)")
+    p.add_argument("--max-retry", type=int, default=3,
+                   help="times a trial whose worker died or was stopped is re-queued (default 3)")
+    p.add_argument("--checkpoint-dir", help="per-epoch trial checkpoints, shared by all workers "
+                   "(default ./checkpoints)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep checkpoints after trials end")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check space files; one line per error")
@@ -141,7 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         pruner_startup_trials=pick(args.pruner_startup_trials, "pruner_startup_trials", 5),
         pruner_warmup_epochs=pick(args.pruner_warmup_epochs, "pruner_warmup_epochs", 0),
         n_trials=n_trials, timeout=timeout, overrides=overrides, mlflow_uri=args.mlflow_uri,
-        seed=args.seed, fixed_trials=fixed, table=table,
+        seed=args.seed, fixed_trials=fixed, table=table, heartbeat=args.heartbeat,
+        max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
+        keep_checkpoints=args.keep_checkpoints,
     )
     if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:
         raise UserError(f"sampler {spec.sampler!r} / pruner {spec.pruner!r}: expected one of "

@@ -7,8 +7,11 @@ machines); passwords never appear in messages (`redact`).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -36,20 +39,64 @@ def storage_url(url: str | None) -> str:
     return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+_TRANSIENT = ("server closed the connection", "connection refused", "could not connect",
+              "terminating connection", "connection already closed", "the database system is",
+              "ssl connection has been closed", "connection reset", "no connection to the server")
+
+
+def _transient(exc: BaseException) -> bool:
+    """A lost or refused database connection (a restart, a network blip), worth retrying."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) and any(
+        t in text for t in _TRANSIENT)
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose calls retry with backoff while the database is unreachable, so a
+    PostgreSQL restart in the middle of a study pauses the workers instead of failing trials."""
+
+    retry_seconds = 120.0
+
+
+def _with_retry(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        delay, waited = 0.5, 0.0
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                if not _transient(exc) or waited >= self.retry_seconds:
+                    raise
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 8.0)
+
+    return call
+
+
+for _name, _member in vars(optuna.storages.RDBStorage).items():
+    if inspect.isfunction(_member) and not _name.startswith("_"):
+        setattr(ResilientRDBStorage, _name, _with_retry(_member))
+
+
 def open_storage(url: str | None = None, heartbeat: int | None = None,
-                 max_retry: int = 0) -> optuna.storages.BaseStorage:
-    """Journal file for a plain path, RDBStorage (with heartbeats) for a SQLAlchemy URL."""
+                 stale_callback: Callable | None = None) -> optuna.storages.BaseStorage:
+    """Journal file for a plain path, RDBStorage (heartbeats, retries) for a SQLAlchemy URL."""
     url = storage_url(url)
     if "://" not in url:
         return JournalStorage(JournalFileBackend(url))
     kwargs: dict[str, Any] = {}
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
-                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(
-                          max_retry=max_retry, inherit_intermediate_values=True))
+                      heartbeat_stale_trial_callback=stale_callback)
     for attempt in range(6):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+            return ResilientRDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
         except Exception as exc:
             reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
             # processes opening a fresh database together race to create Optuna's tables;

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 
+from search.checkpoints import CheckpointStore
 from search.commands import PRUNERS, SAMPLERS
 from search.errors import UserError
+from search.recovery import STOP, Interrupted, RetryDeadTrial, chain_root, mark_worker
 from search.space import Space, SpaceError, parse_space
 from search.storage import open_storage
 from search.tracking import RUN_ATTR, Tracker
@@ -74,8 +77,10 @@ class RunSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     mlflow_uri: str | None = None
     seed: int | None = None
-    heartbeat: int | None = None
-    max_retry: int = 0
+    heartbeat: int = 10  # seconds, on RDB storages; a trial silent for 3x this is stale
+    max_retry: int = 3
+    checkpoint_dir: str | None = None
+    keep_checkpoints: bool = False
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)
     table: dict[str, str] | None = None
 
@@ -131,7 +136,8 @@ def check_space(study: optuna.Study, space: Space, created: bool) -> None:
 def open_study(spec: RunSpec, space: Space, worker: int = 0) -> tuple[optuna.Study, bool]:
     """Creates the study, or loads it when it exists; returns (study, created_here). Exactly
     one process creates it, so one-time set-up (space attributes, MLflow parent) happens once."""
-    storage = open_storage(spec.storage, spec.heartbeat, spec.max_retry)
+    storage = open_storage(spec.storage, spec.heartbeat,
+                           RetryDeadTrial(spec.max_retry, spec.mlflow_uri))
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
     seed = None if spec.seed is None else spec.seed + worker
     sampler = make_sampler(spec.sampler, space, seed)
@@ -152,27 +158,43 @@ class Objective:
     """objective(trial): sample, train with per-epoch report / should_prune, log to MLflow.
 
     Pruned trials end their MLflow run KILLED, diverged or broken ones FAILED with the reason
-    (also stored on the trial as `fail_reason`)."""
+    (also stored on the trial as `fail_reason`). Each epoch is checkpointed; a retried trial
+    resumes from its chain's checkpoint and continues the same MLflow run."""
 
     def __init__(self, space: Space, overrides: dict[str, Any], tracker: Tracker,
-                 parent_run_id: str):
+                 parent_run_id: str, checkpoints: CheckpointStore | None = None,
+                 reaper: Callable[[optuna.Study], Any] | None = None):
         self.space, self.overrides = space, overrides
         self.tracker, self.parent_run_id = tracker, parent_run_id
+        self.checkpoints, self.reaper = checkpoints, reaper
+        self.current: int | None = None  # the trial number in progress, for a stop
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial.number
+        mark_worker(trial)  # first: a retry carries its dead predecessor's worker attributes
+        if self.reaper is not None:
+            self.reaper(trial.study)
         values = {**self.space.sample(trial), **self.overrides}
         try:
             config = TrainConfig.from_dict(values)
         except ConfigError as exc:
             trial.set_user_attr("fail_reason", f"invalid configuration: {exc}")
             raise
-        tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
-        if "label" in trial.user_attrs:
-            tags["label"] = str(trial.user_attrs["label"])
-        run_id = self.tracker.start_trial(self.parent_run_id, trial.number, config.to_dict(), tags,
-                                          self.space.text)
+        root = chain_root(trial.study._storage.get_trial(trial._trial_id))
+        resume = self.checkpoints.load(root) if self.checkpoints else None
+        run_id = (resume or {}).get("mlflow_run_id") or trial.user_attrs.get(RUN_ATTR)
+        if run_id and root != trial.number:
+            self.tracker.reopen(run_id, trial.number)
+        else:
+            tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
+            if "label" in trial.user_attrs:
+                tags["label"] = str(trial.user_attrs["label"])
+            run_id = self.tracker.start_trial(self.parent_run_id, trial.number, config.to_dict(),
+                                              tags, self.space.text)
         trial.set_user_attr(RUN_ATTR, run_id)
         trial.set_user_attr("config", config.to_dict())
+        if resume is not None:
+            trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
 
         def on_epoch(metrics: dict[str, Any]) -> None:
             self.tracker.log_epoch(run_id, metrics)
@@ -182,19 +204,37 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
 
+        def on_checkpoint(state: dict[str, Any]) -> None:
+            self.checkpoints.save(root, {**state, "mlflow_run_id": run_id})
+            if STOP.raised:  # a safe point: this epoch is reported and saved
+                raise Interrupted(f"interrupted after epoch {state['epoch']}; resumes from there")
+
         try:
-            result = train(config, on_epoch)
+            result = train(config, on_epoch, resume=resume,
+                           on_checkpoint=on_checkpoint if self.checkpoints else None)
         except optuna.TrialPruned as exc:
             trial.set_user_attr("pruned_reason", str(exc))
             self.tracker.end_trial(run_id, "PRUNED", str(exc))
+            self._cleanup(root)
+            raise
+        except (Interrupted, KeyboardInterrupt) as exc:
+            trial.set_user_attr("fail_reason", str(exc) or "interrupted")
+            self.tracker.end_trial(run_id, "KILLED", str(exc) or "interrupted")
             raise
         except BaseException as exc:
             reason = str(exc) or type(exc).__name__
             trial.set_user_attr("fail_reason", reason)
             self.tracker.end_trial(run_id, "FAIL", reason)
+            self._cleanup(root)
             raise
         self.tracker.end_trial(run_id, "COMPLETE", value=result.val_acc)
+        self._cleanup(root)
+        self.current = None
         return result.val_acc
+
+    def _cleanup(self, root: int) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.remove(root)
 
 
 # Exceptions that fail one trial and let the study go on; anything else ends the worker.

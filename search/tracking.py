@@ -36,11 +36,41 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+class _RetryingClient:
+    """MlflowClient whose calls retry for a while on errors (a busy sqlite file under many
+    workers, a restarting tracking server) before giving up."""
+
+    def __init__(self, client: MlflowClient, seconds: float = 60.0):
+        self._client, self._seconds = client, seconds
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            delay, waited = 0.2, 0.0
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:
+                    text = str(exc).lower()
+                    transient = any(t in text for t in (
+                        "locked", "connection", "timed out", "temporarily", "503", "502"))
+                    if not transient or waited >= self._seconds:
+                        raise
+                    time.sleep(delay)
+                    waited += delay
+                    delay = min(delay * 2, 5.0)
+
+        return call
+
+
 class Tracker:
     """MLflow runs of one study."""
 
     def __init__(self, uri: str | None, study_name: str):
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _RetryingClient(MlflowClient(tracking_uri=uri))
         self.uri = self.client.tracking_uri
         self.study_name = study_name
         try:
@@ -94,6 +124,11 @@ class Tracker:
         self.client.log_text(run_id, space_text, "space.yaml")
         return run_id
 
+    def reopen(self, run_id: str, trial_number: int) -> None:
+        """A retried trial continues its predecessor's run: RUNNING again, retry noted."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "retried_as_trial", str(trial_number))
+
     def log_epoch(self, run_id: str, metrics: dict[str, Any]) -> None:
         now, step = int(time.time() * 1000), int(metrics["epoch"])
         batch = [Metric(k, float(metrics[k]), now, step) for k in EPOCH_METRICS if k in metrics]
@@ -102,7 +137,8 @@ class Tracker:
     def end_trial(self, run_id: str, optuna_state: str, reason: str | None = None,
                   value: float | None = None) -> None:
         """Closes a child run: FINISHED for complete, KILLED for pruned, FAILED for failed."""
-        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(optuna_state, "FAILED")
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "KILLED": "KILLED"}.get(
+            optuna_state, "FAILED")
         self.client.set_tag(run_id, "optuna_state", optuna_state)
         if reason:
             self.client.set_tag(run_id, "reason", reason[:5000])

@@ -16,8 +16,10 @@ import time
 import optuna
 from tqdm import tqdm
 
+from search.checkpoints import CheckpointStore
 from search.commands import quiet_libraries
 from search.errors import UserError
+from search.recovery import STOP, Interrupted, RetryDeadTrial, reap_dead_local_trials, requeue_interrupted
 from search.study import TRIAL_FAILURES, Objective, RunSpec, enqueue_fixed_trials, open_study, wait_for_attr
 from search.tracking import PARENT_ATTR, Tracker
 from trainer.config import ConfigError
@@ -61,10 +63,23 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
     study, _ = open_study(spec, space, worker=index)
     tracker = Tracker(spec.mlflow_uri, spec.study_name)
     parent = wait_for_attr(study, PARENT_ATTR)
-    objective = Objective(space, worker_device(index, spec.overrides), tracker, parent)
+    handler = RetryDeadTrial(spec.max_retry, spec.mlflow_uri)
+    # the journal file has no heartbeat: reap trials of dead processes on this machine instead
+    reaper = (lambda s: reap_dead_local_trials(s, handler)) if "://" not in spec.storage else None
+    objective = Objective(space, worker_device(index, spec.overrides), tracker, parent,
+                          CheckpointStore(spec.checkpoint_dir, spec.study_name,
+                                          spec.keep_checkpoints), reaper)
+    if reaper is not None:
+        reaper(study)
     if n_trials == 0:
         return
-    study.optimize(objective, n_trials=n_trials, timeout=spec.timeout, catch=TRIAL_FAILURES)
+    STOP.install()
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=spec.timeout, catch=TRIAL_FAILURES,
+                       callbacks=[lambda s, t: STOP.raised and s.stop()])
+    except (Interrupted, KeyboardInterrupt):
+        requeue_interrupted(study, objective.current, handler)
+        raise KeyboardInterrupt from None
 
 
 def _worker_entry(spec: RunSpec, index: int, n_trials: int | None, threads: int | None) -> None:

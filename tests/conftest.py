@@ -3,18 +3,18 @@ started on loopback for the tests that need them."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from benchmarks.pg import PostgresServer, pg_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
@@ -45,52 +45,10 @@ def cli(tmp_path):
     return _run
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if found:
-        return Path(found[-1]).parent
-    exe = shutil.which("pg_ctl")
-    return Path(exe).parent if exe else None
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    # PostgreSQL refuses to run as root; CI runs as root.
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-class PostgresServer:
-    def __init__(self, bindir: Path):
-        self.bindir = bindir
-        self.dir = Path(tempfile.mkdtemp(prefix="search-pg-"))
-        self.data = self.dir / "data"
-        self.port = free_port()
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres", "postgres")
-        subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(self.data), "-A", "trust",
-                                     "-U", "postgres"]), check=True, capture_output=True)
-        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
-
-    def start(self) -> None:
-        subprocess.run(_as_postgres([
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.dir / "log"),
-            "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                  "-c max_connections=200", "start"]), check=True, capture_output=True)
-
-    def stop(self, mode: str = "fast") -> None:
-        subprocess.run(_as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w",
-                                     "-m", mode, "stop"]), capture_output=True)
-
-    def create_database(self, name: str) -> str:
-        subprocess.run(_as_postgres([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p",
-                                     str(self.port), "-U", "postgres", name]), check=True,
-                       capture_output=True)
-        return self.url.rsplit("/", 1)[0] + "/" + name
-
-
 @pytest.fixture(scope="session")
 def postgres():
     """A throwaway PostgreSQL cluster on loopback (Debian's postgresql package)."""
-    bindir = _pg_bin()
+    bindir = pg_bin()
     if bindir is None:
         if IN_CI:
             pytest.fail("PostgreSQL is not installed; .ci/run installs Debian's postgresql")

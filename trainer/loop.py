@@ -179,12 +179,19 @@ def prepare(config: TrainConfig, holdout: str = "val") -> Setup:
                  data.num_classes, gen)
 
 
-def train(config: TrainConfig, on_epoch: EpochCallback | None = None,
-          holdout: str = "val") -> TrainResult:
+CheckpointCallback = Callable[[dict[str, Any]], None]
+
+
+def train(config: TrainConfig, on_epoch: EpochCallback | None = None, holdout: str = "val",
+          resume: dict[str, Any] | None = None,
+          on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
     """Trains LeNet-5 as `config` says, calling `on_epoch(metrics)` after every epoch.
 
     metrics: epoch (1-based), train_loss, train_acc, val_loss, val_acc, lr, seconds, images_per_s.
-    Raises Diverged when the training loss stops being finite.
+    After `on_epoch` accepts an epoch, `on_checkpoint(state)` receives everything needed to
+    continue from there (model, optimiser, RNG states, epoch, history: tensors and plain data,
+    loadable with weights_only=True); `resume=state` continues such a run bit for bit.
+    Raises Diverged when the training loss stops being finite or explodes.
     """
     setup = prepare(config, holdout)
     if config.local_workers > 1 or config.local_steps > 1:
@@ -196,8 +203,16 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None,
     optimizer = build_optimizer(config, model.parameters(), lr_at(config, 0))
     augment = Augment(config.augment, gen)
     result = TrainResult()
+    first = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["rng_cpu"])
+        result.history = list(resume["history"])
+        first = int(resume["epoch"])
     n, bs = len(setup.train), config.batch_size
-    for epoch in range(config.epochs):
+    for epoch in range(first, config.epochs):
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -223,4 +238,8 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None,
         if on_epoch is not None and on_epoch(metrics):
             result.stopped_early = True
             break
+        if on_checkpoint is not None:
+            on_checkpoint({"epoch": epoch + 1, "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+                           "rng_cpu": torch.get_rng_state(), "history": result.history})
     return result

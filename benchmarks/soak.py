@@ -1,0 +1,181 @@
+"""Soak test: a PostgreSQL study on digits under fire.
+
+Worker processes (`search run`, one trial at a time) share one study; a supervisor SIGKILLs a
+random worker every few seconds and starts a new one, and restarts PostgreSQL once. When the
+study has the trials asked for, the workers are stopped with SIGTERM (the graceful path). Then:
+
+    trials asked for, trials finished, kills, trials retried, epochs recomputed (<= 1 per kill),
+    enqueued fixed trials run more than once (0), MLflow runs left RUNNING (0)
+
+    python benchmarks/soak.py [--short] [--trials 12] [--epochs 4] [--workers 4] [--kill-every 8]
+
+Exit status 0 when every figure holds. It runs on loopback only and stops by itself
+(`--max-seconds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.pg import PostgresServer, pg_bin  # noqa: E402
+
+STUDY = """
+name: soak
+space:
+  fixed: {{epochs: {epochs}, dataset: digits, augment: none, optimizer: adamw}}
+  params:
+    lr: {{type: float, low: 3.0e-4, high: 3.0e-3, log: true}}
+    batch_size: {{type: categorical, choices: [64, 128]}}
+sampler: random
+pruner: none
+fixed_trials:
+  - {{label: F1, params: {{lr: 1.0e-3, batch_size: 64}}}}
+  - {{label: F2, params: {{lr: 2.0e-3, batch_size: 128}}}}
+"""
+State = optuna.trial.TrialState
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--short", action="store_true", help="CI size: 5 trials x 3 epochs, 3 workers")
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--kill-every", type=float, default=8.0)
+    p.add_argument("--max-seconds", type=float, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.short:
+        args.trials, args.epochs, args.workers, args.kill_every = 5, 3, 3, 9.0
+        args.max_seconds = min(args.max_seconds, 900)
+    rng = random.Random(args.seed)
+    bindir = pg_bin()
+    if bindir is None:
+        print("soak: PostgreSQL binaries not found (apt-get install postgresql)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="search-soak-"))
+    (work / "soak.yaml").write_text(STUDY.format(epochs=args.epochs))
+    pg = PostgresServer(bindir)
+    pg.start()
+    url = pg.create_database("soak")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "search", "run", "--study", "soak.yaml", "--storage", url,
+           "--heartbeat", "2", "--max-retry", "20", "--n-trials", "1000"]
+    logs = work / "logs"
+    logs.mkdir()
+    started = 0
+
+    def spawn() -> subprocess.Popen:
+        nonlocal started
+        started += 1
+        log = open(logs / f"worker-{started}.log", "w")
+        return subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    workers = [spawn()]
+    time.sleep(8)  # the first one creates the study and enqueues the fixed trials
+    workers += [spawn() for _ in range(args.workers - 1)]
+    kills, pg_restarted = 0, False
+    start = last_kill = time.time()
+    study = None
+    try:
+        while time.time() - start < args.max_seconds:
+            time.sleep(1)
+            workers = [w if w.poll() is None else spawn() for w in workers]  # replace the dead
+            if study is None:
+                try:
+                    study = optuna.load_study(study_name="soak", storage=url)
+                except Exception:
+                    continue
+            try:
+                done = len(study.get_trials(deepcopy=False, states=(State.COMPLETE,)))
+            except Exception:
+                continue  # PostgreSQL restarting
+            if done >= args.trials:
+                break
+            if time.time() - last_kill >= args.kill_every:
+                victim = rng.randrange(len(workers))
+                workers[victim].send_signal(signal.SIGKILL)
+                workers[victim].wait()
+                kills += 1
+                workers[victim] = spawn()
+                last_kill = time.time()
+                if kills == 2 and not pg_restarted:
+                    pg.stop("fast")
+                    time.sleep(3)
+                    pg.start()
+                    pg_restarted = True
+        else:
+            print(f"soak: gave up after {args.max_seconds:.0f} s", file=sys.stderr)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        deadline = time.time() + 120
+        for w in workers:
+            try:
+                w.wait(timeout=max(1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                w.kill()
+    figures = measure(url, work, args.trials)
+    pg.stop("fast")
+    figures["kills"] = kills
+    figures["postgres_restarts"] = int(pg_restarted)
+    for key in ("trials_asked", "trials_finished", "kills", "postgres_restarts", "trials_retried",
+                "epochs_recomputed", "fixed_trials_run_twice", "mlflow_runs_left_running"):
+        print(f"{key}: {figures[key]}")
+    ok = (figures["trials_finished"] >= args.trials
+          and figures["epochs_recomputed"] <= max(kills, 0)
+          and figures["fixed_trials_run_twice"] == 0
+          and figures["mlflow_runs_left_running"] == 0 and pg_restarted)
+    print(f"soak: {'ok' if ok else 'FAILED'} (logs in {logs})")
+    return 0 if ok else 1
+
+
+def measure(url: str, work: Path, asked: int) -> dict[str, int]:
+    from mlflow.tracking import MlflowClient
+
+    study = optuna.load_study(study_name="soak", storage=url)
+    trials = {t.number: t for t in study.get_trials()}
+    recomputed = 0
+    for t in trials.values():
+        pred = t.system_attrs.get("failed_trial")
+        if pred is None or not t.intermediate_values and t.state == State.WAITING:
+            continue
+        if t.state == State.WAITING:
+            continue
+        reached = max(trials[pred].intermediate_values, default=0)
+        recomputed += max(0, reached - int(t.user_attrs.get("resumed_from_epoch", 0)))
+    complete_labels = [t.user_attrs["label"] for t in trials.values()
+                       if "label" in t.user_attrs and t.state == State.COMPLETE]
+    roots = [t.user_attrs["label"] for t in trials.values()
+             if "label" in t.user_attrs and "failed_trial" not in t.system_attrs]
+    twice = (len(complete_labels) - len(set(complete_labels))) + (len(roots) - len(set(roots)))
+    client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
+    exp = client.get_experiment_by_name("soak")
+    runs = client.search_runs([exp.experiment_id], max_results=5000) if exp else []
+    return {
+        "trials_asked": asked,
+        "trials_finished": sum(t.state == State.COMPLETE for t in trials.values()),
+        "trials_retried": sum("failed_trial" in t.system_attrs for t in trials.values()
+                              if t.state != State.WAITING),
+        "epochs_recomputed": recomputed,
+        "fixed_trials_run_twice": twice,
+        "mlflow_runs_left_running": sum(r.info.status == "RUNNING" for r in runs),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

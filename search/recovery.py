@@ -1,0 +1,119 @@
+"""Surviving dead workers and stops: retries, signals, stale trials.
+
+- A trial whose worker died is failed and re-queued (Optuna's RetryFailedTrialCallback, up to
+  `--max-retry` times); the retry resumes from the chain's last checkpoint and continues the
+  same MLflow run. On PostgreSQL, Optuna's heartbeat finds such trials; on the embedded journal
+  file, whose storage has no heartbeat, a worker reaps RUNNING trials of dead processes on its
+  own machine (same host, process gone).
+- SIGINT / SIGTERM: the running trial stops at the end of its epoch, its MLflow run is closed
+  KILLED, and it is failed and re-queued so it can resume; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any
+
+import optuna
+from optuna.storages import RetryFailedTrialCallback
+
+from search.tracking import RUN_ATTR
+
+State = optuna.trial.TrialState
+HOST = socket.gethostname()
+
+
+class Interrupted(Exception):
+    """A stop was asked for (SIGINT / SIGTERM); the trial is re-queued to resume."""
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM sets the flag (stop at the next epoch end); a second one raises
+    KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+
+STOP = StopFlag()
+
+
+def chain_root(trial: optuna.trial.FrozenTrial) -> int:
+    """The first trial number of a retry chain: the key its checkpoints live under."""
+    history = RetryFailedTrialCallback.retry_history(trial)
+    return history[0] if history else trial.number
+
+
+class RetryDeadTrial:
+    """Closes a dead or interrupted trial's MLflow run if still open, and re-queues the trial."""
+
+    def __init__(self, max_retry: int, mlflow_uri: str | None):
+        self.retry = RetryFailedTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
+        self.mlflow_uri = mlflow_uri
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id:
+            try:
+                from search.tracking import Tracker
+
+                tracker = Tracker(self.mlflow_uri, study.study_name)
+                if tracker.client.get_run(run_id).info.status == "RUNNING":
+                    tracker.end_trial(run_id, "FAIL", "worker died; the trial is retried")
+            except Exception:  # tracking trouble must not block the retry
+                pass
+        self.retry(study, trial)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_local_trials(study: optuna.Study, handler: RetryDeadTrial) -> int:
+    """Embedded storage: fails and re-queues RUNNING trials whose worker on this host is gone."""
+    reaped = 0
+    for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
+        pid = t.user_attrs.get("worker_pid")
+        if t.user_attrs.get("worker_host") != HOST or pid is None or pid == os.getpid():
+            continue
+        if _alive(int(pid)):
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=State.FAIL):
+                handler(study, study._storage.get_trial(t._trial_id))
+                reaped += 1
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker reaped it first
+    return reaped
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    trial.set_user_attr("worker_host", HOST)
+    trial.set_user_attr("worker_pid", os.getpid())
+
+
+def requeue_interrupted(study: optuna.Study, number: int | None, handler: RetryDeadTrial) -> None:
+    """After a stop, re-queues the trial this worker was running (Optuna has failed it)."""
+    if number is None:
+        return
+    trial: Any = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is not None and trial.state == State.FAIL:
+        handler(study, trial)
