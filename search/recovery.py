@@ -1,6 +1,6 @@
 """Surviving dead workers and stops: retries, signals, stale trials.
 
-- A trial whose worker died is failed and re-queued (Optuna's RetryFailedTrialCallback, up to
+- A trial whose worker died is failed and re-queued (Optuna's RetryHeartbeatStaleTrialCallback, up to
   `--max-retry` times); the retry resumes from the chain's last checkpoint and continues the
   same MLflow run. On PostgreSQL, Optuna's heartbeat finds such trials; on the embedded journal
   file, whose storage has no heartbeat, a worker reaps RUNNING trials of dead processes on its
@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from search.tracking import RUN_ATTR
 
@@ -52,7 +52,7 @@ STOP = StopFlag()
 
 def chain_root(trial: optuna.trial.FrozenTrial) -> int:
     """The first trial number of a retry chain: the key its checkpoints live under."""
-    history = RetryFailedTrialCallback.retry_history(trial)
+    history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
     return history[0] if history else trial.number
 
 
@@ -60,7 +60,7 @@ class RetryDeadTrial:
     """Closes a dead or interrupted trial's MLflow run if still open, and re-queues the trial."""
 
     def __init__(self, max_retry: int, mlflow_uri: str | None):
-        self.retry = RetryFailedTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
         self.mlflow_uri = mlflow_uri
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -44,15 +44,21 @@ _TRANSIENT = ("server closed the connection", "connection refused", "could not c
               "ssl connection has been closed", "connection reset", "no connection to the server")
 
 
-def _transient(exc: BaseException) -> bool:
-    """A lost or refused database connection (a restart, a network blip), worth retrying."""
+def _transient(exc: BaseException | None) -> bool:
+    """A lost or refused database connection (a restart, a network blip), worth retrying;
+    Optuna wraps such errors (StorageInternalError), so the cause chain is searched."""
     from sqlalchemy import exc as sa_exc
 
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) and any(
-        t in text for t in _TRANSIENT)
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        text = str(exc).lower()
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) and any(
+                t in text for t in _TRANSIENT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 class ResilientRDBStorage(optuna.storages.RDBStorage):
