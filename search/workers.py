@@ -7,6 +7,7 @@ the CPU the cores are split between them. The parent only watches the storage an
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
 import sys
@@ -117,10 +118,15 @@ class Progress:
                 "failed": counts[State.FAIL]}
         if best is not None:
             post["best"] = f"{best:.4f}"
+        now = datetime.datetime.now()
         for t in running[:2]:
-            if t.intermediate_values:
+            if t.intermediate_values and t.datetime_start:
                 step = max(t.intermediate_values)
-                post[f"#{t.number}"] = f"ep {step}/{self.epochs} acc {t.intermediate_values[step]:.3f}"
+                # resumed trials inherit earlier epochs: time only those run since the start
+                ran = max(1, step - int(t.user_attrs.get("resumed_from_epoch", 0)))
+                eta = (now - t.datetime_start).total_seconds() / ran * (self.epochs - step)
+                post[f"#{t.number}"] = (f"ep {step}/{self.epochs} acc "
+                                        f"{t.intermediate_values[step]:.3f} eta {eta:.0f}s")
         self.bar.n = len(done) if self.total is None else min(len(done), self.total)
         self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()

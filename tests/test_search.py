@@ -144,3 +144,22 @@ def test_dashboard_serves_the_study(study_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_diverged_trial_fails_with_reason_and_the_study_goes_on(cli, tmp_path):
+    (tmp_path / "div.yaml").write_text(
+        "fixed: {optimizer: sgdm, epochs: 2, dataset: digits, augment: none}\n"
+        "params:\n  lr: {type: categorical, choices: [1.0, 0.01]}\n")
+    r = cli("run", "--space", "div.yaml", "--n-trials", "2", "--sampler", "grid",
+            "--pruner", "none")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log")))
+    trials = {t.params["lr"]: t for t in optuna.load_study(study_name="div", storage=storage).trials}
+    assert trials[1.0].state == optuna.trial.TrialState.FAIL
+    assert trials[1.0].user_attrs["fail_reason"].startswith("diverged at epoch 1")
+    assert trials[0.01].state == optuna.trial.TrialState.COMPLETE
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(trials[1.0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["reason"].startswith("diverged")
