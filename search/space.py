@@ -114,15 +114,19 @@ class Space:
         return out
 
 
-def resolve_path(name_or_path: str | Path) -> Path:
-    """A path as given, else a bare name looked up in spaces/ (with or without .yaml)."""
+def find_file(name_or_path: str | Path, folder: Path, kind: str) -> Path:
+    """A path as given, else a bare name looked up in `folder` (with or without .yaml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (SPACES_DIR / path.name, SPACES_DIR / f"{path.name}.yaml"):
+    for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
         if candidate.is_file():
             return candidate
-    raise SpaceError(f"{name_or_path}: no such space file (looked here and in {SPACES_DIR})")
+    raise SpaceError(f"{name_or_path}: no such {kind} file (looked here and in {folder})")
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    return find_file(name_or_path, SPACES_DIR, "space")
 
 
 def _is_number(v: Any) -> bool:

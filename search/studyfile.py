@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from search.space import Space, SpaceError, load_space, parse_space
+from search.space import Space, SpaceError, find_file, load_space, parse_space
 from trainer.config import field_types
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
@@ -54,18 +54,8 @@ def is_study_file(arg: str | None) -> bool:
     return arg.endswith((".yaml", ".yml")) or (STUDIES_DIR / f"{arg}.yaml").is_file()
 
 
-def resolve(arg: str) -> Path:
-    path = Path(arg)
-    if path.is_file():
-        return path
-    for candidate in (STUDIES_DIR / path.name, STUDIES_DIR / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise SpaceError(f"{arg}: no such study file (looked here and in {STUDIES_DIR})")
-
-
 def load_study_file(arg: str) -> StudyFile:
-    path = resolve(arg)
+    path = find_file(arg, STUDIES_DIR, "study")
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch.func import functional_call, grad_and_value, vmap
 
 from trainer.augment import Augment
-from trainer.loop import EpochCallback, Setup, TrainResult, autocast, check_divergence, evaluate
+from trainer.loop import EpochCallback, Setup, TrainResult, autocast, check_divergence, evaluate, set_lr
 from trainer.model import LeNet5
 from trainer.optim import build_optimizer
 from trainer.schedule import lr_at
@@ -92,9 +92,7 @@ def train_local(setup: Setup, on_epoch: EpochCallback | None = None) -> TrainRes
     result, step, rounds = TrainResult(), 0, 0
     eval_model = LeNet5(setup.num_classes).to(device, memory_format=torch.channels_last)
     for epoch in range(config.epochs):
-        lr = lr_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, config, epoch)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)

@@ -112,6 +112,14 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> float:
+    """Sets and returns the scheduled lr for 0-based `epoch`."""
+    lr = lr_at(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, device: torch.device, precision: str):
     """One optimiser step on an already augmented batch; returns (loss, logits), detached."""
@@ -213,9 +221,7 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None, holdout: s
         first = int(resume["epoch"])
     n, bs = len(setup.train), config.batch_size
     for epoch in range(first, config.epochs):
-        lr = lr_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, config, epoch)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
