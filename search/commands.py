@@ -95,6 +95,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--mlflow-uri")
     p.set_defaults(func=cmd_retrain)
 
+    p = sub.add_parser("storage-proxy", help="serve Optuna's gRPC storage proxy for a database; "
+                       "workers then use --storage grpc://HOST:PORT")
+    _storage_flag(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=13000)
+    p.set_defaults(func=cmd_storage_proxy)
+
     p = sub.add_parser("dashboard", help="serve optuna-dashboard for the storage")
     _storage_flag(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -351,6 +358,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    storage = open_storage(args.storage)
+    print(f"optuna gRPC storage proxy for {redact(storage_url(args.storage))} on "
+          f"grpc://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    optuna.storages.run_grpc_proxy_server(storage, host=args.host, port=args.port)
     return 0
 
 

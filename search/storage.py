@@ -96,6 +96,13 @@ def open_storage(url: str | None = None, heartbeat: int | None = None,
     url = storage_url(url)
     if "://" not in url:
         return JournalStorage(JournalFileBackend(url))
+    if url.startswith("grpc://"):
+        # Optuna's gRPC storage proxy (`search storage-proxy`) in front of one database, for
+        # fleets too large for one connection pool per worker
+        host, _, port = url[len("grpc://"):].rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--storage {url}: expected grpc://HOST:PORT")
+        return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
     kwargs: dict[str, Any] = {}
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,

@@ -65,8 +65,10 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
     tracker = Tracker(spec.mlflow_uri, spec.study_name)
     parent = wait_for_attr(study, PARENT_ATTR)
     handler = RetryDeadTrial(spec.max_retry, spec.mlflow_uri)
-    # the journal file has no heartbeat: reap trials of dead processes on this machine instead
-    reaper = (lambda s: reap_dead_local_trials(s, handler)) if "://" not in spec.storage else None
+    # the journal file and the gRPC proxy have no heartbeat: reap trials of dead processes on
+    # this machine instead
+    no_heartbeat = "://" not in spec.storage or spec.storage.startswith("grpc://")
+    reaper = (lambda s: reap_dead_local_trials(s, handler)) if no_heartbeat else None
     objective = Objective(space, worker_device(index, spec.overrides), tracker, parent,
                           CheckpointStore(spec.checkpoint_dir, spec.study_name,
                                           spec.keep_checkpoints), reaper)

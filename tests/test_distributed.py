@@ -52,3 +52,28 @@ def test_unreachable_database_is_one_line_without_password(cli, tmp_path):
     assert "s3cret" not in r.stderr and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot open storage" in lines[0] and "127.0.0.1:1" in lines[0]
+
+
+def test_workers_through_the_grpc_storage_proxy(postgres, tmp_path):
+    import time
+
+    from tests.conftest import free_port
+
+    url = postgres.create_database("grpc")
+    port = free_port()
+    proxy = subprocess.Popen([sys.executable, "-m", "search", "storage-proxy", "--storage", url,
+                              "--port", str(port)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(5)
+        (tmp_path / "digits.yaml").write_text(SPACE.replace("epochs: 3", "epochs: 1"))
+        r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
+                            "--storage", f"grpc://127.0.0.1:{port}", "--workers", "2",
+                            "--n-trials", "4", "--pruner", "none"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+    trials = optuna.load_study(study_name="digits", storage=url).get_trials()
+    assert len(trials) == 4 and all(t.state == State.COMPLETE for t in trials)
