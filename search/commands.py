@@ -118,10 +118,11 @@ class _NoExpectedTracebacks:
         from trainer.config import ConfigError
 
         if record.exc_info and record.exc_info[0] is not None:
+            from trainer.data import DataError
             from trainer.loop import Diverged
 
-            if issubclass(record.exc_info[0], Diverged | Interrupted | ConfigError
-                          | KeyboardInterrupt):
+            if issubclass(record.exc_info[0], Diverged | Interrupted | ConfigError | DataError
+                          | UserError | KeyboardInterrupt):
                 record.exc_info, record.exc_text = None, None
         return True
 
@@ -166,6 +167,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         "epochs": args.epochs, "dataset": args.dataset, "data_root": args.data_root,
         "seed": args.seed, "device": args.device, "precision": args.precision,
     }.items() if v is not None})
+
+    from trainer.data import ensure_available
+
+    # a missing dataset is one line before the study starts, not a failed trial
+    ensure_available(overrides.get("dataset", space.fixed.get("dataset", "cifar100")),
+                     overrides.get("data_root", space.fixed.get("data_root")))
 
     def pick(flag, key, default):
         return flag if flag is not None else options.get(key, default)

@@ -163,3 +163,11 @@ def test_diverged_trial_fails_with_reason_and_the_study_goes_on(cli, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(trials[1.0].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["reason"].startswith("diverged")
+
+
+def test_missing_dataset_stops_before_the_study_starts(cli, tmp_path):
+    r = cli("run", "--space", "adamw", "--n-trials", "1", "--data-root", str(tmp_path / "none"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar-100-python" in lines[0]
+    assert not (tmp_path / "search-journal.log").exists()  # no study, no failed trial

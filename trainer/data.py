@@ -56,7 +56,8 @@ def _read_cifar_pickle(path: Path) -> Arrays:
     return Arrays(data, np.asarray(entry[b"fine_labels"], dtype=np.int64))
 
 
-def load_cifar100(root: Path, download: bool = True) -> Dataset:
+def locate_cifar100(root: Path, download: bool = True) -> list[Path]:
+    """The official files under `root` (downloaded when absent); a clear DataError otherwise."""
     folder = Path(root) / CIFAR_FOLDER
     files = [folder / name for name in ("train", "test", "meta")]
     if not all(f.is_file() for f in files) and download:
@@ -77,6 +78,12 @@ def load_cifar100(root: Path, download: bool = True) -> Dataset:
             f"CIFAR-100 folder {folder} lacks {', '.join(missing)}; expected the official "
             f"{CIFAR_FOLDER}/ folder with train, test and meta"
         )
+    return files
+
+
+def load_cifar100(root: Path, download: bool = True) -> Dataset:
+    files = locate_cifar100(root, download)
+    folder = files[0].parent
     try:
         return Dataset(_read_cifar_pickle(files[0]), _read_cifar_pickle(files[1]), 100)
     except Exception as exc:
@@ -122,6 +129,14 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     if name == "synthetic":
         return make_synthetic()
     raise DataError(f"dataset: unknown {name!r}; expected cifar100, digits or synthetic")
+
+
+def ensure_available(name: str, root: str | Path | None = None) -> None:
+    """Checks (and for CIFAR-100 fetches) a dataset before a study starts its first trial."""
+    from trainer.config import default_data_root
+
+    if name == "cifar100":
+        locate_cifar100(Path(root) if root else default_data_root())
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, split_seed: int):
