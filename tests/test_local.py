@@ -62,3 +62,24 @@ def test_k4_h8_learns_digits(cli):
     out = json.loads(r.stdout.splitlines()[-1])
     assert out["best_val_acc"] >= 0.85
     assert out["history"][-1]["comm_rounds"] == 8 * 18 // 8
+
+
+def test_local_run_resumes_from_a_checkpoint_exactly():
+    import io
+
+    config = TrainConfig(dataset="digits", optimizer="sgdm", epochs=3, augment="flip-crop",
+                         batch_size=64, local_workers=2, local_steps=5, slowmo_beta=0.5,
+                         slowmo_lr=1.0, seed=4)
+    saved = {}
+
+    def keep(state):
+        if state["epoch"] == 1:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            saved["bytes"] = buf.getvalue()
+
+    full = train(config, on_checkpoint=keep)
+    state = torch.load(io.BytesIO(saved["bytes"]), weights_only=True)
+    resumed = train(config, resume=state)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+    assert [h["comm_rounds"] for h in resumed.history] == [h["comm_rounds"] for h in full.history]

@@ -24,7 +24,16 @@ from sklearn.model_selection import StratifiedKFold
 from torch.func import functional_call, grad_and_value, vmap
 
 from trainer.augment import Augment
-from trainer.loop import EpochCallback, Setup, TrainResult, autocast, check_divergence, evaluate, set_lr
+from trainer.loop import (
+    CheckpointCallback,
+    EpochCallback,
+    Setup,
+    TrainResult,
+    autocast,
+    check_divergence,
+    evaluate,
+    set_lr,
+)
 from trainer.model import LeNet5
 from trainer.optim import build_optimizer
 from trainer.schedule import lr_at
@@ -65,7 +74,10 @@ class SlowMo:
             stacked.copy_(new.expand_as(stacked))
 
 
-def train_local(setup: Setup, on_epoch: EpochCallback | None = None) -> TrainResult:
+def train_local(setup: Setup, on_epoch: EpochCallback | None = None,
+                resume: dict[str, Any] | None = None,
+                on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
+    """The local-methods loop; `resume` / `on_checkpoint` as in `trainer.train`."""
     config, device, precision, gen = setup.config, setup.device, setup.precision, setup.generator
     k, h = config.local_workers, config.local_steps
     local_batch = config.batch_size // k
@@ -89,9 +101,19 @@ def train_local(setup: Setup, on_epoch: EpochCallback | None = None) -> TrainRes
         return loss, logits
 
     worker_step = vmap(grad_and_value(loss_fn, has_aux=True))
-    result, step, rounds = TrainResult(), 0, 0
+    result, step, rounds, first = TrainResult(), 0, 0, 0
+    if resume is not None:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(resume["params"][name])
+        optimizer.load_state_dict(resume["optimizer"])
+        outer.sync, outer.u = dict(resume["slowmo_sync"]), dict(resume["slowmo_u"])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["rng_cpu"])
+        result.history = list(resume["history"])
+        first, step, rounds = int(resume["epoch"]), int(resume["step"]), int(resume["rounds"])
     eval_model = LeNet5(setup.num_classes).to(device, memory_format=torch.channels_last)
-    for epoch in range(config.epochs):
+    for epoch in range(first, config.epochs):
         lr = set_lr(optimizer, config, epoch)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -130,4 +152,10 @@ def train_local(setup: Setup, on_epoch: EpochCallback | None = None) -> TrainRes
         if on_epoch is not None and on_epoch(metrics):
             result.stopped_early = True
             break
+        if on_checkpoint is not None:
+            on_checkpoint({"epoch": epoch + 1, "step": step, "rounds": rounds,
+                           "params": {n: p.detach() for n, p in params.items()},
+                           "optimizer": optimizer.state_dict(), "slowmo_sync": outer.sync,
+                           "slowmo_u": outer.u, "generator": gen.get_state(),
+                           "rng_cpu": torch.get_rng_state(), "history": result.history})
     return result

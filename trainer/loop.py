@@ -205,7 +205,7 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None, holdout: s
     if config.local_workers > 1 or config.local_steps > 1:
         from trainer.local import train_local
 
-        return train_local(setup, on_epoch)
+        return train_local(setup, on_epoch, resume, on_checkpoint)
     device, precision, gen = setup.device, setup.precision, setup.generator
     model = LeNet5(setup.num_classes).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model.parameters(), lr_at(config, 0))
