@@ -18,7 +18,7 @@ from search.checkpoints import CheckpointStore
 from search.commands import PRUNERS, SAMPLERS
 from search.errors import UserError
 from search.recovery import STOP, Interrupted, RetryDeadTrial, chain_root, mark_worker
-from search.space import Space, SpaceError, parse_space
+from search.space import Space, parse_space
 from search.storage import open_storage
 from search.tracking import RUN_ATTR, Tracker
 from trainer import Diverged, TrainConfig, train
@@ -239,4 +239,3 @@ class Objective:
 
 # Exceptions that fail one trial and let the study go on; anything else ends the worker.
 TRIAL_FAILURES = (Diverged, ConfigError)
-__all__ = ["SpaceError"]
