@@ -177,8 +177,13 @@ def run_study(spec: RunSpec, workers: int = 1) -> optuna.Study:
                      for i, n in enumerate(shares(spec.n_trials, workers))]
             for p in procs:
                 p.start()
-            for p in procs:
-                p.join()
+            try:
+                for p in procs:
+                    p.join()
+            except KeyboardInterrupt:  # the workers got the signal too: let them save and stop
+                for p in procs:
+                    p.join(timeout=600)
+                raise
             bad = [p.exitcode for p in procs if p.exitcode]
             if bad:
                 raise UserError(f"{len(bad)} of {workers} workers failed (exit codes {bad})")
