@@ -1,46 +1,47 @@
-"""Local methods: K=1, H=1 is the centralised run; averaging and SlowMo by hand; K=4, H=8
-learns digits."""
+"""Local methods: averaging and SlowMo by hand, per trial of a pack; K=4, H=8 learns digits;
+a local run resumes exactly."""
 
 import numpy as np
-import pytest
 import torch
 
 from trainer import TrainConfig, train
-from trainer.local import SlowMo, shards, train_local
-from trainer.loop import prepare
+from trainer.local import average_workers, shards
 
 
-def test_k1_h1_reproduces_the_centralised_run():
-    config = TrainConfig(dataset="digits", optimizer="sgdm", epochs=2, augment="final", seed=3)
-    central = train(config)
-    local = train_local(prepare(config))  # the batched K-worker path, forced with K = 1
-    for a, b in zip(central.history, local.history, strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
-    assert [h["comm_rounds"] for h in local.history] == [18, 36]  # ceil(1149 / 64) per epoch
+def _slowmo_step(params, beta, alpha, gamma, sync, u):
+    average_workers(params, params["w"].shape[0], beta, alpha, torch.tensor([gamma]), sync, u)
 
 
 def test_averaging_by_hand():
-    params = {"w": torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]])}  # K = 3 copies
-    SlowMo(params, beta=0.0, alpha=1.0).step(params, inner_lr=0.1)
+    params = {"w": torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]])}  # one trial, K = 3 copies
+    _slowmo_step(params, 0.0, 1.0, 0.1, {}, {})
     torch.testing.assert_close(params["w"], torch.tensor([[3.0, 3.0]] * 3))
 
 
 def test_slowmo_by_hand():
-    start = torch.tensor([[1.0, -1.0], [1.0, -1.0]])  # K = 2, synced at x0 = (1, -1)
-    params = {"w": start.clone()}
-    outer = SlowMo(params, beta=0.5, alpha=2.0)
-    gamma = 0.1
-    params["w"] = torch.tensor([[0.8, -1.2], [0.6, -0.6]])  # after local steps: mean (0.7, -0.9)
-    outer.step(params, gamma)
+    sync, u = {"w": torch.tensor([[1.0, -1.0]])}, {"w": torch.zeros(1, 2)}  # synced at (1, -1)
+    gamma, beta, alpha = 0.1, 0.5, 2.0
+    params = {"w": torch.tensor([[0.8, -1.2], [0.6, -0.6]])}  # after local steps: mean (0.7, -0.9)
+    _slowmo_step(params, beta, alpha, gamma, sync, u)
     # u1 = 0.5 * 0 + (x0 - avg) / gamma = (3, -1); x1 = x0 - alpha * gamma * u1 = (0.4, -0.8)
-    torch.testing.assert_close(outer.u["w"], torch.tensor([3.0, -1.0]))
+    torch.testing.assert_close(u["w"], torch.tensor([[3.0, -1.0]]))
     torch.testing.assert_close(params["w"], torch.tensor([[0.4, -0.8]] * 2))
     params["w"] = torch.tensor([[0.3, -0.8], [0.3, -0.6]])  # mean (0.3, -0.7)
-    outer.step(params, gamma)
+    _slowmo_step(params, beta, alpha, gamma, sync, u)
     # u2 = 0.5 * (3, -1) + ((0.4, -0.8) - (0.3, -0.7)) / 0.1 = (2.5, -1.5); x2 = x1 - 0.2 * u2
-    torch.testing.assert_close(outer.u["w"], torch.tensor([2.5, -1.5]))
+    torch.testing.assert_close(u["w"], torch.tensor([[2.5, -1.5]]))
     torch.testing.assert_close(params["w"], torch.tensor([[-0.1, -0.5]] * 2))
+
+
+def test_only_the_due_trials_of_a_pack_average():
+    """Two packed trials of K = 2 whose H-step counters are out of phase: one averages."""
+    params = {"w": torch.tensor([[1.0], [3.0], [5.0], [9.0]])}  # trial 0 rows 0-1, trial 1 rows 2-3
+    sync, u = {"w": torch.tensor([[2.0], [7.0]])}, {"w": torch.zeros(2, 1)}
+    average_workers(params, 2, 0.5, 1.0, torch.tensor([0.1, 0.1]), sync, u,
+                    due=torch.tensor([False, True]))
+    torch.testing.assert_close(params["w"][:2], torch.tensor([[1.0], [3.0]]))  # untouched
+    torch.testing.assert_close(params["w"][2:], torch.tensor([[7.0], [7.0]]))  # mean 7, no drift
+    torch.testing.assert_close(sync["w"], torch.tensor([[2.0], [7.0]]))
 
 
 def test_shards_iid_are_stratified_and_noniid_split_classes():

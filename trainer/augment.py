@@ -49,15 +49,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen, device=device) * (high - low) + low
-
-
-def _randint(n: int, low: int, high: int, gen: torch.Generator, device) -> torch.Tensor:
-    """Integers in [low, high), as floats."""
-    return torch.randint(low, high, (n,), generator=gen, device=device).float()
-
-
 def _eye(n: int, device) -> torch.Tensor:
     return torch.eye(3, device=device).expand(n, 3, 3).clone()
 
@@ -108,7 +99,7 @@ def perspective_matrix(startpoints: torch.Tensor, endpoints: torch.Tensor, size:
     a[:, 1::2, 3], a[:, 1::2, 4], a[:, 1::2, 5] = ex, ey, one
     a[:, 1::2, 6], a[:, 1::2, 7] = -sy * ex, -sy * ey
     b = s.reshape(n, 8)
-    c = torch.linalg.solve(a, b).float()
+    c = torch.linalg.solve_ex(a, b)[0].float()  # solve_ex: no host sync for an error check
     h = torch.cat([c, torch.ones(n, 1, device=c.device)], dim=1).reshape(n, 3, 3)
     half = size / 2
     to_edge = _eye(n, c.device)
@@ -118,17 +109,20 @@ def perspective_matrix(startpoints: torch.Tensor, endpoints: torch.Tensor, size:
     return to_centre @ h @ to_edge
 
 
-def random_perspective_points(n: int, size: int, distortion: float, gen, device):
-    """RandomPerspective.get_params per sample: (startpoints, endpoints), each (n, 4, 2)."""
+def perspective_endpoints(u: torch.Tensor, size: int, distortion: float) -> torch.Tensor:
+    """RandomPerspective.get_params per sample from 8 uniforms each: (n, 4, 2) end corners."""
     half = size // 2
     bound = int(distortion * half) + 1
-    lo = lambda: _randint(n, 0, bound, gen, device)  # noqa: E731
-    hi = lambda: _randint(n, size - bound, size, gen, device)  # noqa: E731
-    end = torch.stack([torch.stack([lo(), lo()], 1), torch.stack([hi(), lo()], 1),
-                       torch.stack([hi(), hi()], 1), torch.stack([lo(), hi()], 1)], dim=1)
-    start = torch.tensor([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]],
-                         dtype=torch.float32, device=device).expand(n, 4, 2)
-    return start, end
+    lo = torch.floor(u * bound)  # randint(0, bound)
+    hi = size - bound + lo  # randint(size - bound, size)
+    pick = [(lo, lo), (hi, lo), (hi, hi), (lo, hi)]
+    return torch.stack([torch.stack([a[:, 2 * i], b[:, 2 * i + 1]], 1)
+                        for i, (a, b) in enumerate(pick)], dim=1)
+
+
+def perspective_startpoints(n: int, size: int, device) -> torch.Tensor:
+    return torch.tensor([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]],
+                        dtype=torch.float32, device=device).expand(n, 4, 2)
 
 
 def _merge_exact(stages: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -208,13 +202,17 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return maxc.unsqueeze(-3) - span.unsqueeze(-3) * weight
 
 
-def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                  sync_free: bool | None = None) -> torch.Tensor:
     """`factors` (B, 4): brightness, contrast, saturation, hue shift; `order` (B, 4) a permutation
     per sample, as ColorJitter draws one. Round r applies op order[:, r] to each sample.
 
     Brightness, contrast and saturation are all clamp(f*x + (1-f)*G) with G = 0, the image's
     mean grey, or the pixel's grey: one fused blend per round covers the three, with f = 1
-    (identity) for samples whose op this round is hue; hue runs on just its samples."""
+    (identity) for samples whose op this round is hue. On the CPU hue runs on just its samples;
+    `sync_free` (default: off the CPU) runs it on all and selects, so no host sync happens."""
+    if sync_free is None:
+        sync_free = x.device.type != "cpu"
     n = len(x)
     rows = torch.arange(n, device=x.device)
     for r in range(4):
@@ -225,64 +223,78 @@ def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -
         target = torch.where((op == 1).view(n, 1, 1, 1), mean,
                              torch.where((op == 2).view(n, 1, 1, 1), grey, 0.0))
         x = (f * x + (1 - f) * target).clamp_(0, 1)
-        hue_rows = (op == 3).nonzero().squeeze(1)
-        if len(hue_rows):
-            x[hue_rows] = adjust_hue(x[hue_rows], factors[hue_rows, 3])
+        is_hue = op == 3
+        if not sync_free:  # the few hue rows only; a host sync costs nothing on the CPU
+            hue_rows = is_hue.nonzero().squeeze(1)
+            if len(hue_rows):
+                x[hue_rows] = adjust_hue(x[hue_rows], factors[hue_rows, 3])
+        else:  # accelerators: every row, then select; no data-dependent shape, no sync
+            x = torch.where(is_hue.view(n, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
     return x
 
 
 class Augment:
-    """Callable turning a uint8 (B, 3, H, W) batch into a normalised float batch, with random
-    parameters drawn per sample from `generator` (on the images' device)."""
+    """A preset's augmentation in two parts, so that packed trials share one pass:
+    `draw(n, generator)` takes all random numbers of n samples from one trial's generator as an
+    (n, width) tensor of uniforms (one kernel); `apply(images, u)` turns a uint8 (B, 3, H, W)
+    batch into a normalised float batch using those draws, for any number of trials at once."""
 
-    def __init__(self, preset: str | Preset, generator: torch.Generator):
+    def __init__(self, preset: str | Preset):
         self.preset = PRESETS[preset] if isinstance(preset, str) else preset
-        self.gen = generator
+        p = self.preset
+        widths = {"flip": int(p.flip), "rotation": int(bool(p.rotation)),
+                  "crop": 2 * int(bool(p.crop_padding)), "translate": 2 * int(bool(p.translate)),
+                  "perspective": 9 * int(bool(p.perspective)), "jitter": 8 * int(bool(p.jitter))}
+        self.slices, at = {}, 0
+        for name, w in widths.items():
+            self.slices[name] = slice(at, at + w)
+            at += w
+        self.width = at
 
-    def sample_geometry(self, n: int, size: int, device) -> list[torch.Tensor]:
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(n, self.width, generator=generator, device=generator.device)
+
+    def geometry(self, u: torch.Tensor, size: int) -> list[torch.Tensor]:
         """Per-sample matrices of the preset's geometric ops, in the order they apply."""
-        p, g = self.preset, self.gen
-        stages = []
+        p, n, stages = self.preset, len(u), []
+        part = {k: u[:, s] for k, s in self.slices.items()}
         if p.flip:
-            stages.append(flip_matrix(torch.rand(n, generator=g, device=device) < 0.5))
+            stages.append(flip_matrix(part["flip"][:, 0] < 0.5))
         if p.rotation:
-            stages.append(rotation_matrix(_uniform(n, -p.rotation, p.rotation, g, device)))
+            stages.append(rotation_matrix(part["rotation"][:, 0] * (2 * p.rotation) - p.rotation))
         if p.crop_padding:
-            span = 2 * p.crop_padding + 1
-            top, left = _randint(n, 0, span, g, device), _randint(n, 0, span, g, device)
-            stages.append(crop_matrix(top, left, p.crop_padding))
+            top_left = torch.floor(part["crop"] * (2 * p.crop_padding + 1))
+            stages.append(crop_matrix(top_left[:, 0], top_left[:, 1], p.crop_padding))
         if p.translate:
             limit = p.translate * size
-            dx = torch.round(_uniform(n, -limit, limit, g, device))
-            dy = torch.round(_uniform(n, -limit, limit, g, device))
-            stages.append(translation_matrix(dx, dy))
+            d = torch.round(part["translate"] * (2 * limit) - limit)
+            stages.append(translation_matrix(d[:, 0], d[:, 1]))
         if p.perspective:
-            start, end = random_perspective_points(n, size, p.perspective, g, device)
-            persp = perspective_matrix(start, end, size)
-            apply = torch.rand(n, generator=g, device=device) < p.perspective_p
-            stages.append(torch.where(apply.view(-1, 1, 1), persp, _eye(n, device)))
+            draws = part["perspective"]
+            end = perspective_endpoints(draws[:, :8], size, p.perspective)
+            persp = perspective_matrix(perspective_startpoints(n, size, u.device), end, size)
+            apply = (draws[:, 8] < p.perspective_p).view(-1, 1, 1)
+            stages.append(torch.where(apply, persp, _eye(n, u.device)))
         return _merge_exact(stages)
 
-    def sample_colour(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        b, c, s, h = self.preset.jitter
-        g = self.gen
-        factors = torch.stack([
-            _uniform(n, max(0.0, 1 - b), 1 + b, g, device),
-            _uniform(n, max(0.0, 1 - c), 1 + c, g, device),
-            _uniform(n, max(0.0, 1 - s), 1 + s, g, device),
-            _uniform(n, -h, h, g, device),
-        ], dim=1)
-        order = torch.argsort(torch.rand(n, 4, generator=g, device=device), dim=1)
-        return factors, order
+    def colour(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(factors (n, 4): brightness, contrast, saturation, hue shift; order (n, 4))."""
+        draws = u[:, self.slices["jitter"]]
+        ranges = [(max(0.0, 1 - j), 1 + j) for j in self.preset.jitter[:3]]
+        ranges.append((-self.preset.jitter[3], self.preset.jitter[3]))
+        factors = torch.stack([draws[:, i] * (hi - lo) + lo for i, (lo, hi) in enumerate(ranges)], 1)
+        return factors, torch.argsort(draws[:, 4:], dim=1)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255)
-        n, size = x.shape[0], x.shape[-1]
         if self.preset.geometric:
-            x = warp(x, self.sample_geometry(n, size, x.device))
+            x = warp(x, self.geometry(u, x.shape[-1]))
         if self.preset.jitter:
-            x = colour_jitter(x, *self.sample_colour(n, x.device))
+            x = colour_jitter(x, *self.colour(u))
         return normalize(x)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(images, self.draw(len(images), generator))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

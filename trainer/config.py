@@ -132,3 +132,16 @@ class TrainConfig:
 def field_types() -> dict[str, str]:
     """Setting name -> its annotated type as text (`'float | None'`), for schema checks."""
     return {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+
+
+# Settings that may differ between trials of one pack: they live in per-trial tensors (the
+# optimiser's hyperparameters, the lr schedule) or per-trial state (the seed). Every other
+# setting changes shapes or the step, so trials must agree on it to share a pack.
+PER_TRIAL = ("lr", "momentum", "beta2", "weight_decay", "trust_coefficient", "lamb_clamp",
+             "schedule", "t_max", "warmup_epochs", "lr_scaling", "base_batch_size", "seed",
+             "diverge_factor")
+
+
+def pack_key(config: TrainConfig) -> tuple:
+    """Trials with equal keys can be trained together as one stacked model."""
+    return tuple((k, v) for k, v in sorted(config.to_dict().items()) if k not in PER_TRIAL)

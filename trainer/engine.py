@@ -1,0 +1,307 @@
+"""The stacked engine: one or many trials (each of K local workers) trained as ONE model.
+
+Every parameter is one tensor of R = P*K rows (P trials in the pack, K local workers per
+trial; a plain run is P = K = 1). A step draws each trial's batch by its own data order and its
+own augmentation draws, augments all R batches in one pass, runs the rows through LeNet-5 with
+`torch.func.vmap` over `functional_call` (a single row skips vmap), backpropagates the sum of
+the rows' losses (rows are independent, so each gets its own gradient) and applies the stacked
+optimiser, whose hyperparameters are per-row tensors. Nothing in an epoch's steps reads a
+value back to the host; metrics are read once per epoch.
+
+Trials join and leave only between epochs (`add`, `remove`, then the next `run_epoch`
+restacks); each trial keeps its own generator, epoch, step and round counters, schedule and
+optimiser state, so a trial's numbers do not depend on who shares its pack. `state(member)`
+is a trial's checkpoint, the same whether it ran packed or alone; `add(config, resume=state)`
+continues it in any pack.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from trainer.augment import Augment, prepare_eval
+from trainer.config import TrainConfig, pack_key
+from trainer.local import average_workers, plain, shards
+from trainer.model import LeNet5
+from trainer.runtime import Setup, autocast
+from trainer.schedule import lr_at
+from trainer.stacked_optim import HYPER, StackedOptimizer
+
+EVAL_BATCH = 1024
+CHECKPOINT_FORMAT = 2
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite, or far above the chance loss."""
+
+    def __init__(self, epoch: int, loss: float):
+        what = "is not finite" if not math.isfinite(loss) else f"is {loss:.3g}"
+        super().__init__(f"diverged at epoch {epoch}: training loss {what}")
+        self.epoch, self.loss = epoch, loss
+
+
+def divergence(config: TrainConfig, epoch: int, loss: float, num_classes: int) -> Diverged | None:
+    """Diverged for a non-finite loss or one above diverge_factor x ln(classes), else None."""
+    if not math.isfinite(loss) or loss > config.diverge_factor * math.log(num_classes):
+        return Diverged(epoch, loss)
+    return None
+
+
+@dataclass(eq=False)
+class Member:
+    """One trial in the engine: its settings, random stream and progress."""
+
+    config: TrainConfig
+    generator: torch.Generator
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimiser steps done (local methods average every H of them)
+    rounds: int = 0  # communication rounds done (local methods)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, Any] | None = None  # tensors to stack in at the next epoch
+    row: int | None = None  # index among the stacked trials, once stacked
+
+
+class Engine:
+    """Trials sharing `setup` (one dataset, device and shape: see `config.pack_key`)."""
+
+    def __init__(self, setup: Setup):
+        c = setup.config
+        self.setup, self.key = setup, pack_key(c)
+        self.k, self.h = c.local_workers, c.local_steps
+        self.local = self.k > 1 or self.h > 1
+        self.beta, self.alpha = c.slowmo_beta, c.slowmo_lr
+        self.model = LeNet5(setup.num_classes).to(setup.device)  # a template for functional_call
+        self.augment = Augment(c.augment)
+        labels = setup.train.y.cpu().numpy()
+        self.worker_idx = [torch.as_tensor(s, device=setup.device)
+                           for s in shards(labels, self.k, c.local_partition, c.split_seed)]
+        self.shortest = min(len(s) for s in self.worker_idx)
+        self.local_batch = c.batch_size // self.k
+        self.steps_per_epoch = math.ceil(self.shortest / self.local_batch)
+        self.members: list[Member] = []
+        self.params: dict[str, torch.Tensor] = {}
+        self.optimizer: StackedOptimizer | None = None
+        self.sync: dict[str, torch.Tensor] = {}
+        self.u: dict[str, torch.Tensor] = {}
+        self._restack_needed = False
+
+    # --- membership ---
+
+    def add(self, config: TrainConfig, resume: dict[str, Any] | None = None) -> Member:
+        """A trial joins at the next epoch; `resume` is a checkpoint from `state`."""
+        if pack_key(config) != self.key:
+            raise ValueError("this trial's shape settings differ from the pack's (see pack_key)")
+        gen = torch.Generator(device=self.setup.device)
+        gen.manual_seed(config.seed)
+        member = Member(config, gen)
+        if resume is None:
+            member.pending = self._fresh(config)
+        else:
+            if resume.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("checkpoint from another version of the trainer")
+            member.pending = {k: resume[k] for k in ("params", "optimizer", "slowmo_sync",
+                                                     "slowmo_u")}
+            gen.set_state(resume["generator"])
+            member.epoch, member.step = int(resume["epoch"]), int(resume["step"])
+            member.rounds, member.history = int(resume["rounds"]), list(resume["history"])
+        self.members.append(member)
+        self._restack_needed = True
+        return member
+
+    def remove(self, member: Member) -> None:
+        """The trial leaves (pruned, finished, failed); the others go on at the next epoch."""
+        for m in self.members:
+            if m.pending is None and m is not member:
+                m.pending = self._tensors(m.row)  # views; restacking copies them
+        self.members.remove(member)
+        self._restack_needed = True
+
+    def _fresh(self, config: TrainConfig) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            init = LeNet5(self.setup.num_classes)
+        dev, k = self.setup.device, self.k
+        params = {n: p.detach().to(dev).unsqueeze(0).repeat(k, *[1] * p.ndim)
+                  for n, p in init.named_parameters()}
+        keep_outer = self.local and not plain(self.beta, self.alpha)
+        return {
+            "params": params,
+            "optimizer": StackedOptimizer(config.optimizer, params, {}).state_rows(slice(None)),
+            "slowmo_sync": {n: p[0].clone() for n, p in params.items()} if keep_outer else {},
+            "slowmo_u": {n: torch.zeros_like(p[0]) for n, p in params.items()} if keep_outer else {},
+        }
+
+    def _tensors(self, row: int) -> dict[str, Any]:
+        rows = slice(row * self.k, (row + 1) * self.k)
+        return {"params": {n: t[rows].detach() for n, t in self.params.items()},
+                "optimizer": self.optimizer.state_rows(rows),
+                "slowmo_sync": {n: t[row] for n, t in self.sync.items()},
+                "slowmo_u": {n: t[row] for n, t in self.u.items()}}
+
+    def _restack(self) -> None:
+        dev = self.setup.device
+        states = [m.pending if m.pending is not None else self._tensors(m.row)
+                  for m in self.members]
+        self.params = {n: torch.cat([s["params"][n].detach().to(dev) for s in states]).requires_grad_()
+                       for n in states[0]["params"]}
+        self.sync = {n: torch.stack([s["slowmo_sync"][n].to(dev) for s in states])
+                     for n in states[0]["slowmo_sync"]}
+        self.u = {n: torch.stack([s["slowmo_u"][n].to(dev) for s in states])
+                  for n in states[0]["slowmo_u"]}
+        self.optimizer = StackedOptimizer(self.setup.config.optimizer, self.params,
+                                          self._per_row())
+        self.optimizer.load_rows([s["optimizer"] for s in states])
+        for i, m in enumerate(self.members):
+            m.row, m.pending = i, None
+        self._restack_needed = False
+
+    def _per_row(self) -> dict[str, torch.Tensor]:
+        """{hyperparameter: (R,) tensor} of the members' settings, repeated over K workers
+        (`lr` is set from each trial's schedule at every epoch)."""
+        names = [n for n in HYPER[self.setup.config.optimizer] if n != "lr"]
+        return {name: torch.tensor([float(getattr(m.config, name)) for m in self.members
+                                    for _ in range(self.k)], device=self.setup.device)
+                for name in names}
+
+    def state(self, member: Member) -> dict[str, Any]:
+        """The trial's checkpoint after its last epoch: tensors (copied) and plain data."""
+        tensors = member.pending if member.pending is not None else self._tensors(member.row)
+
+        def copy(tree):
+            if isinstance(tree, dict):
+                return {k: copy(v) for k, v in tree.items()}
+            return tree.detach().clone()
+
+        return {"format": CHECKPOINT_FORMAT, "epoch": member.epoch, "step": member.step,
+                "rounds": member.rounds, "history": list(member.history),
+                "generator": member.generator.get_state(), **copy(tensors)}
+
+    # --- one epoch of every member ---
+
+    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        with autocast(self.setup.device, self.setup.precision):
+            logits = functional_call(self.model, params, (x,))
+        return F.cross_entropy(logits.float(), y), logits
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor):
+        """Per-row mean losses (R,) and logits (R, b, classes)."""
+        if len(x) == 1:
+            loss, logits = self._loss({n: p[0] for n, p in self.params.items()},
+                                      x[0].contiguous(memory_format=torch.channels_last), y[0])
+            return loss.unsqueeze(0), logits.unsqueeze(0)
+        return vmap(self._loss)(self.params, x, y)
+
+    def _average_plan(self) -> list[Any]:
+        """Per step of the coming epoch: False (no trial averages), None (all do) or a (P,)
+        bool mask; built before the steps so that none of them copies data to the device."""
+        plan, masks = [], {}
+        for s in range(self.steps_per_epoch):
+            due = tuple((m.step + s + 1) % self.h == 0 for m in self.members)
+            if not any(due):
+                plan.append(False)
+            elif all(due):
+                plan.append(None)
+            else:
+                if due not in masks:
+                    masks[due] = torch.tensor(due, device=self.setup.device)
+                plan.append(masks[due])
+        return plan
+
+    def run_epoch(self) -> list[tuple[Member, dict[str, Any] | None, Diverged | None]]:
+        """Trains every member for one epoch and evaluates it; returns (member, metrics,
+        error) per member, error being Diverged for a trial whose loss blew up."""
+        if not self.members:
+            return []
+        if self._restack_needed:
+            self._restack()
+        members, setup, dev = self.members, self.setup, self.setup.device
+        p_count, k = len(members), self.k
+        r_count = p_count * k
+        lrs = [lr_at(m.config, m.epoch) for m in members]
+        self.optimizer.hyper["lr"] = torch.tensor([lr for lr in lrs for _ in range(k)], device=dev)
+        inner_lr = torch.tensor(lrs, device=dev)
+        plan = self._average_plan() if self.local else []
+        start = time.perf_counter()
+        perms = torch.stack([
+            torch.stack([s[torch.randperm(len(s), generator=m.generator, device=dev)][:self.shortest]
+                         for s in self.worker_idx])
+            for m in members])  # (P, K, shortest)
+        loss_sum = torch.zeros(r_count, device=dev)
+        correct = torch.zeros(r_count, device=dev, dtype=torch.long)
+        shape = setup.train.x.shape[1:]
+        for s in range(self.steps_per_epoch):
+            lo, hi = s * self.local_batch, min((s + 1) * self.local_batch, self.shortest)
+            b = hi - lo
+            idx = perms[:, :, lo:hi].reshape(-1)
+            draws = [self.augment.draw(k * b, m.generator) for m in members]
+            x = self.augment.apply(setup.train.x[idx], draws[0] if p_count == 1 else torch.cat(draws))
+            x = x.view(r_count, b, *shape)
+            y = setup.train.y[idx].view(r_count, b)
+            losses, logits = self._forward(x, y)
+            losses.sum().backward()
+            self.optimizer.step(self.params, {n: p.grad for n, p in self.params.items()})
+            for p in self.params.values():
+                p.grad = None
+            if self.local and plan[s] is not False:
+                average_workers(self.params, k, self.beta, self.alpha, inner_lr, self.sync,
+                                self.u, plan[s])
+            loss_sum += losses.detach() * b
+            correct += (logits.detach().argmax(-1) == y).sum(-1)
+        seen = k * self.shortest
+        train_loss = loss_sum.view(p_count, k).sum(1).div(seen).tolist()  # the epoch's one sync
+        train_acc = correct.view(p_count, k).sum(1).div(seen).tolist()
+        seconds = time.perf_counter() - start
+        val_loss, val_acc = self.evaluate(setup.val)
+        out = []
+        for i, m in enumerate(members):
+            if self.local:
+                m.rounds += sum(1 for s in range(self.steps_per_epoch)
+                                if (m.step + s + 1) % self.h == 0)
+            m.step += self.steps_per_epoch
+            m.epoch += 1
+            error = divergence(m.config, m.epoch, train_loss[i], setup.num_classes)
+            if error is not None:
+                out.append((m, None, error))
+                continue
+            metrics: dict[str, Any] = {
+                "epoch": m.epoch, "train_loss": train_loss[i], "train_acc": train_acc[i],
+                "val_loss": val_loss[i], "val_acc": val_acc[i], "lr": lrs[i],
+                "seconds": seconds, "images_per_s": seen / seconds}
+            if self.local:
+                metrics["comm_rounds"] = m.rounds
+            m.history.append(metrics)
+            out.append((m, metrics, None))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split) -> tuple[list[float], list[float]]:
+        """(mean losses, accuracies) per member over a split; a trial's K workers are
+        evaluated as their average."""
+        p_count, dev = len(self.members), self.setup.device
+        params = {n: t.view(p_count, self.k, *t.shape[1:]).mean(1) if self.k > 1 else t.detach()
+                  for n, t in self.params.items()}
+        loss_sum = torch.zeros(p_count, device=dev)
+        correct = torch.zeros(p_count, device=dev, dtype=torch.long)
+        chunk = max(128, EVAL_BATCH // p_count)  # bounds activation memory for big packs
+        for i in range(0, len(split), chunk):
+            x = prepare_eval(split.x[i:i + chunk]).contiguous(memory_format=torch.channels_last)
+            y = split.y[i:i + chunk]
+            with autocast(dev, self.setup.precision):
+                if p_count == 1:
+                    logits = functional_call(self.model, {n: p[0] for n, p in params.items()},
+                                             (x,)).unsqueeze(0)
+                else:
+                    logits = vmap(lambda p: functional_call(self.model, p, (x,)))(params)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), y.repeat(p_count),
+                                        reduction="none").view(p_count, -1).sum(1)
+            correct += (logits.argmax(-1) == y).sum(-1)
+        n = max(len(split), 1)
+        return (loss_sum / n).tolist(), (correct.double() / n).tolist()
