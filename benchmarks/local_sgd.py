@@ -11,18 +11,16 @@ from __future__ import annotations
 import argparse
 import math
 
-from trainer import TrainConfig
-from trainer.local import train_local
-from trainer.loop import prepare, tune_malloc
+from trainer import TrainConfig, train
+from trainer.runtime import tune_malloc
 
 
 def step_time(k: int, local_batch: int, epochs: int, augment: str) -> float:
     config = TrainConfig(dataset="synthetic", optimizer="sgdm", epochs=epochs, augment=augment,
                          batch_size=k * local_batch, local_workers=k, local_steps=8,
                          diverge_factor=1e9)
-    setup = prepare(config)
-    result = train_local(setup)
-    shard = len(setup.train) // k
+    result = train(config)
+    shard = round(result.history[0]["images_per_s"] * result.history[0]["seconds"]) // k
     steps = math.ceil(shard / local_batch) * epochs
     return sum(h["seconds"] for h in result.history) / steps
 

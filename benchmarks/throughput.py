@@ -21,10 +21,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+import torch.nn.functional as F
+
 from trainer.augment import Augment, prepare_eval
 from trainer.data import make_synthetic
-from trainer.loop import train_step, tune_malloc
 from trainer.model import LeNet5
+from trainer.runtime import autocast, tune_malloc
 
 NOTES_FINAL = transforms.Compose([  # the notes' section 2.1, verbatim
     transforms.RandomHorizontalFlip(),
@@ -35,6 +37,15 @@ NOTES_FINAL = transforms.Compose([  # the notes' section 2.1, verbatim
     transforms.ToTensor(),
     transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 ])
+
+
+def train_step(model, optimizer, x, y, device, precision):
+    """One plain optimiser step of an nn.Module (the notes' way, and ours without packing)."""
+    with autocast(device, precision):
+        loss = F.cross_entropy(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 class PILDataset(Dataset):
@@ -72,7 +83,8 @@ def our_way(x_dev, y_dev, batches: int, batch: int, precision: str, augment: boo
     model = LeNet5(100).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator(device=device).manual_seed(0)
-    aug = Augment("final", gen) if augment else prepare_eval
+    final = Augment("final")
+    aug = (lambda images: final(images, gen)) if augment else prepare_eval
     n = len(y_dev)
     perm = torch.randperm(n, generator=gen, device=device)
     start = None

@@ -75,9 +75,11 @@ def _close(a, b, rel=1e-4):
         assert abs(hb["val_acc"] - ha["val_acc"]) <= 1.1e-2, (ha, hb)  # 3 of 288
 
 
-def _pack_run(configs, join_at, epochs, resume=None):
-    """Runs configs in one engine; configs[i] joins before epoch join_at[i] (0-based)."""
+def _pack_run(configs, join_at, epochs, resume=None, vmap_rows=True):
+    """Runs configs in one engine; configs[i] joins before epoch join_at[i] (0-based).
+    vmap_rows: the accelerators' batched forward, forced here on the CPU."""
     engine = Engine(prepare(configs[0]))
+    engine.vmap_rows = vmap_rows
     members = {}
     for epoch in range(epochs):
         for i, c in enumerate(configs):
@@ -99,10 +101,12 @@ def test_pack_of_four_matches_each_trial_alone_with_a_late_joiner():
                TrainConfig(**base, lr=0.005, weight_decay=1e-3, momentum=0.95, seed=4,
                            schedule="constant")]
     packed = _pack_run(configs, join_at=[0, 0, 0, 1], epochs=3)  # the 4th fills a slot late
+    looped = _pack_run(configs, join_at=[0, 1, 0, 0], epochs=3, vmap_rows=False)  # CPU default
     for i, c in enumerate(configs):
         alone = train(c).history
         assert len(packed[i]) == 2
         _close(alone, packed[i])
+        _close(alone, looped[i], rel=1e-5)
     assert packed[0][0]["train_loss"] != packed[1][0]["train_loss"]
 
 

@@ -3,7 +3,7 @@
 Every parameter is one tensor of R = P*K rows (P trials in the pack, K local workers per
 trial; a plain run is P = K = 1). A step draws each trial's batch by its own data order and its
 own augmentation draws, augments all R batches in one pass, runs the rows through LeNet-5 with
-`torch.func.vmap` over `functional_call` (a single row skips vmap), backpropagates the sum of
+`torch.func.vmap` over `functional_call` (on the CPU: a loop over the rows), backpropagates the sum of
 the rows' losses (rows are independent, so each gets its own gradient) and applies the stacked
 optimiser, whose hyperparameters are per-row tensors. Nothing in an epoch's steps reads a
 value back to the host; metrics are read once per epoch.
@@ -78,6 +78,10 @@ class Engine:
         self.local = self.k > 1 or self.h > 1
         self.beta, self.alpha = c.slowmo_beta, c.slowmo_lr
         self.model = LeNet5(setup.num_classes).to(setup.device)  # a template for functional_call
+        # vmap runs the rows as one batched (grouped-conv) model: one launch per op for the
+        # whole pack on an accelerator. On the CPU, compute-bound, a loop over the rows with
+        # channels_last convolutions is ~1.5x faster than grouped ones (benchmarks/pack.py).
+        self.vmap_rows = setup.device.type != "cpu"
         self.augment = Augment(c.augment)
         labels = setup.train.y.cpu().numpy()
         self.worker_idx = [torch.as_tensor(s, device=setup.device)
@@ -192,11 +196,14 @@ class Engine:
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor):
         """Per-row mean losses (R,) and logits (R, b, classes)."""
-        if len(x) == 1:
-            loss, logits = self._loss({n: p[0] for n, p in self.params.items()},
-                                      x[0].contiguous(memory_format=torch.channels_last), y[0])
-            return loss.unsqueeze(0), logits.unsqueeze(0)
-        return vmap(self._loss)(self.params, x, y)
+        if self.vmap_rows and len(x) > 1:
+            return vmap(self._loss)(self.params, x, y)
+        # unbind: its backward stacks the rows' gradients in one op (indexing would not)
+        rows = {n: p.unbind(0) for n, p in self.params.items()}
+        out = [self._loss({n: r[i] for n, r in rows.items()},
+                          x[i].contiguous(memory_format=torch.channels_last), y[i])
+               for i in range(len(x))]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
     def _average_plan(self) -> list[Any]:
         """Per step of the coming epoch: False (no trial averages), None (all do) or a (P,)
@@ -294,11 +301,12 @@ class Engine:
             x = prepare_eval(split.x[i:i + chunk]).contiguous(memory_format=torch.channels_last)
             y = split.y[i:i + chunk]
             with autocast(dev, self.setup.precision):
-                if p_count == 1:
-                    logits = functional_call(self.model, {n: p[0] for n, p in params.items()},
-                                             (x,)).unsqueeze(0)
-                else:
+                if self.vmap_rows and p_count > 1:
                     logits = vmap(lambda p: functional_call(self.model, p, (x,)))(params)
+                else:
+                    logits = torch.stack([
+                        functional_call(self.model, {n: p[i] for n, p in params.items()}, (x,))
+                        for i in range(p_count)])
             logits = logits.float()
             loss_sum += F.cross_entropy(logits.flatten(0, 1), y.repeat(p_count),
                                         reduction="none").view(p_count, -1).sum(1)
