@@ -17,11 +17,10 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-
-import torch.nn.functional as F
 
 from trainer.augment import Augment, prepare_eval
 from trainer.data import make_synthetic

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 DEFAULT_DIR = "checkpoints"
+CHECKPOINT_FORMAT = 2  # trainer.engine.CHECKPOINT_FORMAT (not imported: keeps torch lazy here)
 
 
 class CheckpointStore:
@@ -44,7 +45,9 @@ class CheckpointStore:
         path = self.path(chain_root)
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # an older trainer's layout cannot be continued: the retry starts afresh
+        return state if state.get("format") == CHECKPOINT_FORMAT else None
 
     def remove(self, chain_root: int) -> None:
         if not self.keep:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import optuna
 
+from search.algorithms import PRUNERS, SAMPLERS
 from search.errors import UserError
+from search.logs import quiet_libraries
 from search.space import load_space
 from search.storage import open_storage, redact, storage_url
 from trainer.config import DATASETS, PRECISIONS
-
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
-PRUNERS = ("median", "hyperband", "sha", "none")
 
 State = optuna.trial.TrialState
 
@@ -41,6 +39,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--pruner-warmup-epochs", type=int,
                    help="median pruner: epochs of a trial before it can be pruned (default 0)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--pack", type=int, help="trials each worker trains together as one stacked "
+                   "model (default: the study file's, else 1)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
@@ -109,40 +109,6 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_dashboard)
 
 
-class _NoExpectedTracebacks:
-    """Optuna logs a failed trial with its traceback; for the failures we expect and explain in
-    one line (divergence, a stop, an impossible combination) keep just Optuna's line."""
-
-    def filter(self, record) -> bool:
-        from search.recovery import Interrupted
-        from trainer.config import ConfigError
-
-        if record.exc_info and record.exc_info[0] is not None:
-            from trainer.data import DataError
-            from trainer.loop import Diverged
-
-            if issubclass(record.exc_info[0], Diverged | Interrupted | ConfigError | DataError
-                          | UserError | KeyboardInterrupt):
-                record.exc_info, record.exc_text = None, None
-        return True
-
-
-def quiet_libraries() -> None:
-    """Our bars and one-line messages replace Optuna's and MLflow's INFO chatter."""
-    import logging
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-    optuna_logger = logging.getLogger("optuna")
-    if not any(isinstance(f, _NoExpectedTracebacks) for f in optuna_logger.filters):
-        for handler in optuna_logger.handlers:
-            handler.addFilter(_NoExpectedTracebacks())
-        optuna_logger.addFilter(_NoExpectedTracebacks())
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from search.study import RunSpec
     from search.studyfile import is_study_file, load_study_file
@@ -190,8 +156,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         n_trials=n_trials, timeout=timeout, overrides=overrides, mlflow_uri=args.mlflow_uri,
         seed=args.seed, fixed_trials=fixed, table=table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
-        keep_checkpoints=args.keep_checkpoints,
+        keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", 1),
     )
+    if spec.pack < 1:
+        raise UserError(f"--pack: expected an integer >= 1, got {spec.pack}")
     if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:
         raise UserError(f"sampler {spec.sampler!r} / pruner {spec.pruner!r}: expected one of "
                         f"{', '.join(SAMPLERS)} / {', '.join(PRUNERS)}")

@@ -19,14 +19,14 @@ from typing import Any
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+from search.errors import Interrupted
 from search.tracking import RUN_ATTR
+
+__all__ = ["STOP", "Interrupted", "RetryDeadTrial", "chain_root", "mark_worker",
+           "reap_dead_local_trials", "requeue_interrupted"]
 
 State = optuna.trial.TrialState
 HOST = socket.gethostname()
-
-
-class Interrupted(Exception):
-    """A stop was asked for (SIGINT / SIGTERM); the trial is re-queued to resume."""
 
 
 class StopFlag:

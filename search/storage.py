@@ -119,3 +119,11 @@ def open_storage(url: str | None = None, heartbeat: int | None = None,
                 raise UserError(f"cannot open storage {redact(url)}: {reason}") from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def wait_for_attr(study: optuna.Study, key: str, timeout: float = 60.0) -> Any:
+    """A study attribute its creator (another process, maybe another machine) is about to set."""
+    deadline = time.monotonic() + timeout
+    while key not in (attrs := study.user_attrs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return attrs.get(key)

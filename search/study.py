@@ -1,4 +1,4 @@
-"""Study building: sampler, pruner, the objective, and create-or-resume on a storage.
+"""Study building: create-or-resume on a storage, and the trial side of the objective.
 
 The space's text and hash live on the study as user attributes; resuming with a different
 space is refused.
@@ -6,58 +6,21 @@ space is refused.
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 
+from search.algorithms import make_pruner, make_sampler
 from search.checkpoints import CheckpointStore
-from search.commands import PRUNERS, SAMPLERS
 from search.errors import UserError
 from search.recovery import STOP, Interrupted, RetryDeadTrial, chain_root, mark_worker
 from search.space import Space, parse_space
-from search.storage import open_storage
+from search.storage import open_storage, wait_for_attr
 from search.tracking import RUN_ATTR, Tracker
 from trainer import Diverged, TrainConfig, train
 from trainer.config import ConfigError
-
-
-def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        # multivariate + group: models lr jointly with the optimiser, and conditional
-        # parameters (t_max only with cosine, ...) as their own groups
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
-                                              group=True)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    raise UserError(f"--sampler: unknown {name!r}; expected one of {', '.join(SAMPLERS)}")
-
-
-def make_pruner(name: str, epochs: int, startup_trials: int = 5,
-                warmup_epochs: int = 0) -> optuna.pruners.BasePruner:
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
-                                           n_warmup_steps=warmup_epochs)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    if name == "sha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise UserError(f"--pruner: unknown {name!r}; expected one of {', '.join(PRUNERS)}")
 
 
 @dataclass
@@ -81,6 +44,7 @@ class RunSpec:
     max_retry: int = 3
     checkpoint_dir: str | None = None
     keep_checkpoints: bool = False
+    pack: int = 1  # trials each worker trains together as one stacked model
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)
     table: dict[str, str] | None = None
 
@@ -107,14 +71,6 @@ def enqueue_fixed_trials(study: optuna.Study, fixed: list[dict[str, Any]], creat
     if created:
         study.set_user_attr("fixed_enqueued", True)
     return count
-
-
-def wait_for_attr(study: optuna.Study, key: str, timeout: float = 60.0) -> Any:
-    """A study attribute its creator (another process, maybe another machine) is about to set."""
-    deadline = time.monotonic() + timeout
-    while key not in (attrs := study.user_attrs) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return attrs.get(key)
 
 
 def check_space(study: optuna.Study, space: Space, created: bool) -> None:
@@ -154,12 +110,9 @@ def open_study(spec: RunSpec, space: Space, worker: int = 0) -> tuple[optuna.Stu
     return study, created
 
 
-class Objective:
-    """objective(trial): sample, train with per-epoch report / should_prune, log to MLflow.
-
-    Pruned trials end their MLflow run KILLED, diverged or broken ones FAILED with the reason
-    (also stored on the trial as `fail_reason`). Each epoch is checkpointed; a retried trial
-    resumes from its chain's checkpoint and continues the same MLflow run."""
+class TrialRunner:
+    """What every trial of a worker shares: the space, overrides, MLflow and checkpoints.
+    `begin(trial)` turns an asked Optuna trial into a TrialSession, packed or not."""
 
     def __init__(self, space: Space, overrides: dict[str, Any], tracker: Tracker,
                  parent_run_id: str, checkpoints: CheckpointStore | None = None,
@@ -167,10 +120,10 @@ class Objective:
         self.space, self.overrides = space, overrides
         self.tracker, self.parent_run_id = tracker, parent_run_id
         self.checkpoints, self.reaper = checkpoints, reaper
-        self.current: int | None = None  # the trial number in progress, for a stop
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        self.current = trial.number
+    def begin(self, trial: optuna.Trial) -> TrialSession:
+        """Samples the trial, finds its chain's checkpoint, opens (or reopens) its MLflow run.
+        Raises ConfigError (recorded as the trial's fail_reason) for an impossible combination."""
         mark_worker(trial)  # first: a retry carries its dead predecessor's worker attributes
         if self.reaper is not None:
             self.reaper(trial.study)
@@ -195,46 +148,86 @@ class Objective:
         trial.set_user_attr("config", config.to_dict())
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
+        return TrialSession(self, trial, config, resume, run_id, root)
 
-        def on_epoch(metrics: dict[str, Any]) -> None:
-            self.tracker.log_epoch(run_id, metrics)
-            if "comm_rounds" in metrics:
-                trial.set_user_attr("comm_rounds", metrics["comm_rounds"])
-            trial.report(metrics["val_acc"], metrics["epoch"])
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
+
+class TrialSession:
+    """One trial in flight: per-epoch reporting (report -> should_prune -> TrialPruned), its
+    checkpoints, and the end of its MLflow run. Pruned trials end their run KILLED, diverged or
+    broken ones FAILED with the reason (also the trial's `fail_reason`)."""
+
+    def __init__(self, runner: TrialRunner, trial: optuna.Trial, config: TrainConfig,
+                 resume: dict[str, Any] | None, run_id: str, root: int):
+        self.runner, self.trial, self.config = runner, trial, config
+        self.resume, self.run_id, self.root = resume, run_id, root
+
+    def on_epoch(self, metrics: dict[str, Any]) -> None:
+        self.runner.tracker.log_epoch(self.run_id, metrics)
+        if "comm_rounds" in metrics:
+            self.trial.set_user_attr("comm_rounds", metrics["comm_rounds"])
+        self.trial.report(metrics["val_acc"], metrics["epoch"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.runner.checkpoints is not None:
+            self.runner.checkpoints.save(self.root, {**state, "mlflow_run_id": self.run_id})
+
+    def pruned(self, reason: str) -> None:
+        self.trial.set_user_attr("pruned_reason", reason)
+        self.runner.tracker.end_trial(self.run_id, "PRUNED", reason)
+        self._cleanup()
+
+    def interrupted(self, reason: str) -> None:
+        """Stopped by a signal: the checkpoint stays, so the re-queued trial resumes."""
+        self.trial.set_user_attr("fail_reason", reason)
+        self.runner.tracker.end_trial(self.run_id, "KILLED", reason)
+
+    def failed(self, reason: str) -> None:
+        self.trial.set_user_attr("fail_reason", reason)
+        self.runner.tracker.end_trial(self.run_id, "FAIL", reason)
+        self._cleanup()
+
+    def completed(self, value: float) -> None:
+        self.runner.tracker.end_trial(self.run_id, "COMPLETE", value=value)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.runner.checkpoints is not None:
+            self.runner.checkpoints.remove(self.root)
+
+
+class Objective:
+    """objective(trial) for study.optimize: one trial alone, trained by `trainer.train`."""
+
+    def __init__(self, runner: TrialRunner):
+        self.runner = runner
+        self.current: int | None = None  # the trial number in progress, for a stop
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial.number
+        session = self.runner.begin(trial)
 
         def on_checkpoint(state: dict[str, Any]) -> None:
-            self.checkpoints.save(root, {**state, "mlflow_run_id": run_id})
+            session.save(state)
             if STOP.raised:  # a safe point: this epoch is reported and saved
                 raise Interrupted(f"interrupted after epoch {state['epoch']}; resumes from there")
 
         try:
-            result = train(config, on_epoch, resume=resume,
-                           on_checkpoint=on_checkpoint if self.checkpoints else None)
+            result = train(session.config, session.on_epoch, resume=session.resume,
+                           on_checkpoint=on_checkpoint if self.runner.checkpoints else None)
         except optuna.TrialPruned as exc:
-            trial.set_user_attr("pruned_reason", str(exc))
-            self.tracker.end_trial(run_id, "PRUNED", str(exc))
-            self._cleanup(root)
+            session.pruned(str(exc))
             raise
         except (Interrupted, KeyboardInterrupt) as exc:
-            trial.set_user_attr("fail_reason", str(exc) or "interrupted")
-            self.tracker.end_trial(run_id, "KILLED", str(exc) or "interrupted")
+            session.interrupted(str(exc) or "interrupted")
             raise
         except BaseException as exc:
-            reason = str(exc) or type(exc).__name__
-            trial.set_user_attr("fail_reason", reason)
-            self.tracker.end_trial(run_id, "FAIL", reason)
-            self._cleanup(root)
+            session.failed(str(exc) or type(exc).__name__)
             raise
-        self.tracker.end_trial(run_id, "COMPLETE", value=result.val_acc)
-        self._cleanup(root)
+        session.completed(result.val_acc)
         self.current = None
         return result.val_acc
-
-    def _cleanup(self, root: int) -> None:
-        if self.checkpoints is not None:
-            self.checkpoints.remove(root)
 
 
 # Exceptions that fail one trial and let the study go on; anything else ends the worker.

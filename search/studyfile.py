@@ -5,6 +5,7 @@
     sampler: tpe                 # tpe random grid cmaes qmc gp
     pruner: median               # median hyperband sha none
     n_trials: 10                 # this command's budget, fixed trials included
+    pack: 4                      # trials trained together per worker (as `--pack`)
     overrides: {epochs: 150}     # settings forced on every trial
     fixed_trials:                # enqueued once, before the sampler takes over
       - {label: L1, params: {batch_size: 64, lr: 5.0e-4}, reported: 0.4921}
@@ -27,7 +28,7 @@ from trainer.config import field_types
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
-        "pruner_warmup_epochs", "n_trials", "timeout", "overrides", "fixed_trials", "table"}
+        "pruner_warmup_epochs", "n_trials", "timeout", "pack", "overrides", "fixed_trials", "table"}
 
 
 @dataclass
@@ -98,7 +99,9 @@ def load_study_file(arg: str) -> StudyFile:
     if len(set(labels)) != len(labels):
         raise SpaceError(f"{path}: fixed_trials: duplicate labels")
     options = {k: doc[k] for k in ("sampler", "pruner", "pruner_startup_trials",
-                                   "pruner_warmup_epochs", "n_trials", "timeout") if k in doc}
+                                   "pruner_warmup_epochs", "n_trials", "timeout", "pack") if k in doc}
+    if "pack" in options and not (isinstance(options["pack"], int) and options["pack"] >= 1):
+        raise SpaceError(f"{path}: pack: expected an integer >= 1, got {options['pack']!r}")
     table = doc.get("table")
     if table is not None and not (isinstance(table, dict) and {"rows", "columns"} <= set(table)):
         raise SpaceError(f"{path}: table: expected {{rows: SETTING, columns: SETTING}}")

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from search.errors import UserError
+from search.storage import wait_for_attr
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                  "seconds", "comm_rounds")
@@ -90,8 +91,6 @@ class Tracker:
     def parent_run(self, study, space_text: str, space_hash: str, created: bool) -> str:
         """The study's parent run, marked RUNNING. The process that created the study creates
         it and stores its id on the study; the others wait for that id."""
-        from search.study import wait_for_attr
-
         run_id = study.user_attrs.get(PARENT_ATTR) if created else wait_for_attr(study, PARENT_ATTR)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={

@@ -18,10 +18,12 @@ import optuna
 from tqdm import tqdm
 
 from search.checkpoints import CheckpointStore
-from search.commands import quiet_libraries
 from search.errors import UserError
+from search.logs import quiet_libraries
+from search.packed import run_packed
 from search.recovery import STOP, Interrupted, RetryDeadTrial, reap_dead_local_trials, requeue_interrupted
-from search.study import TRIAL_FAILURES, Objective, RunSpec, enqueue_fixed_trials, open_study, wait_for_attr
+from search.storage import wait_for_attr
+from search.study import TRIAL_FAILURES, Objective, RunSpec, TrialRunner, enqueue_fixed_trials, open_study
 from search.tracking import PARENT_ATTR, Tracker
 from trainer.config import ConfigError
 from trainer.data import DataError
@@ -69,14 +71,18 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
     # this machine instead
     no_heartbeat = "://" not in spec.storage or spec.storage.startswith("grpc://")
     reaper = (lambda s: reap_dead_local_trials(s, handler)) if no_heartbeat else None
-    objective = Objective(space, worker_device(index, spec.overrides), tracker, parent,
-                          CheckpointStore(spec.checkpoint_dir, spec.study_name,
-                                          spec.keep_checkpoints), reaper)
+    runner = TrialRunner(space, worker_device(index, spec.overrides), tracker, parent,
+                         CheckpointStore(spec.checkpoint_dir, spec.study_name,
+                                         spec.keep_checkpoints), reaper)
     if reaper is not None:
         reaper(study)
     if n_trials == 0:
         return
     STOP.install()
+    if spec.pack > 1:
+        run_packed(study, runner, spec.pack, n_trials, spec.timeout, handler)
+        return
+    objective = Objective(runner)
     try:
         study.optimize(objective, n_trials=n_trials, timeout=spec.timeout, catch=TRIAL_FAILURES,
                        callbacks=[lambda s, t: STOP.raised and s.stop()])

@@ -120,9 +120,16 @@ def perspective_endpoints(u: torch.Tensor, size: int, distortion: float) -> torc
                         for i, (a, b) in enumerate(pick)], dim=1)
 
 
+_CORNERS: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def perspective_startpoints(n: int, size: int, device) -> torch.Tensor:
-    return torch.tensor([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]],
-                        dtype=torch.float32, device=device).expand(n, 4, 2)
+    """The image's corners (n, 4, 2); kept per device, so steps copy nothing to the device."""
+    key = (size, str(device))
+    if key not in _CORNERS:
+        _CORNERS[key] = torch.tensor([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]],
+                                     dtype=torch.float32, device=device)
+    return _CORNERS[key].expand(n, 4, 2)
 
 
 def _merge_exact(stages: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -230,37 +230,12 @@ class Engine:
             self._restack()
         members, setup, dev = self.members, self.setup, self.setup.device
         p_count, k = len(members), self.k
-        r_count = p_count * k
         lrs = [lr_at(m.config, m.epoch) for m in members]
         self.optimizer.hyper["lr"] = torch.tensor([lr for lr in lrs for _ in range(k)], device=dev)
         inner_lr = torch.tensor(lrs, device=dev)
         plan = self._average_plan() if self.local else []
         start = time.perf_counter()
-        perms = torch.stack([
-            torch.stack([s[torch.randperm(len(s), generator=m.generator, device=dev)][:self.shortest]
-                         for s in self.worker_idx])
-            for m in members])  # (P, K, shortest)
-        loss_sum = torch.zeros(r_count, device=dev)
-        correct = torch.zeros(r_count, device=dev, dtype=torch.long)
-        shape = setup.train.x.shape[1:]
-        for s in range(self.steps_per_epoch):
-            lo, hi = s * self.local_batch, min((s + 1) * self.local_batch, self.shortest)
-            b = hi - lo
-            idx = perms[:, :, lo:hi].reshape(-1)
-            draws = [self.augment.draw(k * b, m.generator) for m in members]
-            x = self.augment.apply(setup.train.x[idx], draws[0] if p_count == 1 else torch.cat(draws))
-            x = x.view(r_count, b, *shape)
-            y = setup.train.y[idx].view(r_count, b)
-            losses, logits = self._forward(x, y)
-            losses.sum().backward()
-            self.optimizer.step(self.params, {n: p.grad for n, p in self.params.items()})
-            for p in self.params.values():
-                p.grad = None
-            if self.local and plan[s] is not False:
-                average_workers(self.params, k, self.beta, self.alpha, inner_lr, self.sync,
-                                self.u, plan[s])
-            loss_sum += losses.detach() * b
-            correct += (logits.detach().argmax(-1) == y).sum(-1)
+        loss_sum, correct = self.train_steps(inner_lr, plan)
         seen = k * self.shortest
         train_loss = loss_sum.view(p_count, k).sum(1).div(seen).tolist()  # the epoch's one sync
         train_acc = correct.view(p_count, k).sum(1).div(seen).tolist()
@@ -287,6 +262,39 @@ class Engine:
             out.append((m, metrics, None))
         return out
 
+    def train_steps(self, inner_lr: torch.Tensor, plan: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch's steps for every row; returns the rows' (loss sums, correct counts) as
+        device tensors. Nothing here waits for the device (tests/test_gpu.py checks)."""
+        members, setup, dev = self.members, self.setup, self.setup.device
+        k, p_count = self.k, len(self.members)
+        r_count = p_count * k
+        perms = torch.stack([
+            torch.stack([s[torch.randperm(len(s), generator=m.generator, device=dev)][:self.shortest]
+                         for s in self.worker_idx])
+            for m in members])  # (P, K, shortest)
+        loss_sum = torch.zeros(r_count, device=dev)
+        correct = torch.zeros(r_count, device=dev, dtype=torch.long)
+        shape = setup.train.x.shape[1:]
+        for s in range(self.steps_per_epoch):
+            lo, hi = s * self.local_batch, min((s + 1) * self.local_batch, self.shortest)
+            b = hi - lo
+            idx = perms[:, :, lo:hi].reshape(-1)
+            draws = [self.augment.draw(k * b, m.generator) for m in members]
+            x = self.augment.apply(setup.train.x[idx], draws[0] if p_count == 1 else torch.cat(draws))
+            x = x.view(r_count, b, *shape)
+            y = setup.train.y[idx].view(r_count, b)
+            losses, logits = self._forward(x, y)
+            losses.sum().backward()
+            self.optimizer.step(self.params, {n: p.grad for n, p in self.params.items()})
+            for p in self.params.values():
+                p.grad = None
+            if self.local and plan[s] is not False:
+                average_workers(self.params, k, self.beta, self.alpha, inner_lr, self.sync,
+                                self.u, plan[s])
+            loss_sum += losses.detach() * b
+            correct += (logits.detach().argmax(-1) == y).sum(-1)
+        return loss_sum, correct
+
     @torch.no_grad()
     def evaluate(self, split) -> tuple[list[float], list[float]]:
         """(mean losses, accuracies) per member over a split; a trial's K workers are
@@ -302,7 +310,7 @@ class Engine:
             y = split.y[i:i + chunk]
             with autocast(dev, self.setup.precision):
                 if self.vmap_rows and p_count > 1:
-                    logits = vmap(lambda p: functional_call(self.model, p, (x,)))(params)
+                    logits = vmap(functional_call, in_dims=(None, 0, None))(self.model, params, (x,))
                 else:
                     logits = torch.stack([
                         functional_call(self.model, {n: p[i] for n, p in params.items()}, (x,))

@@ -1,0 +1,41 @@
+"""Quiet library logging: our bars and one-line messages replace Optuna's and MLflow's chatter."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import optuna
+
+from search.errors import Interrupted, UserError
+
+
+class _NoExpectedTracebacks:
+    """Optuna logs a failed trial with its traceback; for the failures we expect and explain in
+    one line (divergence, a stop, an impossible combination) keep just Optuna's line."""
+
+    def filter(self, record) -> bool:
+        from trainer.config import ConfigError
+
+        if record.exc_info and record.exc_info[0] is not None:
+            from trainer.data import DataError
+            from trainer.loop import Diverged
+
+            if issubclass(record.exc_info[0], Diverged | Interrupted | ConfigError | DataError
+                          | UserError | KeyboardInterrupt):
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_libraries() -> None:
+    """Our bars and one-line messages replace Optuna's and MLflow's INFO chatter."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    optuna_logger = logging.getLogger("optuna")
+    if not any(isinstance(f, _NoExpectedTracebacks) for f in optuna_logger.filters):
+        for handler in optuna_logger.handlers:
+            handler.addFilter(_NoExpectedTracebacks())
+        optuna_logger.addFilter(_NoExpectedTracebacks())
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
