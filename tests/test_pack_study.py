@@ -95,3 +95,26 @@ def test_killed_packed_trial_resumes_from_its_checkpoint(tmp_path):
         assert run.info.run_id == first.user_attrs["mlflow_run_id"]  # the same child run goes on
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_stops_a_pack_after_its_epoch_and_requeues_every_trial(tmp_path):
+    (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 3", "epochs: 5")
+                                     .replace("choices: [32, 64]", "choices: [64]"))
+    proc = subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
+                             "--n-trials", "2", "--pack", "2", "--pruner", "none"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = CheckpointStore(tmp_path / "checkpoints", "s")
+    deadline = time.time() + 300
+    while not store.path(0).is_file() and time.time() < deadline:
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log")))
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state for t in trials] == [State.FAIL, State.FAIL, State.WAITING, State.WAITING]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for first in trials[:2]:
+        assert client.get_run(first.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+        assert store.load(first.number)["epoch"] == max(first.intermediate_values)
