@@ -17,7 +17,7 @@ import time
 import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
 
-from search.recovery import STOP, Interrupted, RetryDeadTrial
+from search.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study import TrialRunner, TrialSession
 from trainer.config import ConfigError, pack_key
 
@@ -104,7 +104,7 @@ def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                 slot.session.interrupted(f"interrupted after epoch {member.epoch}; "
                                          "resumes from there")
                 finish(engine, member, State.FAIL)
-                handler(study, study._storage.get_trial(slot.session.trial._trial_id))
+                requeue_interrupted(study, slot.session.trial.number, handler)
         raise KeyboardInterrupt from None
     except BaseException as exc:
         for engine in engines.values():
