@@ -1,13 +1,22 @@
 """Soak test: a PostgreSQL study on digits under fire.
 
-Worker processes (`search run`, one trial at a time) share one study; a supervisor SIGKILLs a
-random worker every few seconds and starts a new one, and restarts PostgreSQL once. When the
-study has the trials asked for, the workers are stopped with SIGTERM (the graceful path). Then:
+Two scenarios:
 
-    trials asked for, trials finished, kills, trials retried, epochs recomputed (<= 1 per kill),
-    enqueued fixed trials run more than once (0), MLflow runs left RUNNING (0)
+- external (default): separate `search run` commands share one study; this script SIGKILLs a
+  random one every few seconds and starts a new one, and restarts PostgreSQL once. When the
+  study has the trials asked for, the commands are stopped with SIGTERM (the graceful path),
+  and after the heartbeat's grace a `search run --n-trials 0` fails the last killed trial (a
+  trial killed just before the end is stale only after the grace; nothing else runs then).
+- `--supervised`: ONE `search run --workers N --n-trials T` command; this script SIGKILLs its
+  worker processes several times and restarts nothing. The command itself must replace them,
+  re-queue their trials and exit 0 with exactly T trials finished.
 
-    python benchmarks/soak.py [--short] [--trials 12] [--epochs 4] [--workers 4] [--kill-every 8]
+Figures: trials asked for, trials finished, kills, trials retried, epochs recomputed (<= 1 per
+kill), enqueued fixed trials run more than once (0), MLflow runs left RUNNING (0), and for
+`--supervised` the command's exit status (0) and processes left behind (0).
+
+    python benchmarks/soak.py [--short] [--supervised] [--trials 12] [--epochs 4] [--workers 4]
+                              [--kill-every 8] [--kills 4]
 
 Exit status 0 when every figure holds. It runs on loopback only and stops by itself
 (`--max-seconds`).
@@ -57,9 +66,13 @@ def main() -> int:
     p.add_argument("--kill-every", type=float, default=8.0)
     p.add_argument("--max-seconds", type=float, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--supervised", action="store_true",
+                   help="one `search run --workers N` command; nothing outside restarts workers")
+    p.add_argument("--kills", type=int, default=4, help="--supervised: workers to SIGKILL")
     args = p.parse_args()
     if args.short:
         args.trials, args.epochs, args.workers, args.kill_every = 5, 3, 3, 9.0
+        args.kills = min(args.kills, 3)
         args.max_seconds = min(args.max_seconds, 900)
     rng = random.Random(args.seed)
     bindir = pg_bin()
@@ -76,6 +89,11 @@ def main() -> int:
            "--heartbeat", "2", "--max-retry", "20", "--n-trials", "1000"]
     logs = work / "logs"
     logs.mkdir()
+    if args.supervised:
+        try:
+            return supervised(args, rng, url, work, env, cmd, pg)
+        finally:
+            pg.stop("fast")
     started = 0
 
     def spawn() -> subprocess.Popen:
@@ -129,6 +147,9 @@ def main() -> int:
                 w.wait(timeout=max(1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 w.kill()
+    time.sleep(3 * 2 + 1)  # the heartbeat's grace (3 x --heartbeat 2)
+    subprocess.run([*cmd[:-1], "0"], cwd=work, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=300)
     figures = measure(url, work, args.trials)
     pg.stop("fast")
     figures["kills"] = kills
@@ -141,6 +162,72 @@ def main() -> int:
           and figures["fixed_trials_run_twice"] == 0
           and figures["mlflow_runs_left_running"] == 0 and pg_restarted)
     print(f"soak: {'ok' if ok else 'FAILED'} (logs in {logs})")
+    return 0 if ok else 1
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The spawned worker processes of one `search run` (children running spawn_main)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"spawn_main" in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return b"zombie" not in Path(f"/proc/{pid}/status").read_bytes()
+    except OSError:
+        return False
+
+
+def supervised(args, rng: random.Random, url: str, work: Path, env: dict, cmd: list[str],
+               pg) -> int:
+    """One command, its workers killed from outside, nothing restarted from outside."""
+    cmd = [*cmd[:-1], str(args.trials), "--workers", str(args.workers)]
+    log = open(work / "logs" / "command.log", "w")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    kills, start, last_kill = 0, time.time(), time.time() + 10  # let the first trials start
+    seen: set[int] = set()
+    while proc.poll() is None and time.time() - start < args.max_seconds:
+        time.sleep(1)
+        seen.update(worker_pids(proc.pid))
+        if kills < args.kills and time.time() - last_kill >= args.kill_every:
+            pids = worker_pids(proc.pid)
+            if pids:
+                victim = rng.choice(pids)
+                os.kill(victim, signal.SIGKILL)
+                kills += 1
+                last_kill = time.time()
+    if proc.poll() is None:
+        print(f"soak: gave up after {args.max_seconds:.0f} s", file=sys.stderr)
+        proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    time.sleep(2)
+    left = [p for p in seen if alive(p)]  # workers outliving their command: orphans
+    figures = measure(url, work, args.trials)
+    figures.update(kills=kills, exit_status=code, processes_left=len(left))
+    for key in ("trials_asked", "trials_finished", "kills", "trials_retried", "epochs_recomputed",
+                "fixed_trials_run_twice", "mlflow_runs_left_running", "exit_status",
+                "processes_left"):
+        print(f"{key}: {figures[key]}")
+    ok = (code == 0 and figures["trials_finished"] == args.trials and kills == args.kills
+          and figures["trials_retried"] >= 1 and figures["epochs_recomputed"] <= kills
+          and figures["fixed_trials_run_twice"] == 0 and figures["mlflow_runs_left_running"] == 0
+          and not left)
+    print(f"soak --supervised: {'ok' if ok else 'FAILED'} (log in {work / 'logs'})")
     return 0 if ok else 1
 
 
@@ -166,9 +253,12 @@ def measure(url: str, work: Path, asked: int) -> dict[str, int]:
     client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("soak")
     runs = client.search_runs([exp.experiment_id], max_results=5000) if exp else []
+    retried = {n for t in trials.values() for n in t.system_attrs.get("retry_history", ())}
     return {
         "trials_asked": asked,
-        "trials_finished": sum(t.state == State.COMPLETE for t in trials.values()),
+        # every finished trial once: a failed attempt that was retried stands for nothing
+        "trials_finished": sum(t.state.is_finished() and n not in retried
+                               for n, t in trials.items()),
         "trials_retried": sum("failed_trial" in t.system_attrs for t in trials.values()
                               if t.state != State.WAITING),
         "epochs_recomputed": recomputed,

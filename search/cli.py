@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from search.commands import positive_float, positive_int
 from search.errors import UserError
 from trainer.config import AUGMENTS, DATASETS, OPTIMIZERS, PRECISIONS, ConfigError
 
@@ -20,48 +21,31 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="one training run with the given settings")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--lr", type=_positive_float, help="base lr (default: per optimiser)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, help="base lr (default: per optimiser)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--momentum", type=float, default=0.9, help="momentum / beta1")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--t-max", type=_positive_int, help="cosine period in epochs (default epochs)")
+    p.add_argument("--t-max", type=positive_int, help="cosine period in epochs (default epochs)")
     p.add_argument("--warmup-epochs", type=int, default=0)
     p.add_argument("--lr-scaling", choices=("none", "linear", "sqrt"), default="none")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-    p.add_argument("--trust-coefficient", type=_positive_float, default=0.001)
-    p.add_argument("--epochs", type=_positive_int, default=150)
+    p.add_argument("--trust-coefficient", type=positive_float, default=0.001)
+    p.add_argument("--epochs", type=positive_int, default=150)
     p.add_argument("--augment", choices=AUGMENTS, default="final")
     p.add_argument("--dataset", choices=DATASETS, default="cifar100")
     p.add_argument("--data-root", help="folder holding cifar-100-python/ ($SEARCH_DATA_ROOT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--local-workers", type=_positive_int, default=1,
+    p.add_argument("--local-workers", type=positive_int, default=1,
                    help="K simulated workers (local SGD)")
-    p.add_argument("--local-steps", type=_positive_int, default=1,
+    p.add_argument("--local-steps", type=positive_int, default=1,
                    help="H local steps between parameter averages")
     p.add_argument("--slowmo-beta", type=float, default=0.0)
-    p.add_argument("--slowmo-lr", type=_positive_float, default=1.0)
+    p.add_argument("--slowmo-lr", type=positive_float, default=1.0)
     p.add_argument("--test", action="store_true",
                    help="train on train+val and report test accuracy (final evaluation)")
     p.add_argument("--json", action="store_true", help="print one JSON result as the last line")
@@ -132,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"search {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
+        from search.recovery import STOP
+
         print(f"search {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return STOP.exit_code  # 130 for SIGINT / Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":

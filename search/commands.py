@@ -14,9 +14,30 @@ from search.errors import UserError
 from search.logs import quiet_libraries
 from search.space import load_space
 from search.storage import open_storage, redact, storage_url
-from trainer.config import DATASETS, PRECISIONS
+from trainer.config import DATASETS, PRECISIONS, ConfigError, TrainConfig
 
 State = optuna.trial.TrialState
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad one is one line, exit 2, by cli.Parser)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
 
 
 def _storage_flag(p: argparse.ArgumentParser) -> None:
@@ -39,9 +60,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--pruner-warmup-epochs", type=int,
                    help="median pruner: epochs of a trial before it can be pruned (default 0)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="a dead worker is replaced until it dies this many times in a row "
+                   "without finishing a trial (default 3)")
     p.add_argument("--pack", type=int, help="trials each worker trains together as one stacked "
                    "model (default: the study file's, else 1)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=positive_int)
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int, help="training seed, and the sampler's seed")
@@ -89,7 +113,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("retrain", help="retrain the best trial on train+val, test once")
     p.add_argument("--study", required=True)
     _storage_flag(p)
-    p.add_argument("--epochs", type=int, help="override the trial's epochs")
+    p.add_argument("--epochs", type=positive_int, help="override the trial's epochs")
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
     p.add_argument("--mlflow-uri")
@@ -110,15 +134,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from search.study import RunSpec
     from search.studyfile import is_study_file, load_study_file
-    from search.workers import run_study
 
     quiet_libraries()
-    if args.workers < 1:
-        raise UserError(f"--workers: expected an integer >= 1, got {args.workers}")
-    if args.n_trials is not None and args.n_trials < 0:
-        raise UserError(f"--n-trials: expected an integer >= 0, got {args.n_trials}")
     if is_study_file(args.study) and not args.space:
         sf = load_study_file(args.study)
         space, name, options, overrides = sf.space, sf.name, sf.options, dict(sf.overrides)
@@ -134,16 +152,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         "seed": args.seed, "device": args.device, "precision": args.precision,
     }.items() if v is not None})
 
-    from trainer.data import ensure_available
-
-    # a missing dataset is one line before the study starts, not a failed trial
-    ensure_available(overrides.get("dataset", space.fixed.get("dataset", "cifar100")),
-                     overrides.get("data_root", space.fixed.get("data_root")))
-
     def pick(flag, key, default):
         return flag if flag is not None else options.get(key, default)
 
+    # every bad value ends here, before a storage, a study or an MLflow run exists
+    where = f"{sf.path}: " if is_study_file(args.study) and not args.space else ""
+    for flag, key, value, low in (
+            ("--workers", None, args.workers, 1), ("--heartbeat", None, args.heartbeat, 1),
+            ("--max-retry", None, args.max_retry, 0), ("--max-restarts", None, args.max_restarts, 0),
+            ("--n-trials", "n_trials", pick(args.n_trials, "n_trials", None), 0),
+            ("--pack", "pack", pick(args.pack, "pack", 1), 1),
+            ("--pruner-startup-trials", "pruner_startup_trials",
+             pick(args.pruner_startup_trials, "pruner_startup_trials", 0), 0),
+            ("--pruner-warmup-epochs", "pruner_warmup_epochs",
+             pick(args.pruner_warmup_epochs, "pruner_warmup_epochs", 0), 0)):
+        if value is None:
+            continue
+        source = flag if key is None or key not in options else f"{where}{key}"
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{source}: expected an integer >= {low}, got {value!r}")
     timeout = pick(args.timeout, "timeout", None)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not 0 < timeout < float("inf")):
+        source = "--timeout" if args.timeout is not None else f"{where}timeout"
+        raise UserError(f"{source}: expected a number of seconds > 0, got {timeout!r}")
+    if overrides:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()
+                         if getattr(args, k, None) is not None) or f"{where}overrides"
+        space.check_with(overrides, flags)
+    for row in fixed:
+        try:
+            TrainConfig.from_dict({**space.fixed, **overrides, **row["params"]})
+        except ConfigError as exc:
+            raise UserError(f"{where}fixed_trials {row['label']}: {exc}") from None
+
+    from search.tracking import check_tracking_uri
+
+    # a silent tracking server or a missing dataset is one line before the study starts
+    check_tracking_uri(args.mlflow_uri)
+    from trainer.data import ensure_available
+
+    ensure_available(overrides.get("dataset", space.fixed.get("dataset", "cifar100")),
+                     overrides.get("data_root", space.fixed.get("data_root")))
+
+    from search.study import RunSpec
+    from search.workers import run_study
+
     n_trials = pick(args.n_trials, "n_trials", None)
     if n_trials is None and timeout is None:
         n_trials = max(20, len(fixed))
@@ -158,19 +212,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", 1),
     )
-    if spec.pack < 1:
-        raise UserError(f"--pack: expected an integer >= 1, got {spec.pack}")
     if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:
         raise UserError(f"sampler {spec.sampler!r} / pruner {spec.pruner!r}: expected one of "
                         f"{', '.join(SAMPLERS)} / {', '.join(PRUNERS)}")
-    study = run_study(spec, args.workers)
+    study = run_study(spec, args.workers, args.max_restarts)
     print_summary(study)
     return 0
 
 
 def print_summary(study: optuna.Study) -> None:
-    counts = state_counts(study)
-    line = f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+    line = f"study {study.study_name}: {describe_counts(state_counts(study))}"
     try:
         best = study.best_trial
         line += f"; best trial {best.number}: {best.value:.4f} {best.params}"
@@ -179,12 +230,27 @@ def print_summary(study: optuna.Study) -> None:
     print(line)
 
 
+COUNT_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
+               "RUNNING": "running", "WAITING": "waiting"}
+
+
 def state_counts(study: optuna.Study) -> dict[str, int]:
-    out = {s.name: 0 for s in (State.COMPLETE, State.PRUNED, State.FAIL, State.RUNNING,
-                               State.WAITING)}
-    for t in study.get_trials(deepcopy=False):
-        out[t.state.name] += 1
+    """Trials per state; a failed attempt that was retried (its worker died, or it was stopped)
+    counts as RETRIED, not FAIL: its retry stands for it."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    out = dict.fromkeys([*COUNT_WORDS, "RETRIED"], 0)
+    for t in trials:
+        out["RETRIED" if t.number in retried else t.state.name] += 1
     return out
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """The same words in `run`, `status` and the progress line."""
+    line = ", ".join(f"{counts[k]} {w}" for k, w in COUNT_WORDS.items())
+    if counts.get("RETRIED"):
+        line += f" ({counts['RETRIED']} attempts retried)"
+    return line
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -226,9 +292,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no studies in {redact(storage_url(args.storage))}")
     for r in rows:
-        c = r["counts"]
-        line = (f"{r['study']}: {c['COMPLETE']} complete, {c['PRUNED']} pruned, {c['FAIL']} "
-                f"failed, {c['RUNNING']} running")
+        line = f"{r['study']}: {describe_counts(r['counts'])}"
         if r["best"]:
             line += f"; best #{r['best']['number']} {r['best']['value']:.4f} {r['best']['params']}"
         print(line)

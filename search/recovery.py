@@ -6,14 +6,20 @@
   file, whose storage has no heartbeat, a worker reaps RUNNING trials of dead processes on its
   own machine (same host, process gone).
 - SIGINT / SIGTERM: the running trial stops at the end of its epoch, its MLflow run is closed
-  KILLED, and it is failed and re-queued so it can resume; a second signal stops at once.
+  KILLED, and it is failed and re-queued so it can resume; a second signal stops at once. The
+  command then exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+- A supervising parent (`--workers N`) reaps the trials of a worker it saw die at once
+  (`reap_worker`), instead of waiting for the heartbeat's grace period.
+- A worker whose parent is gone (even SIGKILLed) stops like on SIGTERM: no orphans.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
+import threading
 from typing import Any
 
 import optuna
@@ -23,7 +29,7 @@ from search.errors import Interrupted
 from search.tracking import RUN_ATTR
 
 __all__ = ["STOP", "Interrupted", "RetryDeadTrial", "chain_root", "mark_worker",
-           "reap_dead_local_trials", "requeue_interrupted"]
+           "reap_dead_local_trials", "reap_worker", "requeue_interrupted"]
 
 State = optuna.trial.TrialState
 HOST = socket.gethostname()
@@ -31,20 +37,44 @@ HOST = socket.gethostname()
 
 class StopFlag:
     """First SIGINT/SIGTERM sets the flag (stop at the next epoch end); a second one raises
-    KeyboardInterrupt at once."""
+    KeyboardInterrupt at once. `signum` is the first signal, for the exit status."""
 
     def __init__(self) -> None:
         self.raised = False
+        self.signum: int | None = None
 
-    def install(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+    def install(self, signals=(signal.SIGINT, signal.SIGTERM)) -> StopFlag:
+        for sig in signals:
             signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.raised:
             raise KeyboardInterrupt
+        self.raise_(signum)
+
+    def raise_(self, signum: int) -> None:
         self.raised = True
+        self.signum = self.signum or signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def follow(self, parent_stop, parent_pid: int, interval: float = 0.5) -> threading.Thread:
+        """A spawned worker's watch: its parent asking it to stop (an Event), or its parent
+        gone (re-parented: even a SIGKILLed parent leaves no orphan training on)."""
+
+        def watch() -> None:
+            while not self.raised:
+                if parent_stop.wait(interval):
+                    self.raise_(signal.SIGTERM)
+                elif os.getppid() != parent_pid:
+                    self.raise_(signal.SIGTERM)
+
+        thread = threading.Thread(target=watch, daemon=True, name="parent-watch")
+        thread.start()
+        return thread
 
 
 STOP = StopFlag()
@@ -56,14 +86,20 @@ def chain_root(trial: optuna.trial.FrozenTrial) -> int:
     return history[0] if history else trial.number
 
 
+# what a retry must not inherit from the attempt it replaces
+STALE_ATTRS = ("fail_reason", "pruned_reason")
+
+
 class RetryDeadTrial:
-    """Closes a dead or interrupted trial's MLflow run if still open, and re-queues the trial."""
+    """Closes a dead or interrupted trial's MLflow run if still open, and re-queues the trial
+    (Optuna's RetryHeartbeatStaleTrialCallback, without the dead attempt's failure markers)."""
 
     def __init__(self, max_retry: int, mlflow_uri: str | None):
         self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry, inherit_intermediate_values=True)
         self.mlflow_uri = mlflow_uri
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                 reason: str = "worker died; the trial is retried", status: str = "FAIL") -> None:
         run_id = trial.user_attrs.get(RUN_ATTR)
         if run_id:
             try:
@@ -71,10 +107,12 @@ class RetryDeadTrial:
 
                 tracker = Tracker(self.mlflow_uri, study.study_name)
                 if tracker.client.get_run(run_id).info.status == "RUNNING":
-                    tracker.end_trial(run_id, "FAIL", "worker died; the trial is retried")
+                    tracker.end_trial(run_id, status, reason)
             except Exception:  # tracking trouble must not block the retry
                 pass
-        self.retry(study, trial)
+        clean = copy.copy(trial)
+        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in STALE_ATTRS}
+        self.retry(study, clean)
 
 
 def _alive(pid: int) -> bool:
@@ -102,6 +140,23 @@ def reap_dead_local_trials(study: optuna.Study, handler: RetryDeadTrial) -> int:
                 reaped += 1
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker reaped it first
+    return reaped
+
+
+def reap_worker(study: optuna.Study, pid: int, handler: RetryDeadTrial,
+                reason: str = "worker died; the trial is retried", status: str = "FAIL") -> list[int]:
+    """Fails and re-queues the RUNNING trials of a worker process on this host known to be gone
+    (its parent saw it die); returns their numbers."""
+    reaped = []
+    for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
+        if t.user_attrs.get("worker_host") != HOST or t.user_attrs.get("worker_pid") != pid:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=State.FAIL):
+                handler(study, study._storage.get_trial(t._trial_id), reason, status)
+                reaped.append(t.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # a heartbeat or another worker failed it first
     return reaped
 
 

@@ -102,6 +102,24 @@ class Space:
                 values[p.name] = p.suggest(trial)
         return values
 
+    def check_with(self, overrides: dict[str, Any], flags: str) -> None:
+        """Re-checks fixed settings and every parameter's values with command-line overrides
+        (e.g. `--dataset digits` against batch-size choices), naming the flags on error."""
+        fixed = {**self.fixed, **overrides}
+        try:
+            TrainConfig(**fixed)
+            for p in self.params:
+                for key, values in (("choices", p.choices), ("low", [p.low]), ("high", [p.high])):
+                    for i, v in enumerate(values):
+                        if v is not None:
+                            where = f"{self.path}: params.{p.name}.{key}" + (
+                                f"[{i}]" if key == "choices" else "")
+                            _check_setting(where, p.name, v, fixed)
+        except ConfigError as exc:
+            raise SpaceError(f"{flags}: {exc}") from None
+        except SpaceError as exc:
+            raise SpaceError(f"{flags}: {exc}") from None
+
     def grid(self) -> dict[str, list[Any]]:
         """Search space for Optuna's GridSampler; every parameter must have finite values."""
         out = {}
@@ -119,6 +137,8 @@ def find_file(name_or_path: str | Path, folder: Path, kind: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise SpaceError(f"{name_or_path}: is a directory; expected a {kind} YAML file")
     for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
         if candidate.is_file():
             return candidate
@@ -131,6 +151,14 @@ def resolve_path(name_or_path: str | Path) -> Path:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _string_keys(where: str, mapping: dict) -> None:
+    """YAML allows `1: x` beside `foo: y`; every key we read names a setting or a field."""
+    for key in mapping:
+        if not isinstance(key, str):
+            raise SpaceError(f"{where}{key!r}: expected a name (a string key), got "
+                             f"{type(key).__name__} {key!r}")
 
 
 def _coerce(v: Any) -> Any:
@@ -170,6 +198,7 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
         raise SpaceError(f"{where}: also set under fixed; a setting is either fixed or searched")
     if not isinstance(spec, dict):
         raise SpaceError(f"{where}: expected a mapping with a type (float, int, categorical)")
+    _string_keys(f"{where}.", spec)
     kind = spec.get("type")
     if kind not in PARAM_KEYS:
         raise SpaceError(f"{where}.type: expected float, int or categorical, got {kind!r}")
@@ -196,8 +225,9 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
                 raise SpaceError(f"{where}.{bound}: missing; a {kind} parameter needs low and high")
             value = _coerce(spec[bound])
             ok = isinstance(value, int) if kind == "int" else _is_number(value)
-            if not ok or isinstance(value, bool):
-                raise SpaceError(f"{where}.{bound}: expected {number}, got {spec[bound]!r}")
+            if not ok or isinstance(value, bool) or not math.isfinite(value):
+                noun = "integer" if kind == "int" else "number"
+                raise SpaceError(f"{where}.{bound}: expected a finite {noun}, got {spec[bound]!r}")
             setattr(p, bound, value)
         if p.low > p.high:
             raise SpaceError(f"{where}: low {p.low} > high {p.high}; expected low <= high")
@@ -244,6 +274,7 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
         raise SpaceError(f"{path}: {at}malformed YAML ({problem})") from None
     if not isinstance(doc, dict):
         raise SpaceError(f"{path}: expected a mapping with fixed and params at the top")
+    _string_keys(f"{path}: ", doc)
     extra = sorted(set(doc) - TOP_KEYS)
     if extra:
         raise SpaceError(f"{path}: {extra[0]}: unknown top-level key; expected "
@@ -251,6 +282,7 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise SpaceError(f"{path}: fixed: expected a mapping of setting: value")
+    _string_keys(f"{path}: fixed.", fixed)
     fixed = {k: _coerce(v) for k, v in fixed.items()}
     for key, value in fixed.items():
         if key not in field_types():
@@ -264,6 +296,7 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
     params_doc = doc.get("params")
     if not isinstance(params_doc, dict) or not params_doc:
         raise SpaceError(f"{path}: params: expected a mapping of at least one searched setting")
+    _string_keys(f"{path}: params.", params_doc)
     known: dict[str, list[Any] | None] = {k: [v] for k, v in fixed.items()}
     params = []
     for name, spec in params_doc.items():

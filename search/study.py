@@ -210,7 +210,7 @@ class Objective:
 
         def on_checkpoint(state: dict[str, Any]) -> None:
             session.save(state)
-            if STOP.raised:  # a safe point: this epoch is reported and saved
+            if STOP.raised and state["epoch"] < session.config.epochs:  # a safe point
                 raise Interrupted(f"interrupted after epoch {state['epoch']}; resumes from there")
 
         try:

@@ -63,6 +63,9 @@ def load_study_file(arg: str) -> StudyFile:
         raise SpaceError(f"{path}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(doc, dict):
         raise SpaceError(f"{path}: expected a mapping with space, sampler, pruner, ...")
+    bad_key = next((k for k in doc if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise SpaceError(f"{path}: {bad_key!r}: expected a name (a string key)")
     extra = sorted(set(doc) - KEYS)
     if extra:
         raise SpaceError(f"{path}: {extra[0]}: unknown key; expected one of {', '.join(sorted(KEYS))}")

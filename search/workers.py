@@ -2,14 +2,18 @@
 
 `--workers N` starts N processes (spawned, so each has a clean torch); each opens the storage
 itself and runs its share of `--n-trials`. With several GPUs they are assigned round-robin; on
-the CPU the cores are split between them. The parent only watches the storage and draws bars.
+the CPU the cores are split between them. The parent supervises them (`Supervisor`: dead
+workers replaced, their trials re-queued at once, signals relayed), watches the storage and
+draws the progress.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,7 +25,15 @@ from search.checkpoints import CheckpointStore
 from search.errors import UserError
 from search.logs import quiet_libraries
 from search.packed import run_packed
-from search.recovery import STOP, Interrupted, RetryDeadTrial, reap_dead_local_trials, requeue_interrupted
+from search.recovery import (
+    HOST,
+    STOP,
+    Interrupted,
+    RetryDeadTrial,
+    reap_dead_local_trials,
+    reap_worker,
+    requeue_interrupted,
+)
 from search.storage import wait_for_attr
 from search.study import TRIAL_FAILURES, Objective, RunSpec, TrialRunner, enqueue_fixed_trials, open_study
 from search.tracking import PARENT_ATTR, Tracker
@@ -54,7 +66,8 @@ def worker_device(index: int, overrides: dict) -> dict:
     return out
 
 
-def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | None) -> None:
+def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | None,
+               signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
     """One worker: open the study, run its share of trials. Trial failures (divergence, an
     impossible combination) fail that trial only; anything else ends the worker."""
     quiet_libraries()
@@ -76,68 +89,246 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
                                          spec.keep_checkpoints), reaper)
     if reaper is not None:
         reaper(study)
-    if n_trials == 0:
+    if n_trials == 0:  # `--n-trials 0`: only tidy up (stale trials failed and re-queued)
+        optuna.storages.fail_stale_trials(study)
         return
-    STOP.install()
-    if spec.pack > 1:
-        run_packed(study, runner, spec.pack, n_trials, spec.timeout, handler)
-        return
-    objective = Objective(runner)
+    STOP.install(signals)
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=spec.timeout, catch=TRIAL_FAILURES,
-                       callbacks=[lambda s, t: STOP.raised and s.stop()])
-    except (Interrupted, KeyboardInterrupt):
-        requeue_interrupted(study, objective.current, handler)
-        raise KeyboardInterrupt from None
+        if spec.pack > 1:
+            run_packed(study, runner, spec.pack, n_trials, spec.timeout, handler)
+            return
+        objective = Objective(runner)
+        try:
+            study.optimize(objective, n_trials=n_trials, timeout=spec.timeout,
+                           catch=TRIAL_FAILURES, callbacks=[lambda s, t: STOP.raised and s.stop()])
+        except (Interrupted, KeyboardInterrupt):
+            requeue_interrupted(study, objective.current, handler)
+            raise KeyboardInterrupt from None
+        if STOP.raised:  # stopped between trials: nothing to re-queue, still an interruption
+            raise KeyboardInterrupt
+    finally:
+        tracker.drain()
 
 
-def _worker_entry(spec: RunSpec, index: int, n_trials: int | None, threads: int | None) -> None:
+def _worker_entry(spec: RunSpec, index: int, n_trials: int | None, threads: int | None,
+                  timeout: float | None, stop, parent_pid: int) -> None:
+    """A spawned worker. Ctrl-C reaches the parent, which relays it as `stop`; SIGTERM to the
+    worker itself, its parent's stop, or its parent gone all stop it after the epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    STOP.follow(stop, parent_pid)
+    spec = dataclasses.replace(spec, timeout=timeout)
     try:
-        run_worker(spec, index, n_trials, threads)
+        run_worker(spec, index, n_trials, threads, signals=(signal.SIGTERM,))
     except (UserError, ConfigError, DataError) as exc:
         print(f"search run: worker {index}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(STOP.exit_code)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def finished_by(study: optuna.Study, pids: set[int]) -> int:
+    """Trials that processes `pids` on this host finished (retried attempts not counted)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    return sum(t.state.is_finished() and t.number not in retried
+               and t.user_attrs.get("worker_host") == HOST
+               and t.user_attrs.get("worker_pid") in pids for t in trials)
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One of the N worker places: its share of trials and the processes that held it."""
+
+    index: int
+    share: int | None
+    proc: mp.process.BaseProcess | None = None
+    pids: set[int] = dataclasses.field(default_factory=set)
+    strikes: int = 0  # deaths in a row without a trial finished in between
+    finished: int = 0
+    ended: bool = False
+    problem: str | None = None  # why this slot gave up, for the final message
+
+
+class Supervisor:
+    """`--workers N`: starts N spawned workers and keeps them going. A worker that dies is
+    reported on stderr, its trials failed and re-queued at once, and a replacement takes over
+    the rest of its share, up to `max_restarts` deaths in a row without a finished trial.
+    SIGINT/SIGTERM to the parent stop every worker after its epoch; a second one stops at once."""
+
+    def __init__(self, spec: RunSpec, study: optuna.Study, workers: int, max_restarts: int):
+        self.spec, self.study, self.max_restarts = spec, study, max_restarts
+        self.handler = RetryDeadTrial(spec.max_retry, spec.mlflow_uri)
+        self.ctx = mp.get_context("spawn")
+        self.stop = self.ctx.Event()
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.start_time = time.monotonic()
+        self.slots = [_Slot(i, n) for i, n in enumerate(shares(spec.n_trials, workers))]
+
+    def _launch(self, slot: _Slot, n_trials: int | None) -> None:
+        timeout = self.spec.timeout
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - self.start_time))
+        slot.proc = self.ctx.Process(target=_worker_entry, name=f"search-worker-{slot.index}",
+                                     args=(self.spec, slot.index, n_trials, self.threads,
+                                           timeout, self.stop, os.getpid()))
+        slot.proc.start()
+        slot.pids.add(slot.proc.pid)
+
+    def _say(self, line: str) -> None:
+        tqdm.write(f"search run: {line}", file=sys.stderr)
+
+    def _on_exit(self, slot: _Slot) -> None:
+        proc = slot.proc
+        code = proc.exitcode
+        if code == 0 or (STOP.raised and code in (130, 143)):
+            slot.ended = True
+            return
+        reaped = reap_worker(self.study, proc.pid, self.handler)
+        if STOP.raised:  # it died while stopping: its trials are re-queued, nothing to replace
+            slot.ended = True
+            return
+        if code == 2:  # it printed its error: a bad setting fails every replacement alike
+            slot.ended, slot.problem = True, f"worker {slot.index} stopped on an error"
+            return
+        done = finished_by(self.study, slot.pids)
+        slot.strikes = 1 if done > slot.finished else slot.strikes + 1
+        slot.finished = done
+        left = None if slot.share is None else slot.share - done
+        trials = (f"trial {', '.join(map(str, reaped))} re-queued" if reaped
+                  else "no trial in flight")
+        what = f"worker {slot.index} (pid {proc.pid}) {describe_exit(code)}; {trials}"
+        timed_out = (self.spec.timeout is not None
+                     and time.monotonic() - self.start_time >= self.spec.timeout)
+        if left == 0 or timed_out:
+            self._say(f"{what}; its share is done")
+            slot.ended = True
+        elif slot.strikes > self.max_restarts:
+            self._say(f"{what}; not replaced: {slot.strikes} deaths in a row without a "
+                      "finished trial")
+            slot.ended = True
+            slot.problem = (f"worker {slot.index} died {slot.strikes} times in a row without "
+                            f"finishing a trial (last: {describe_exit(code)})")
+        else:
+            self._say(f"{what}; starting a replacement ({slot.strikes} of "
+                      f"{self.max_restarts} in a row)")
+            self._launch(slot, left)
+
+    def run(self) -> None:
+        for slot in self.slots:
+            self._launch(slot, slot.share)
+        try:
+            while not all(s.ended for s in self.slots):
+                time.sleep(0.5)
+                if STOP.raised:
+                    self.stop.set()
+                for slot in self.slots:
+                    if not slot.ended and not slot.proc.is_alive():
+                        slot.proc.join()
+                        self._on_exit(slot)
+        except KeyboardInterrupt:  # a second signal: stop now, keep what the checkpoints hold
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            started = [s for s in self.slots if s.proc is not None]
+            for slot in started:
+                if slot.proc.is_alive():
+                    slot.proc.kill()
+            for slot in started:
+                slot.proc.join()
+                reap_worker(self.study, slot.proc.pid, self.handler,
+                            "stopped at once by a second signal; resumes from its last "
+                            "checkpoint", "KILLED")
+            raise
+        if STOP.raised:
+            raise KeyboardInterrupt
+        problems = [s for s in self.slots if s.problem]
+        if problems:
+            missing = sum(max(0, s.share - s.finished) for s in problems if s.share is not None)
+            count = (f"{missing} of {self.spec.n_trials} trials did not run"
+                     if self.spec.n_trials is not None else "the study ended early")
+            raise WorkersGaveUp(f"{count}: {'; '.join(s.problem for s in problems)}")
+
+
+class WorkersGaveUp(UserError):
+    """Workers kept dying (or stopped on an error): the command ends without its full count."""
+
+    exit_code = 1
 
 
 class Progress:
-    """Study bar (done / pruned / failed, best, ETA) and the running trials' epoch and val acc,
-    read from the storage so it works the same for one worker or many."""
+    """What a study is doing, read from the storage (the same for one worker or many).
 
-    def __init__(self, study: optuna.Study, total: int | None, epochs: int):
+    On a terminal: a tqdm bar (finished / pruned / failed, best) and the running trials' epoch,
+    accuracy and ETA. Elsewhere (a log file, CI, nohup): one line per finished trial and at most
+    one status line a minute, so a log grows with the study, not with the clock."""
+
+    def __init__(self, study: optuna.Study, total: int | None, epochs: int,
+                 tty: bool | None = None, quiet_seconds: float = 60.0):
         self.study, self.total, self.epochs = study, total, epochs
-        self.baseline = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-        self.start = time.time()
-        self.bar = tqdm(total=total, desc=f"study {study.study_name}", unit="trial",
-                        file=sys.stderr, dynamic_ncols=True)
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        self.baseline = set(self.seen)
+        self.quiet_seconds, self.last_line = quiet_seconds, time.monotonic()
+        self.bar = (tqdm(total=total, desc=f"study {study.study_name}", unit="trial",
+                         file=sys.stderr, dynamic_ncols=True) if self.tty else None)
         self.stop = threading.Event()
+
+    def _running(self, t: optuna.trial.FrozenTrial) -> str | None:
+        if not (t.intermediate_values and t.datetime_start):
+            return None
+        step = max(t.intermediate_values)
+        # resumed trials inherit earlier epochs: time only those run since the start
+        ran = max(1, step - int(t.user_attrs.get("resumed_from_epoch", 0)))
+        eta = (datetime.datetime.now() - t.datetime_start).total_seconds() / ran * (
+            self.epochs - step)
+        return f"ep {step}/{self.epochs} acc {t.intermediate_values[step]:.3f} eta {eta:.0f}s"
 
     def refresh(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
-        new = [t for t in trials if t.number not in self.baseline]
-        done = [t for t in new if t.state.is_finished()]
+        retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+        done = [t for t in trials if t.state.is_finished() and t.number not in retried
+                and t.number not in self.baseline]
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
                                                                State.FAIL)}
-        complete = [t for t in trials if t.state == State.COMPLETE and t.value is not None]
-        best = max((t.value for t in complete), default=None)
+        best = max((t.value for t in trials if t.state == State.COMPLETE and t.value is not None),
+                   default=None)
         running = [t for t in trials if t.state == State.RUNNING]
-        post = {"ok": counts[State.COMPLETE], "pruned": counts[State.PRUNED],
+        post = {"complete": counts[State.COMPLETE], "pruned": counts[State.PRUNED],
                 "failed": counts[State.FAIL]}
         if best is not None:
             post["best"] = f"{best:.4f}"
-        now = datetime.datetime.now()
-        for t in running[:2]:
-            if t.intermediate_values and t.datetime_start:
-                step = max(t.intermediate_values)
-                # resumed trials inherit earlier epochs: time only those run since the start
-                ran = max(1, step - int(t.user_attrs.get("resumed_from_epoch", 0)))
-                eta = (now - t.datetime_start).total_seconds() / ran * (self.epochs - step)
-                post[f"#{t.number}"] = (f"ep {step}/{self.epochs} acc "
-                                        f"{t.intermediate_values[step]:.3f} eta {eta:.0f}s")
-        self.bar.n = len(done) if self.total is None else min(len(done), self.total)
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.refresh()
+        if self.bar is not None:
+            for t in running[:2]:
+                if (text := self._running(t)) is not None:
+                    post[f"#{t.number}"] = text
+            self.bar.n = len(done) if self.total is None else min(len(done), self.total)
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.refresh()
+            return
+        of = f"/{self.total}" if self.total is not None else ""
+        for t in sorted((t for t in done if t.number not in self.seen), key=lambda t: t.number):
+            self.seen.add(t.number)
+            epochs = max(t.intermediate_values, default=0)
+            value = f" val_acc {t.value:.4f}" if t.value is not None else ""
+            secs = (t.duration.total_seconds() if t.duration else 0.0)
+            print(f"study {self.study.study_name}: trial {t.number} {t.state.name.lower()}"
+                  f"{value} after {epochs} epochs ({secs:.0f} s) {t.params}; {len(done)}{of} "
+                  f"finished" + (f", best {best:.4f}" if best is not None else ""),
+                  file=sys.stderr, flush=True)
+            self.last_line = time.monotonic()
+        if time.monotonic() - self.last_line >= self.quiet_seconds:
+            states = ", ".join(f"#{t.number} {self._running(t) or 'starting'}" for t in running)
+            print(f"study {self.study.study_name}: {len(done)}{of} finished, {len(running)} "
+                  f"running{': ' + states if states else ''}", file=sys.stderr, flush=True)
+            self.last_line = time.monotonic()
 
     def watch(self, interval: float = 1.0) -> threading.Thread:
         def loop():
@@ -156,10 +347,11 @@ class Progress:
         try:
             self.refresh()
         finally:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
 
-def run_study(spec: RunSpec, workers: int = 1) -> optuna.Study:
+def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `spec.n_trials` (or the timeout) are spent. Returns the study."""
     space = spec.load_space()
@@ -172,27 +364,20 @@ def run_study(spec: RunSpec, workers: int = 1) -> optuna.Study:
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", 150)))
     progress = Progress(study, spec.n_trials, epochs)
     progress.watch()
-    cpu = os.cpu_count() or 1
+    status = "FAILED"
     try:
         if workers == 1:
             run_worker(spec, 0, spec.n_trials, None)
         else:
-            ctx = mp.get_context("spawn")
-            threads = max(1, cpu // workers)
-            procs = [ctx.Process(target=_worker_entry, args=(spec, i, n, threads))
-                     for i, n in enumerate(shares(spec.n_trials, workers))]
-            for p in procs:
-                p.start()
-            try:
-                for p in procs:
-                    p.join()
-            except KeyboardInterrupt:  # the workers got the signal too: let them save and stop
-                for p in procs:
-                    p.join(timeout=600)
-                raise
-            bad = [p.exitcode for p in procs if p.exitcode]
-            if bad:
-                raise UserError(f"{len(bad)} of {workers} workers failed (exit codes {bad})")
+            # like a worker's: first signal stops after the epoch, a second stops at once;
+            # a SIGINT ignored by whoever started us (`cmd &` in a script) stays ignored
+            ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            STOP.install((signal.SIGTERM,) if ignored else (signal.SIGINT, signal.SIGTERM))
+            Supervisor(spec, study, workers, max_restarts).run()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         progress.close()
         summary = {"n_trials": len(study.trials)}
@@ -200,5 +385,5 @@ def run_study(spec: RunSpec, workers: int = 1) -> optuna.Study:
             summary["best_value"] = study.best_value
         except ValueError:
             pass
-        tracker.finish_parent(parent, summary)
+        tracker.finish_parent(parent, summary, status)
     return study

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,15 @@ PARTITIONS = ("iid", "noniid")
 DEFAULT_LR = {"adamw": 1e-3, "sgdm": 1e-2, "lars": 1.0, "lamb": 2e-3}
 
 DATA_ROOT_ENV = "SEARCH_DATA_ROOT"
+
+# images in each dataset's training set (before the validation split is carved from it)
+TRAIN_IMAGES = {"cifar100": 50_000, "digits": 1_437, "synthetic": 10_000}
+
+
+def train_split_size(dataset: str, val_fraction: float) -> int:
+    """Images left for training once the validation split (rounded up, as sklearn does) is out."""
+    n = TRAIN_IMAGES[dataset]
+    return n - math.ceil(n * val_fraction)
 
 
 def default_data_root() -> Path:
@@ -94,6 +104,10 @@ class TrainConfig:
                 raise ConfigError(
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                 )
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}: expected a finite number, got {value}")
         positive = ("epochs", "batch_size", "base_batch_size", "local_workers", "local_steps")
         for key in positive:
             if int(getattr(self, key)) < 1:
@@ -116,6 +130,10 @@ class TrainConfig:
                 f"batch_size: {self.batch_size} is not divisible by local_workers "
                 f"{self.local_workers} (K x local batch = global batch)"
             )
+        split = train_split_size(self.dataset, self.val_fraction)
+        if self.batch_size > split:
+            raise ConfigError(f"batch_size: {self.batch_size} is larger than the {self.dataset} "
+                              f"training split ({split} images)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
