@@ -8,7 +8,7 @@ Two scenarios:
   and after the heartbeat's grace a `search run --n-trials 0` fails the last killed trial (a
   trial killed just before the end is stale only after the grace; nothing else runs then).
 - `--supervised`: ONE `search run --workers N --n-trials T` command; this script SIGKILLs its
-  worker processes several times and restarts nothing. The command itself must replace them,
+  worker processes mid-trial several times and restarts nothing. The command itself must replace them,
   re-queue their trials and exit 0 with exactly T trials finished.
 
 Figures: trials asked for, trials finished, kills, trials retried, epochs recomputed (<= 1 per
@@ -201,7 +201,13 @@ def supervised(args, rng: random.Random, url: str, work: Path, env: dict, cmd: l
         time.sleep(1)
         seen.update(worker_pids(proc.pid))
         if kills < args.kills and time.time() - last_kill >= args.kill_every:
-            pids = worker_pids(proc.pid)
+            try:  # a worker mid-trial (one between trials loses nothing to recompute)
+                running = optuna.load_study(study_name="soak", storage=url).get_trials(
+                    deepcopy=False, states=(State.RUNNING,))
+            except Exception:
+                continue
+            pids = sorted({t.user_attrs.get("worker_pid") for t in running}
+                          & set(worker_pids(proc.pid)))
             if pids:
                 victim = rng.choice(pids)
                 os.kill(victim, signal.SIGKILL)

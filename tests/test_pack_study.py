@@ -109,7 +109,7 @@ def test_sigterm_stops_a_pack_after_its_epoch_and_requeues_every_trial(tmp_path)
         time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err
+    assert proc.returncode == 143 and "Traceback" not in err
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log")))
     trials = optuna.load_study(study_name="s", storage=storage).get_trials()

@@ -77,7 +77,7 @@ def test_sigterm_stops_at_a_safe_point_and_requeues(tmp_path):
     _wait_for_checkpoint(tmp_path, epochs_at_least=1)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err
+    assert proc.returncode == 143 and "Traceback" not in err
     first, waiting = _trials(tmp_path)
     assert first.state == State.FAIL and waiting.state == State.WAITING
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")

@@ -1,0 +1,254 @@
+"""Does the search pay? Samplers and pruners against the notes' grid, at equal compute.
+
+For each strategy, R independent studies (seeds 0..R-1, each its own in-memory storage) run
+until the epochs they actually trained reach the budget (a pruned trial costs the epochs it
+ran, so pruning is credited; the last trial may overshoot by less than one trial). A trial's
+value counts when it completes; the best value so far is recorded against epochs spent.
+
+Strategies: tpe-hyperband (TPE + Hyperband), tpe-median (TPE + median pruner), random (no
+pruning), gp (Optuna's GPSampler, when the space has a continuous parameter), cmaes (only when
+every parameter is numeric) and grid: the study file's fixed trials (the notes' table), in
+order, unpruned, until the budget or the rows run out.
+
+    python benchmarks/search_efficiency.py [--study seed-adamw] [--space SPACE] [--budget 48]
+        [--repeats 3] [--dataset digits] [--epochs 4] [--strategies tpe-hyperband,random,grid]
+        [--target 0.95] [--jobs 2] [--plot benchmarks/out/search_efficiency.png]
+
+Prints one table (best val accuracy, mean ± sd over repeats, at 25 %, 50 % and 100 % of the
+budget; epochs to reach the target; trials run and pruned) and, last,
+`tpe_hyperband_vs_random: +X.X points at equal budget, grid: Y.Y` (Y.Y: the grid's best, %).
+A difference smaller than the spread across repeats is reported as no difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STRATEGIES = {  # name -> (sampler, pruner)
+    "tpe-hyperband": ("tpe", "hyperband"),
+    "tpe-median": ("tpe", "median"),
+    "random": ("random", "none"),
+    "gp": ("gp", "none"),
+    "cmaes": ("cmaes", "none"),
+    "grid": (None, "none"),
+}
+
+
+def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed: list[dict],
+              overrides: dict, budget: int) -> dict:
+    """One study of one strategy; returns its curve [(epochs spent, value)] of completed trials
+    and its counts. Runs in a worker process (one torch thread)."""
+    import optuna
+    import torch
+
+    from search.algorithms import make_pruner, make_sampler
+    from search.space import parse_space
+    from trainer import Diverged, TrainConfig, train
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = parse_space(space_text, space_path)
+    epochs = int(overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
+    sampler_name, pruner_name = STRATEGIES[strategy]
+    sampler = (optuna.samplers.RandomSampler(seed=seed) if sampler_name is None
+               else make_sampler(sampler_name, space, seed))
+    # few trials fit a short budget: let the median pruner start after 3
+    study = optuna.create_study(direction="maximize", sampler=sampler,
+                                pruner=make_pruner(pruner_name, epochs, startup_trials=3))
+    for row in fixed if strategy == "grid" else ():
+        study.enqueue_trial(row["params"])
+    spent, curve, pruned = 0, [], 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal spent
+
+        def on_epoch(m: dict) -> None:
+            nonlocal spent
+            spent += 1
+            trial.report(m["val_acc"], m["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        config = TrainConfig.from_dict({**space.sample(trial), **overrides, "seed": seed})
+        try:
+            value = train(config, on_epoch).val_acc
+        except Diverged:
+            raise optuna.TrialPruned() from None  # a diverged trial: its epochs are spent
+        curve.append((spent, value))
+        return value
+
+    def stop(study: optuna.Study, trial) -> None:
+        nonlocal pruned
+        pruned += trial.state == optuna.trial.TrialState.PRUNED
+        if spent >= budget:
+            study.stop()
+
+    n_trials = len(fixed) if strategy == "grid" else None
+    study.optimize(objective, n_trials=n_trials, callbacks=[stop])
+    return {"strategy": strategy, "seed": seed, "curve": curve, "spent": spent,
+            "trials": len(study.trials), "pruned": pruned}
+
+
+def best_at(curve: list[tuple[int, float]], epochs: float) -> float | None:
+    values = [v for e, v in curve if e <= epochs]
+    return max(values) if values else None
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fits(strategy: str, space) -> bool:
+    if strategy == "cmaes":
+        return all(p.type != "categorical" for p in space.params)
+    if strategy == "gp":
+        return any(p.type != "categorical" for p in space.params)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--study", default="seed-adamw", help="study file: its space and, for the "
+                   "grid strategy, its fixed trials (default seed-adamw, the notes' AdamW table)")
+    p.add_argument("--space", help="a space instead of the study file's (no grid then)")
+    p.add_argument("--budget", type=int, default=48, help="epochs each study may train")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per trial")
+    p.add_argument("--strategies", default="tpe-hyperband,tpe-median,random,gp,cmaes,grid")
+    p.add_argument("--target", type=float, default=0.95, help="val accuracy to reach")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="studies in parallel")
+    p.add_argument("--plot", default=str(ROOT / "benchmarks" / "out" / "search_efficiency.png"))
+    p.add_argument("--data-root")
+    args = p.parse_args(argv)
+
+    from search.space import load_space
+    from search.studyfile import load_study_file
+
+    if args.space:
+        space, fixed = load_space(args.space), []
+    else:
+        sf = load_study_file(args.study)
+        space, fixed = sf.space, [vars(f) for f in sf.fixed_trials]
+    overrides = {"dataset": args.dataset, "epochs": args.epochs}
+    if args.data_root:
+        overrides["data_root"] = args.data_root
+    wanted = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STRATEGIES]
+    if unknown:
+        p.error(f"--strategies: unknown {unknown[0]!r}; expected {', '.join(STRATEGIES)}")
+    strategies = [s for s in wanted if fits(s, space) and (s != "grid" or fixed)]
+    skipped = sorted(set(wanted) - set(strategies))
+    jobs = [(s, r) for r in range(args.repeats) for s in strategies]
+    print(f"search efficiency: {space.path.name} on {args.dataset}, {args.epochs}-epoch trials, "
+          f"budget {args.budget} epochs per study, {args.repeats} repeats (seeds 0..{args.repeats - 1}), "
+          f"{len(jobs)} studies, {args.jobs} at a time"
+          + (f"; skipped (do not fit the space / no grid): {', '.join(skipped)}" if skipped else ""),
+          flush=True)
+    start = time.time()
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(run_study, s, r, space.text, str(space.path), fixed, overrides,
+                               args.budget) for s, r in jobs]
+        results = [f.result() for f in futures]
+    by = {s: [r for r in results if r["strategy"] == s] for s in strategies}
+
+    header = (f"{'strategy':<14} {'best@25%':>15} {'best@50%':>15} {'best@100%':>15} "
+              f"{'epochs to ' + format(args.target, '.2f'):>18} {'trials (pruned)':>16} {'epochs':>7}")
+    print(header)
+    print("-" * len(header))
+    final: dict[str, list[float]] = {}
+    for s, runs in by.items():
+        cells = []
+        for frac in (0.25, 0.5, 1.0):
+            vals = [best_at(r["curve"], frac * args.budget) for r in runs]
+            got = [v for v in vals if v is not None]
+            if frac == 1.0:
+                final[s] = got
+            if len(got) < len(vals):
+                cells.append(f"{'-':>15}" if not got else
+                             f"{statistics.fmean(got):.4f} ({len(got)}/{len(vals)})".rjust(15))
+            else:
+                m, sd = mean_sd(got)
+                cells.append(f"{m:.4f} ± {sd:.4f}".rjust(15))
+        reach = [next((e for e, _ in sorted(r["curve"]) if best_at(r["curve"], e) >= args.target),
+                      None) for r in runs]
+        hit = [e for e in reach if e is not None]
+        to_target = (f"{statistics.fmean(hit):.0f} ({len(hit)}/{len(runs)})" if hit
+                     else f"never (0/{len(runs)})")
+        trials = (f"{statistics.fmean(r['trials'] for r in runs):.1f} "
+                  f"({statistics.fmean(r['pruned'] for r in runs):.1f})")
+        spent = f"{max(r['spent'] for r in runs)}"
+        print(f"{s:<14} {cells[0]} {cells[1]} {cells[2]} {to_target:>18} {trials:>16} {spent:>7}")
+    print(f"({time.time() - start:.0f} s; 'epochs' is the most any study of the strategy trained; "
+          f"digits is not CIFAR-100)" if args.dataset == "digits" else
+          f"({time.time() - start:.0f} s)")
+    plot(by, args, final)
+    print(verdict(final))
+    return 0
+
+
+def verdict(final: dict[str, list[float]]) -> str:
+    """The last line: TPE + Hyperband against random search, in points of accuracy."""
+    line = "tpe_hyperband_vs_random: "
+    a, b = final.get("tpe-hyperband"), final.get("random")
+    if a and b:
+        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+        diff = 100 * (ma - mb)
+        spread = 100 * max(sa, sb)
+        line += f"{diff:+.1f} points at equal budget"
+        if abs(diff) <= spread:
+            line += f" (no difference: the spread across repeats is {spread:.1f})"
+    else:
+        line += "n/a (run both tpe-hyperband and random)"
+    grid = final.get("grid")
+    return line + (f", grid: {100 * statistics.fmean(grid):.1f}" if grid else ", grid: n/a")
+
+
+def plot(by: dict[str, list[dict]], args: argparse.Namespace, final) -> None:
+    """Best-so-far against epochs spent: the mean per strategy, a band of ± one sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = list(range(1, args.budget + args.epochs + 1))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for s, runs in by.items():
+        points = []
+        for x in xs:
+            vals = [best_at(r["curve"], x) for r in runs]
+            if all(v is not None for v in vals):
+                m, sd = mean_sd(vals)
+                points.append((x, m, sd))
+        if not points:
+            continue
+        x, m, sd = zip(*points, strict=True)
+        ax.plot(x, m, label=s)
+        ax.fill_between(x, [a - b for a, b in zip(m, sd, strict=True)],
+                        [a + b for a, b in zip(m, sd, strict=True)], alpha=0.2)
+    ax.axvline(args.budget, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("epochs trained (all trials of the study)")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.set_title(f"{args.dataset}: {args.epochs}-epoch trials, {args.repeats} repeats, "
+                 f"mean ± sd" + (" (not CIFAR-100)" if args.dataset == "digits" else ""))
+    ax.legend()
+    out = Path(args.plot)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"plot: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
