@@ -10,8 +10,8 @@ pruning), gp (Optuna's GPSampler, when the space has a continuous parameter), cm
 every parameter is numeric) and grid: the study file's fixed trials (the notes' table), in
 order, unpruned, until the budget or the rows run out.
 
-    python benchmarks/search_efficiency.py [--study seed-adamw] [--space SPACE] [--budget 48]
-        [--repeats 3] [--dataset digits] [--epochs 4] [--strategies tpe-hyperband,random,grid]
+    python benchmarks/search_efficiency.py [--study seed-adamw] [--space SPACE] [--budget 36]
+        [--repeats 3] [--dataset digits] [--epochs 3] [--strategies tpe-hyperband,random,grid]
         [--target 0.95] [--jobs 2] [--plot benchmarks/out/search_efficiency.png]
 
 Prints one table (best val accuracy, mean ± sd over repeats, at 25 %, 50 % and 100 % of the
@@ -95,8 +95,10 @@ def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed:
 
     n_trials = len(fixed) if strategy == "grid" else None
     study.optimize(objective, n_trials=n_trials, callbacks=[stop])
+    ran = [t for t in study.trials if t.state.is_finished()]  # not the grid rows left queued
     return {"strategy": strategy, "seed": seed, "curve": curve, "spent": spent,
-            "trials": len(study.trials), "pruned": pruned}
+            "trials": len(ran), "pruned": pruned, "epochs_per_trial": epochs,
+            "trial_epochs": [len(t.intermediate_values) for t in ran]}
 
 
 def best_at(curve: list[tuple[int, float]], epochs: float) -> float | None:
@@ -121,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study", default="seed-adamw", help="study file: its space and, for the "
                    "grid strategy, its fixed trials (default seed-adamw, the notes' AdamW table)")
     p.add_argument("--space", help="a space instead of the study file's (no grid then)")
-    p.add_argument("--budget", type=int, default=48, help="epochs each study may train")
+    p.add_argument("--budget", type=int, default=36, help="epochs each study may train")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per trial")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per trial")
     p.add_argument("--strategies", default="tpe-hyperband,tpe-median,random,gp,cmaes,grid")
     p.add_argument("--target", type=float, default=0.95, help="val accuracy to reach")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="studies in parallel")
@@ -137,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.space:
         space, fixed = load_space(args.space), []
+        label = space.path.name
     else:
         sf = load_study_file(args.study)
         space, fixed = sf.space, [vars(f) for f in sf.fixed_trials]
+        label = f"{sf.name} (space {space.path.name}, grid of {len(fixed)} rows)"
     overrides = {"dataset": args.dataset, "epochs": args.epochs}
     if args.data_root:
         overrides["data_root"] = args.data_root
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     strategies = [s for s in wanted if fits(s, space) and (s != "grid" or fixed)]
     skipped = sorted(set(wanted) - set(strategies))
     jobs = [(s, r) for r in range(args.repeats) for s in strategies]
-    print(f"search efficiency: {space.path.name} on {args.dataset}, {args.epochs}-epoch trials, "
+    print(f"search efficiency: {label} on {args.dataset}, {args.epochs}-epoch trials, "
           f"budget {args.budget} epochs per study, {args.repeats} repeats (seeds 0..{args.repeats - 1}), "
           f"{len(jobs)} studies, {args.jobs} at a time"
           + (f"; skipped (do not fit the space / no grid): {', '.join(skipped)}" if skipped else ""),

@@ -9,7 +9,7 @@ import optuna
 from search.errors import UserError
 from search.space import Space
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2")
 PRUNERS = ("median", "hyperband", "sha", "none")
 
 
@@ -31,6 +31,8 @@ def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.B
         return optuna.samplers.QMCSampler(seed=seed)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
+    if name == "nsga2":  # the classic multi-objective evolutionary sampler
+        return optuna.samplers.NSGAIISampler(seed=seed)
     raise UserError(f"--sampler: unknown {name!r}; expected one of {', '.join(SAMPLERS)}")
 
 

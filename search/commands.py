@@ -12,6 +12,7 @@ import optuna
 from search.algorithms import PRUNERS, SAMPLERS
 from search.errors import UserError
 from search.logs import quiet_libraries
+from search.objectives import epochs_run, pareto_numbers, primary, study_objectives
 from search.space import load_space
 from search.storage import open_storage, redact, storage_url
 from trainer.config import DATASETS, PRECISIONS, ConfigError, TrainConfig
@@ -55,6 +56,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the study file's, else tpe")
     p.add_argument("--pruner", choices=PRUNERS, help="default: the study file's, else median")
+    p.add_argument("--objective", help="what the study optimises, comma-separated: val_acc "
+                   "(default), seconds, comm_rounds, epochs; several make a Pareto front "
+                   "(default: the study file's, else the space's)")
     p.add_argument("--pruner-startup-trials", type=int,
                    help="median pruner: trials finished before pruning starts (default 5)")
     p.add_argument("--pruner-warmup-epochs", type=int,
@@ -114,6 +118,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--study", required=True)
     _storage_flag(p)
     p.add_argument("--epochs", type=positive_int, help="override the trial's epochs")
+    p.add_argument("--trial", type=int, help="retrain this trial instead of the best one "
+                   "(a multi-objective study: one of its Pareto front)")
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
     p.add_argument("--mlflow-uri")
@@ -195,8 +201,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_available(overrides.get("dataset", space.fixed.get("dataset", "cifar100")),
                      overrides.get("data_root", space.fixed.get("data_root")))
 
+    from search.objectives import parse_objectives
     from search.study import RunSpec
     from search.workers import run_study
+
+    objectives = (parse_objectives(args.objective, "--objective") if args.objective
+                  else options.get("objectives", space.objectives))
+    pruner = pick(args.pruner, "pruner", "median")
+    if len(objectives) > 1 and pruner != "none":
+        print(f"search run: Optuna prunes single-objective studies only; this "
+              f"{len(objectives)}-objective study ({', '.join(objectives)}) runs unpruned "
+              f"(pruner {pruner} not used)", file=sys.stderr)
+        pruner = "none"
 
     n_trials = pick(args.n_trials, "n_trials", None)
     if n_trials is None and timeout is None:
@@ -204,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = RunSpec(
         space_text=space.text, space_path=str(space.path), study_name=name,
         storage=storage_url(args.storage), sampler=pick(args.sampler, "sampler", "tpe"),
-        pruner=pick(args.pruner, "pruner", "median"),
+        pruner=pruner, objectives=objectives,
         pruner_startup_trials=pick(args.pruner_startup_trials, "pruner_startup_trials", 5),
         pruner_warmup_epochs=pick(args.pruner_warmup_epochs, "pruner_warmup_epochs", 0),
         n_trials=n_trials, timeout=timeout, overrides=overrides, mlflow_uri=args.mlflow_uri,
@@ -222,11 +238,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def print_summary(study: optuna.Study) -> None:
     line = f"study {study.study_name}: {describe_counts(state_counts(study))}"
-    try:
-        best = study.best_trial
-        line += f"; best trial {best.number}: {best.value:.4f} {best.params}"
-    except ValueError:
-        pass
+    if len(study.directions) > 1:
+        line += f"; Pareto front: {len(pareto_numbers(study))} trials"
+    else:
+        try:
+            best = study.best_trial
+            line += f"; best trial {best.number}: {best.value:.4f} {best.params}"
+        except ValueError:
+            pass
     print(line)
 
 
@@ -278,13 +297,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
-        row = {"study": name, "counts": state_counts(study), "best": None}
-        try:
-            b = study.best_trial
-            row["best"] = {"number": b.number, "value": b.value, "params": b.params,
-                           "mlflow_run_id": b.user_attrs.get("mlflow_run_id")}
-        except ValueError:
-            pass
+        row = {"study": name, "counts": state_counts(study), "best": None,
+               "objectives": study_objectives(study)}
+        if len(study.directions) > 1:
+            row["pareto_front"] = sorted(pareto_numbers(study))
+        else:
+            try:
+                b = study.best_trial
+                row["best"] = {"number": b.number, "value": b.value, "params": b.params,
+                               "mlflow_run_id": b.user_attrs.get("mlflow_run_id")}
+            except ValueError:
+                pass
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -293,6 +316,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no studies in {redact(storage_url(args.storage))}")
     for r in rows:
         line = f"{r['study']}: {describe_counts(r['counts'])}"
+        if "pareto_front" in r:
+            line += (f"; Pareto front ({', '.join(r['objectives'])}): {len(r['pareto_front'])} "
+                     f"trials {r['pareto_front']}")
         if r["best"]:
             line += f"; best #{r['best']['number']} {r['best']['value']:.4f} {r['best']['params']}"
         print(line)
@@ -300,11 +326,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def trials_table(study: optuna.Study) -> list[dict]:
+    names, front = study_objectives(study), pareto_numbers(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({
-            "number": t.number, "state": t.state.name, "value": t.value,
-            "epochs": max(t.intermediate_values, default=0),
+            "number": t.number, "state": t.state.name, "value": primary(t),
+            **({f"values_{n}": v for n, v in zip(names, t.values or [], strict=False)}
+               if len(names) > 1 else {}),
+            "pareto": t.number in front if front else None,
+            "epochs": epochs_run(t),
             **{f"params_{k}": v for k, v in t.params.items()},
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
             "reason": t.user_attrs.get("fail_reason") or t.user_attrs.get("pruned_reason"),
@@ -351,10 +381,21 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     study = load_existing_study(args.study, args.storage)
-    try:
-        best = study.best_trial
-    except ValueError:
-        raise UserError(f"study {study.study_name!r} has no complete trial to retrain") from None
+    if args.trial is not None:
+        best = next((t for t in study.get_trials(deepcopy=False, states=(State.COMPLETE,))
+                     if t.number == args.trial), None)
+        if best is None:
+            raise UserError(f"--trial {args.trial}: no complete trial {args.trial} in study "
+                            f"{study.study_name!r}")
+    elif len(study.directions) > 1:
+        raise UserError(f"study {study.study_name!r} trades {', '.join(study_objectives(study))}: "
+                        f"pick a trial of its Pareto front {sorted(pareto_numbers(study))} "
+                        "with --trial N")
+    else:
+        try:
+            best = study.best_trial
+        except ValueError:
+            raise UserError(f"study {study.study_name!r} has no complete trial to retrain") from None
     values = {**best.user_attrs.get("config", {}), **best.params}
     values.update({k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
                                      "data_root": args.data_root}.items() if v is not None})
@@ -374,7 +415,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     study.set_user_attr("retrain", {"trial": best.number, "test_acc": test_acc,
                                     "epochs": result.epochs, "mlflow_run_id": run_id,
                                     "dataset": config.dataset})
-    print(f"study {study.study_name}: best trial {best.number} (val {best.value:.4f}) retrained on "
+    print(f"study {study.study_name}: trial {best.number} (val {primary(best):.4f}) retrained on "
           f"train+val for {result.epochs} epochs: test accuracy {test_acc:.4f}")
     return 0
 

@@ -50,11 +50,11 @@ def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
         return ((n_trials is None or asked < n_trials)
                 and (timeout is None or time.monotonic() - start < timeout) and not STOP.raised)
 
-    def finish(engine: Engine, member, state: State, value: float | None = None) -> None:
+    def finish(engine: Engine, member, state: State, values: list[float] | None = None) -> None:
         slot = slots.pop(member)
         engine.remove(member)
         slot.end()
-        study.tell(slot.session.trial, value if state == State.COMPLETE else None, state=state)
+        study.tell(slot.session.trial, values if state == State.COMPLETE else None, state=state)
 
     try:
         while True:
@@ -91,8 +91,9 @@ def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                         finish(engine, member, State.PRUNED)
                         continue
                     if member.epoch >= member.config.epochs:
-                        session.completed(metrics["val_acc"])
-                        finish(engine, member, State.COMPLETE, metrics["val_acc"])
+                        values = session.values(member.history)
+                        session.completed(values, member.epoch)
+                        finish(engine, member, State.COMPLETE, values)
                     else:
                         session.save(engine.state(member))
             if STOP.raised:  # a safe point: every trial in flight has reported and saved

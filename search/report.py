@@ -16,6 +16,8 @@ from typing import Any
 
 import optuna
 
+from search.objectives import epochs_run, pareto_numbers, primary, study_objectives
+
 State = optuna.trial.TrialState
 COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "learning_rate",
            "results", "reported", "state")
@@ -26,7 +28,7 @@ def _config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 
 def describe_state(trial: optuna.trial.FrozenTrial) -> str:
-    epochs = max(trial.intermediate_values, default=0)
+    epochs = epochs_run(trial)
     if trial.state == State.COMPLETE:
         return f"complete ({epochs} epochs)"
     if trial.state == State.PRUNED:
@@ -41,12 +43,24 @@ def _pct(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2%}"
 
 
+def _results(t: optuna.trial.FrozenTrial, names: list[str]) -> str:
+    if not t.values:
+        return ""
+    parts = []
+    for name, v in zip(names, t.values, strict=True):
+        parts.append(f"Val Acc: {_pct(v)}" if name == "val_acc" else
+                     f"{name} {v:.1f}" if name == "seconds" else f"{name} {v:.0f}")
+    return ", ".join(parts)
+
+
 def table_rows(study: optuna.Study) -> list[list[str]]:
-    """Labelled (fixed) trials first in file order, then the rest best first."""
+    """Labelled (fixed) trials first in file order, then the rest best first. A multi-objective
+    study's Pareto-optimal trials are marked in the state column (`Pareto`)."""
+    names, front = study_objectives(study), pareto_numbers(study)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != State.WAITING]
     labelled = [t for t in trials if "label" in t.user_attrs]
     others = sorted((t for t in trials if "label" not in t.user_attrs),
-                    key=lambda t: -(t.value if t.value is not None else -1))
+                    key=lambda t: -(primary(t) if primary(t) is not None else -1))
     rows = []
     for t in labelled + others:
         c = _config(t)
@@ -55,8 +69,8 @@ def table_rows(study: optuna.Study) -> list[list[str]]:
             str(t.user_attrs.get("label", f"#{t.number}")),
             str(c.get("epochs", "")), str(c.get("batch_size", "")), str(c.get("momentum", "")),
             f"{c.get('weight_decay', '')}", "" if lr is None else f"{lr:.3g}",
-            f"Val Acc: {_pct(t.value)}" if t.value is not None else "",
-            _pct(t.user_attrs.get("reported")), describe_state(t),
+            _results(t, names), _pct(t.user_attrs.get("reported")),
+            describe_state(t) + (" · Pareto" if t.number in front else ""),
         ])
     return rows
 
@@ -81,12 +95,12 @@ def pivot(study: optuna.Study, rows: str, columns: str) -> tuple[list[str], list
         line = [str(r)]
         for c in col_keys:
             trials = cells.get((r, c), [])
-            done = [t for t in trials if t.state == State.COMPLETE and t.value is not None]
+            done = [t for t in trials if t.state == State.COMPLETE and t.values]
             if not done:
                 line.append(describe_state(trials[0]) if trials else "")
                 continue
-            best = max(done, key=lambda t: t.value)
-            text = _pct(best.value)
+            best = max(done, key=primary)
+            text = _pct(primary(best))
             if "comm_rounds" in best.user_attrs:
                 text += f" ({best.user_attrs['comm_rounds']} rounds)"
             line.append(text + (f" [{len(trials)}]" if len(trials) > 1 else ""))
@@ -111,19 +125,31 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     import plotly.graph_objects as go
     from optuna import visualization as vis
 
-    figs: list[tuple[str, Any]] = [("Optimisation history", vis.plot_optimization_history(study))]
+    names = study_objectives(study)
+    multi = len(names) > 1
+    # a multi-objective study: the front first, then the per-parameter views of val_acc
+    target = (lambda t: t.values[0]) if multi else None
+    figs: list[tuple[str, Any]] = []
+    if multi:
+        figs.append((f"Pareto front ({' vs '.join(names)})",
+                     vis.plot_pareto_front(study, target_names=names)))
+    figs.append(("Optimisation history", vis.plot_optimization_history(
+        study, target=target, target_name=names[0])))
     complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
     varying = {k for t in complete for k in t.params
                if len({str(u.params.get(k)) for u in complete}) > 1}
     if len(complete) >= 2 and varying:
         try:
-            figs.append(("Parameter importances", vis.plot_param_importances(study)))
+            figs.append(("Parameter importances", vis.plot_param_importances(
+                study, target=target, target_name=names[0])))
         except (RuntimeError, ValueError) as exc:
             figs.append(("Parameter importances", go.Figure().add_annotation(
                 text=f"not computable: {exc}", showarrow=False)))
-    figs.append(("Parallel coordinates", vis.plot_parallel_coordinate(study)))
-    figs.append(("Learning curves (validation accuracy per epoch)",
-                 vis.plot_intermediate_values(study)))
+    figs.append(("Parallel coordinates", vis.plot_parallel_coordinate(
+        study, target=target, target_name=names[0])))
+    if not multi:  # multi-objective trials keep no intermediate values
+        figs.append(("Learning curves (validation accuracy per epoch)",
+                     vis.plot_intermediate_values(study)))
     spec = study.user_attrs.get("table")
     if spec:
         fig = go.Figure()
@@ -131,7 +157,7 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
         for t in complete:
             c = _config(t)
             key, x = c.get(spec["rows"]), c.get(spec["columns"])
-            series[key][x] = max(series[key].get(x, -1.0), t.value)
+            series[key][x] = max(series[key].get(x, -1.0), primary(t))
         for key, points in sorted(series.items(), key=lambda kv: str(kv[0])):
             xs = sorted(points)
             fig.add_trace(go.Scatter(x=xs, y=[points[x] for x in xs], mode="lines+markers",

@@ -28,10 +28,12 @@ from typing import Any
 import yaml
 
 from search.errors import UserError
+from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
+from search.objectives import parse_objectives
 from trainer.config import ConfigError, TrainConfig, field_types
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
-TOP_KEYS = {"name", "description", "fixed", "params"}
+TOP_KEYS = {"name", "description", "fixed", "params", "objectives"}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -83,12 +85,15 @@ class Space:
     params: list[Param]
     text: str
     description: str = ""
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
 
     @property
     def hash(self) -> str:
         """Hash of the parsed content: comments and layout do not change it."""
-        canon = json.dumps({"fixed": self.fixed, "params": [vars(p) for p in self.params]},
-                           sort_keys=True, default=str)
+        content: dict[str, Any] = {"fixed": self.fixed, "params": [vars(p) for p in self.params]}
+        if self.objectives != DEFAULT_OBJECTIVES:  # single-objective hashes stay as they were
+            content["objectives"] = self.objectives
+        canon = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def active(self, param: Param, values: dict[str, Any]) -> bool:
@@ -306,7 +311,9 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
     name = doc.get("name") or path.stem
     if not isinstance(name, str):
         raise SpaceError(f"{path}: name: expected a string, got {name!r}")
-    return Space(path, name, fixed, params, text, str(doc.get("description", "")))
+    objectives = (parse_objectives(doc["objectives"], f"{path}: objectives")
+                  if "objectives" in doc else list(DEFAULT_OBJECTIVES))
+    return Space(path, name, fixed, params, text, str(doc.get("description", "")), objectives)
 
 
 def load_space(name_or_path: str | Path) -> Space:

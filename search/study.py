@@ -6,6 +6,7 @@ space is refused.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ import optuna
 from search.algorithms import make_pruner, make_sampler
 from search.checkpoints import CheckpointStore
 from search.errors import UserError
+from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
+from search.objectives import directions, objective_values, study_objectives
 from search.recovery import STOP, Interrupted, RetryDeadTrial, chain_root, mark_worker
 from search.space import Space, parse_space
 from search.storage import open_storage, wait_for_attr
@@ -45,6 +48,7 @@ class RunSpec:
     checkpoint_dir: str | None = None
     keep_checkpoints: bool = False
     pack: int = 1  # trials each worker trains together as one stacked model
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)
     table: dict[str, str] | None = None
 
@@ -97,15 +101,25 @@ def open_study(spec: RunSpec, space: Space, worker: int = 0) -> tuple[optuna.Stu
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
     seed = None if spec.seed is None else spec.seed + worker
     sampler = make_sampler(spec.sampler, space, seed)
-    pruner = make_pruner(spec.pruner, epochs, spec.pruner_startup_trials, spec.pruner_warmup_epochs)
+    pruner = make_pruner(spec.pruner if len(spec.objectives) == 1 else "none", epochs,
+                         spec.pruner_startup_trials, spec.pruner_warmup_epochs)
     try:
         study = optuna.create_study(storage=storage, study_name=spec.study_name,
-                                    direction="maximize", sampler=sampler, pruner=pruner)
+                                    directions=directions(spec.objectives), sampler=sampler,
+                                    pruner=pruner)
+        study.set_metric_names(spec.objectives)  # the dashboard's axis names
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
                                   pruner=pruner)
         created = False
+        deadline = time.monotonic() + 60  # its creator names the objectives right after
+        while len(study.directions) > 1 and not study.metric_names and time.monotonic() < deadline:
+            time.sleep(0.2)
+    have = study_objectives(study) if study.metric_names or len(study.directions) == 1 else None
+    if have != spec.objectives:
+        raise UserError(f"study {spec.study_name!r} optimises {', '.join(have or ['?'])}, not "
+                        f"{', '.join(spec.objectives)}; use --study NEW_NAME for a new study")
     check_space(study, space, created)
     return study, created
 
@@ -116,8 +130,10 @@ class TrialRunner:
 
     def __init__(self, space: Space, overrides: dict[str, Any], tracker: Tracker,
                  parent_run_id: str, checkpoints: CheckpointStore | None = None,
-                 reaper: Callable[[optuna.Study], Any] | None = None):
+                 reaper: Callable[[optuna.Study], Any] | None = None,
+                 objectives: list[str] | None = None):
         self.space, self.overrides = space, overrides
+        self.objectives = objectives or list(DEFAULT_OBJECTIVES)
         self.tracker, self.parent_run_id = tracker, parent_run_id
         self.checkpoints, self.reaper = checkpoints, reaper
 
@@ -165,9 +181,16 @@ class TrialSession:
         self.runner.tracker.log_epoch(self.run_id, metrics)
         if "comm_rounds" in metrics:
             self.trial.set_user_attr("comm_rounds", metrics["comm_rounds"])
+        if len(self.runner.objectives) > 1:  # Optuna keeps no intermediate values for these
+            self.trial.set_user_attr("epochs_run", int(metrics["epoch"]))
+            return
         self.trial.report(metrics["val_acc"], metrics["epoch"])
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
+
+    def values(self, history: list[dict[str, Any]]) -> list[float]:
+        """The trial's objective values, in the study's order."""
+        return objective_values(self.runner.objectives, history)
 
     def save(self, state: dict[str, Any]) -> None:
         if self.runner.checkpoints is not None:
@@ -188,8 +211,9 @@ class TrialSession:
         self.runner.tracker.end_trial(self.run_id, "FAIL", reason)
         self._cleanup()
 
-    def completed(self, value: float) -> None:
-        self.runner.tracker.end_trial(self.run_id, "COMPLETE", value=value)
+    def completed(self, values: list[float], epoch: int) -> None:
+        self.runner.tracker.end_trial(self.run_id, "COMPLETE", objectives=dict(
+            zip(self.runner.objectives, values, strict=True)), step=epoch)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -225,9 +249,10 @@ class Objective:
         except BaseException as exc:
             session.failed(str(exc) or type(exc).__name__)
             raise
-        session.completed(result.val_acc)
+        values = session.values(result.history)
+        session.completed(values, result.epochs)
         self.current = None
-        return result.val_acc
+        return values[0] if len(values) == 1 else values
 
 
 # Exceptions that fail one trial and let the study go on; anything else ends the worker.

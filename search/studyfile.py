@@ -23,12 +23,14 @@ from typing import Any
 
 import yaml
 
+from search.objectives import parse_objectives
 from search.space import Space, SpaceError, find_file, load_space, parse_space
 from trainer.config import field_types
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
-        "pruner_warmup_epochs", "n_trials", "timeout", "pack", "overrides", "fixed_trials", "table"}
+        "pruner_warmup_epochs", "n_trials", "timeout", "pack", "overrides", "fixed_trials", "table",
+        "objectives"}
 
 
 @dataclass
@@ -103,6 +105,8 @@ def load_study_file(arg: str) -> StudyFile:
         raise SpaceError(f"{path}: fixed_trials: duplicate labels")
     options = {k: doc[k] for k in ("sampler", "pruner", "pruner_startup_trials",
                                    "pruner_warmup_epochs", "n_trials", "timeout", "pack") if k in doc}
+    if "objectives" in doc:
+        options["objectives"] = parse_objectives(doc["objectives"], f"{path}: objectives")
     if "pack" in options and not (isinstance(options["pack"], int) and options["pack"] >= 1):
         raise SpaceError(f"{path}: pack: expected an integer >= 1, got {options['pack']!r}")
     table = doc.get("table")

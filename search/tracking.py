@@ -161,6 +161,11 @@ class Tracker:
                    for k, v in summary.items() if isinstance(v, int | float)]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        front = summary.get("pareto_front")
+        if front is not None:  # the trade-off's best trials, one click from the study's run
+            self.client.set_tag(run_id, "pareto_trials",
+                                ", ".join(str(p["trial"]) for p in front)[:5000])
+            self.client.log_dict(run_id, front, "pareto_front.json")
         self.client.set_terminated(run_id, status)
 
     def drain(self, seconds: float = 60.0) -> None:
@@ -229,13 +234,19 @@ class Tracker:
         self._send("log_batch", run_id, metrics=batch)
 
     def end_trial(self, run_id: str, optuna_state: str, reason: str | None = None,
-                  value: float | None = None) -> None:
-        """Closes a child run: FINISHED for complete, KILLED for pruned, FAILED for failed."""
+                  objectives: dict[str, float] | None = None, step: int = 0) -> None:
+        """Closes a child run: FINISHED for complete, KILLED for pruned, FAILED for failed. The
+        objective values are logged at the trial's last epoch (`objective` for a single one,
+        `objective_NAME` for each of several)."""
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "KILLED": "KILLED"}.get(
             optuna_state, "FAILED")
         self._send("set_tag", run_id, "optuna_state", optuna_state)
         if reason:
             self._send("set_tag", run_id, "reason", reason[:5000])
-        if value is not None:
-            self._send("log_metric", run_id, "objective", value)
+        if objectives:
+            now = int(time.time() * 1000)
+            names = (["objective"] if len(objectives) == 1
+                     else [f"objective_{k}" for k in objectives])
+            self._send("log_batch", run_id, metrics=[
+                Metric(n, float(v), now, step) for n, v in zip(names, objectives.values(), strict=True)])
         self._send("set_terminated", run_id, RunStatus.to_string(RunStatus.from_string(status)))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from search.checkpoints import CheckpointStore
 from search.errors import UserError
 from search.logs import quiet_libraries
+from search.objectives import epochs_run, primary, study_objectives
 from search.packed import run_packed
 from search.recovery import (
     HOST,
@@ -86,7 +87,7 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
     reaper = (lambda s: reap_dead_local_trials(s, handler)) if no_heartbeat else None
     runner = TrialRunner(space, worker_device(index, spec.overrides), tracker, parent,
                          CheckpointStore(spec.checkpoint_dir, spec.study_name,
-                                         spec.keep_checkpoints), reaper)
+                                         spec.keep_checkpoints), reaper, spec.objectives)
     if reaper is not None:
         reaper(study)
     if n_trials == 0:  # `--n-trials 0`: only tidy up (stale trials failed and re-queued)
@@ -273,6 +274,7 @@ class Progress:
     def __init__(self, study: optuna.Study, total: int | None, epochs: int,
                  tty: bool | None = None, quiet_seconds: float = 60.0):
         self.study, self.total, self.epochs = study, total, epochs
+        self.names = study_objectives(study)
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         self.baseline = set(self.seen)
@@ -298,7 +300,7 @@ class Progress:
                 and t.number not in self.baseline]
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
                                                                State.FAIL)}
-        best = max((t.value for t in trials if t.state == State.COMPLETE and t.value is not None),
+        best = max((primary(t) for t in trials if t.state == State.COMPLETE and t.values),
                    default=None)
         running = [t for t in trials if t.state == State.RUNNING]
         post = {"complete": counts[State.COMPLETE], "pruned": counts[State.PRUNED],
@@ -316,8 +318,9 @@ class Progress:
         of = f"/{self.total}" if self.total is not None else ""
         for t in sorted((t for t in done if t.number not in self.seen), key=lambda t: t.number):
             self.seen.add(t.number)
-            epochs = max(t.intermediate_values, default=0)
-            value = f" val_acc {t.value:.4f}" if t.value is not None else ""
+            epochs = epochs_run(t)
+            value = (" " + " ".join(f"{n} {v:.4g}" for n, v in zip(
+                self.names, t.values, strict=True))) if t.values else ""
             secs = (t.duration.total_seconds() if t.duration else 0.0)
             print(f"study {self.study.study_name}: trial {t.number} {t.state.name.lower()}"
                   f"{value} after {epochs} epochs ({secs:.0f} s) {t.params}; {len(done)}{of} "
@@ -380,10 +383,14 @@ def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.
         raise
     finally:
         progress.close()
-        summary = {"n_trials": len(study.trials)}
-        try:
-            summary["best_value"] = study.best_value
-        except ValueError:
-            pass
+        summary: dict = {"n_trials": len(study.trials)}
+        if len(study.directions) == 1:
+            try:
+                summary["best_value"] = study.best_value
+            except ValueError:
+                pass
+        else:
+            summary["pareto_front"] = [{"trial": t.number, **dict(zip(
+                study_objectives(study), t.values, strict=True))} for t in study.best_trials]
         tracker.finish_parent(parent, summary, status)
     return study

@@ -255,7 +255,7 @@ class Engine:
             metrics: dict[str, Any] = {
                 "epoch": m.epoch, "train_loss": train_loss[i], "train_acc": train_acc[i],
                 "val_loss": val_loss[i], "val_acc": val_acc[i], "lr": lrs[i],
-                "seconds": seconds, "images_per_s": seen / seconds}
+                "seconds": seconds, "images_per_s": seen / seconds, "step": m.step}
             if self.local:
                 metrics["comm_rounds"] = m.rounds
             m.history.append(metrics)

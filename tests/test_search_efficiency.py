@@ -1,0 +1,30 @@
+"""benchmarks/search_efficiency.py in miniature: studies stop at their epoch budget (at most one
+trial over), pruned trials cost only the epochs they ran, and the table and verdict line print."""
+
+from benchmarks import search_efficiency as se
+from search.studyfile import load_study_file
+
+
+def test_a_study_spends_its_budget_counting_the_epochs_actually_run():
+    sf = load_study_file("seed-adamw")
+    overrides = {"dataset": "digits", "epochs": 2, "augment": "none"}
+    for strategy in ("tpe-hyperband", "grid"):
+        r = se.run_study(strategy, 0, sf.space.text, str(sf.space.path),
+                         [vars(f) for f in sf.fixed_trials], overrides, budget=5)
+        assert r["spent"] == sum(r["trial_epochs"])  # pruned trials count what they ran
+        assert 5 <= r["spent"] < 5 + 2  # stops at the budget, over by less than one trial
+        assert all(0 < e <= 2 for e in r["trial_epochs"])
+        assert len(r["curve"]) == r["trials"] - r["pruned"]
+        assert [e for e, _ in r["curve"]] == sorted(e for e, _ in r["curve"])
+
+
+def test_the_benchmark_prints_its_table_and_verdict(tmp_path, capsys):
+    assert se.main(["--study", "seed-adamw", "--budget", "4", "--epochs", "2", "--repeats", "1",
+                    "--strategies", "random,grid", "--jobs", "2",
+                    "--plot", str(tmp_path / "curve.png")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("search efficiency: seed-adamw (space adamw.yaml, grid of 10 rows) on digits, 2-epoch")
+    assert any(line.startswith("random ") for line in out)
+    assert any(line.startswith("grid ") for line in out)
+    assert out[-1].startswith("tpe_hyperband_vs_random: n/a") and ", grid: " in out[-1]
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
