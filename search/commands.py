@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -227,6 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed, fixed_trials=fixed, table=table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", 1),
+        command=" ".join(["search", *map(shlex.quote, sys.argv[1:])]),
     )
     if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:
         raise UserError(f"sampler {spec.sampler!r} / pruner {spec.pruner!r}: expected one of "
@@ -400,24 +402,54 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     values.update({k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
                                      "data_root": args.data_root}.items() if v is not None})
     config = TrainConfig.from_dict(values)
-    tracker = Tracker(args.mlflow_uri, study.study_name)
+    recorded = str((study.user_attrs.get("mlflow") or {}).get("uri", ""))
+    uri = args.mlflow_uri or (recorded if recorded and "***" not in recorded else None)
+    tracker = Tracker(uri, study.study_name)
     run_id = tracker.start_trial(study.user_attrs.get(PARENT_ATTR, ""), best.number,
-                                 config.to_dict(), {"kind": "retrain"}, study.user_attrs.get("space_yaml", ""))
-    tracker.client.set_tag(run_id, "mlflow.runName", f"retrain-trial-{best.number}")
+                                 config.to_dict(), {"kind": "retrain"}, "",
+                                 run_name=f"retrain of trial-{best.number}")
+    final: dict = {}
     try:
-        result = train(config, lambda m: tracker.log_epoch(run_id, m), holdout="test")
+        result = train(config, lambda m: tracker.log_epoch(run_id, m), holdout="test",
+                       on_checkpoint=lambda state: final.update(state=state))
     except BaseException as exc:
         tracker.end_trial(run_id, "FAIL", str(exc) or type(exc).__name__)
         raise
     test_acc = result.val_acc  # with holdout="test" the held-out split is the test set
-    tracker.client.log_metric(run_id, "test_acc", test_acc)
+    tracker.client.log_metric(run_id, "test_acc", test_acc, step=result.epochs)
+    model_uri = log_model(tracker, run_id, final["state"], config)
     tracker.end_trial(run_id, "COMPLETE")
+    tracker.flush()
     study.set_user_attr("retrain", {"trial": best.number, "test_acc": test_acc,
                                     "epochs": result.epochs, "mlflow_run_id": run_id,
-                                    "dataset": config.dataset})
+                                    "dataset": config.dataset, "model_uri": model_uri})
     print(f"study {study.study_name}: trial {best.number} (val {primary(best):.4f}) retrained on "
-          f"train+val for {result.epochs} epochs: test accuracy {test_acc:.4f}")
+          f"train+val for {result.epochs} epochs: test accuracy {test_acc:.4f}; model {model_uri}")
     return 0
+
+
+def log_model(tracker, run_id: str, state: dict, config) -> str:
+    """The retrained weights as an MLflow PyTorch model (uint8 images in, logits out) with its
+    signature and an input example; returns its URI."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from trainer.data import load_dataset
+    from trainer.model import from_checkpoint
+
+    data = load_dataset(config.dataset, config.data_root)
+    model = from_checkpoint(state, data.num_classes)
+    example = np.ascontiguousarray(data.test.x[:2])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(example)).numpy()
+    mlflow.set_tracking_uri(tracker.uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(example, logits),
+            input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return info.model_uri
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -450,6 +482,8 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    print(f"search dashboard: loading {redact(storage_url(args.storage))} ...", file=sys.stderr,
+          flush=True)  # the import and a long journal take a while; say so at once
     from optuna_dashboard import run_server
 
     storage = open_storage(args.storage)

@@ -24,7 +24,10 @@ COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "l
 
 
 def _config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    return {**trial.user_attrs.get("config", {}), **trial.params}
+    """Every setting of the trial: the defaults, its recorded (non-default) config, its params."""
+    from trainer.config import TrainConfig
+
+    return {**TrainConfig().to_dict(), **trial.user_attrs.get("config", {}), **trial.params}
 
 
 def describe_state(trial: optuna.trial.FrozenTrial) -> str:
@@ -53,11 +56,17 @@ def _results(t: optuna.trial.FrozenTrial, names: list[str]) -> str:
     return ", ".join(parts)
 
 
-def table_rows(study: optuna.Study) -> list[list[str]]:
-    """Labelled (fixed) trials first in file order, then the rest best first. A multi-objective
-    study's Pareto-optimal trials are marked in the state column (`Pareto`)."""
+NOTES_PARAMS = {"batch_size", "momentum", "weight_decay", "lr"}  # the notes' own columns
+
+
+def table(study: optuna.Study) -> tuple[list[str], list[list[str]], list[optuna.trial.FrozenTrial]]:
+    """The notes' columns, then any other searched setting; labelled (fixed) trials first in
+    file order, then the rest best first. Epochs are those a trial ran (a pruned trial's, not
+    its plan); a multi-objective study's Pareto-optimal trials say `Pareto` in the state."""
     names, front = study_objectives(study), pareto_numbers(study)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != State.WAITING]
+    extra = sorted({k for t in trials for k in t.params} - NOTES_PARAMS)
+    header = [*COLUMNS[:6], *extra, *COLUMNS[6:]]
     labelled = [t for t in trials if "label" in t.user_attrs]
     others = sorted((t for t in trials if "label" not in t.user_attrs),
                     key=lambda t: -(primary(t) if primary(t) is not None else -1))
@@ -67,12 +76,22 @@ def table_rows(study: optuna.Study) -> list[list[str]]:
         lr = c.get("lr")
         rows.append([
             str(t.user_attrs.get("label", f"#{t.number}")),
-            str(c.get("epochs", "")), str(c.get("batch_size", "")), str(c.get("momentum", "")),
-            f"{c.get('weight_decay', '')}", "" if lr is None else f"{lr:.3g}",
+            str(epochs_run(t) or c.get("epochs", "")), str(c.get("batch_size", "")),
+            str(c.get("momentum", "")), f"{c.get('weight_decay', '')}",
+            "" if lr is None else f"{lr:.3g}",
+            *[_short(t.params.get(k, "")) for k in extra],
             _results(t, names), _pct(t.user_attrs.get("reported")),
             describe_state(t) + (" · Pareto" if t.number in front else ""),
         ])
-    return rows
+    return header, rows, labelled + others
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def table_rows(study: optuna.Study) -> list[list[str]]:
+    return table(study)[1]
 
 
 def markdown(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
@@ -109,7 +128,8 @@ def pivot(study: optuna.Study, rows: str, columns: str) -> tuple[list[str], list
 
 
 def render_table(study: optuna.Study) -> str:
-    parts = [f"### {study.study_name}", "", markdown(COLUMNS, table_rows(study))]
+    header, rows, _ = table(study)
+    parts = [f"### {study.study_name}", "", markdown(header, rows)]
     spec = study.user_attrs.get("table")
     if spec:
         header, rows = pivot(study, spec["rows"], spec["columns"])
@@ -139,9 +159,9 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     varying = {k for t in complete for k in t.params
                if len({str(u.params.get(k)) for u in complete}) > 1}
     if len(complete) >= 2 and varying:
-        try:
+        try:  # over the parameters that vary: a constant one has no importance to find
             figs.append(("Parameter importances", vis.plot_param_importances(
-                study, target=target, target_name=names[0])))
+                study, params=sorted(varying), target=target, target_name=names[0])))
         except (RuntimeError, ValueError) as exc:
             figs.append(("Parameter importances", go.Figure().add_annotation(
                 text=f"not computable: {exc}", showarrow=False)))
@@ -169,6 +189,42 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     return figs
 
 
+def html_table(header: list[str], rows: list[list[str]], links: list[str | None] | None = None) -> str:
+    """A real HTML table; `links` (one per row) make the first cell a link (the MLflow run)."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cells = [esc(c) for c in row]
+        if links and links[i]:
+            cells[0] = f'<a href="{esc(links[i])}">{cells[0]}</a>'
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def run_links(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[str | None]:
+    """Each trial's MLflow run page, when the study was tracked on an MLflow server."""
+    info = study.user_attrs.get("mlflow") or {}
+    uri = str(info.get("uri", ""))
+    if not uri.startswith(("http://", "https://")):
+        return [None] * len(trials)
+    return [f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{t.user_attrs[RUN]}"
+            "?workflowType=machine_learning" if RUN in t.user_attrs else None for t in trials]
+
+
+RUN = "mlflow_run_id"
+
+
+def settings_html(study: optuna.Study) -> str:
+    attrs = study.user_attrs
+    items = [("objectives", ", ".join(study_objectives(study))),
+             ("settings", attrs.get("settings", "")), ("space", attrs.get("space_path", "")),
+             ("MLflow", (attrs.get("mlflow") or {}).get("uri", "")),
+             ("trials", f"{len(study.get_trials(deepcopy=False))} in storage")]
+    return "<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>"
+                            for k, v in items if v) + "</dl>"
+
+
 def write_report(study: optuna.Study, path: Path) -> Path:
     """One HTML file that opens offline: plotly.js is inlined once, no script URLs."""
     body = []
@@ -180,12 +236,24 @@ def write_report(study: optuna.Study, path: Path) -> Path:
     if retrain:
         extra = (f"<p>Best configuration retrained on train+val: test accuracy "
                  f"<b>{retrain['test_acc']:.2%}</b> (trial {retrain['trial']}).</p>")
-    table = html.escape(render_table(study))
+    header, rows, trials = table(study)
+    tables = [html_table(header, rows, run_links(study, trials))]
+    spec = study.user_attrs.get("table")
+    if spec:
+        p_header, p_rows = pivot(study, spec["rows"], spec["columns"])
+        tables.append(f"<h2>Best val accuracy by {html.escape(spec['rows'])} and "
+                      f"{html.escape(spec['columns'])}</h2>" + html_table(p_header, p_rows))
+    datasets = {str(_config(t).get("dataset")) for t in trials}
+    if datasets - {"cifar100"}:
+        tables.append(f"<p><em>Measured on {html.escape(', '.join(sorted(datasets)))}, not "
+                      "CIFAR-100.</em></p>")
     doc = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(study.study_name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} pre{{background:#f6f6f6;padding:1em}}</style>
-</head><body><h1>Study {html.escape(study.study_name)}</h1>{extra}
-<pre>{table}</pre>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin:1em 0}}
+th,td{{border:1px solid #ccc;padding:.3em .6em;text-align:left}} th{{background:#f3f3f3}}
+dt{{font-weight:bold;float:left;clear:left;width:8em}} dd{{margin-left:9em}}</style>
+</head><body><h1>Study {html.escape(study.study_name)}</h1>{settings_html(study)}{extra}
+{''.join(tables)}
 {''.join(body)}
 </body></html>
 """

@@ -20,7 +20,7 @@ from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.objectives import directions, objective_values, study_objectives
 from search.recovery import STOP, Interrupted, RetryDeadTrial, chain_root, mark_worker
 from search.space import Space, parse_space
-from search.storage import open_storage, wait_for_attr
+from search.storage import open_storage, redact, wait_for_attr
 from search.tracking import RUN_ATTR, Tracker
 from trainer import Diverged, TrainConfig, train
 from trainer.config import ConfigError
@@ -51,6 +51,20 @@ class RunSpec:
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)
     table: dict[str, str] | None = None
+    command: str | None = None  # the command line, as MLflow's run source
+
+    def settings(self, workers: int) -> dict[str, Any]:
+        """The study's settings as the parent run's params and the study's attributes."""
+        out: dict[str, Any] = {"sampler": self.sampler, "pruner": self.pruner,
+                               "objectives": ",".join(self.objectives), "n_trials": self.n_trials,
+                               "timeout": self.timeout, "workers": workers, "pack": self.pack,
+                               "seed": self.seed, "storage": redact(self.storage),
+                               "space": self.space_path}
+        if self.pruner == "median":
+            out.update(pruner_startup_trials=self.pruner_startup_trials,
+                       pruner_warmup_epochs=self.pruner_warmup_epochs)
+        out.update({f"override.{k}": v for k, v in self.overrides.items()})
+        return {k: v for k, v in out.items() if v is not None}
 
     def load_space(self) -> Space:
         return parse_space(self.space_text, self.space_path)
@@ -82,8 +96,8 @@ def check_space(study: optuna.Study, space: Space, created: bool) -> None:
     attrs = study.user_attrs if created else {"space_hash": wait_for_attr(study, "space_hash"),
                                               **study.user_attrs}
     if attrs.get("space_hash") is None:
+        # the space's text is the parent MLflow run's space.yaml; the study keeps short attrs
         study.set_user_attr("space_hash", space.hash)
-        study.set_user_attr("space_yaml", space.text)
         study.set_user_attr("space_path", str(space.path))
     elif attrs["space_hash"] != space.hash:
         raise UserError(
@@ -124,6 +138,13 @@ def open_study(spec: RunSpec, space: Space, worker: int = 0) -> tuple[optuna.Stu
     return study, created
 
 
+def compact_config(config: TrainConfig) -> dict[str, Any]:
+    """The settings that differ from the defaults (TrainConfig fills the rest back in): a short
+    trial attribute in optuna-dashboard instead of every knob."""
+    defaults = TrainConfig().to_dict()
+    return {k: v for k, v in config.to_dict().items() if v != defaults[k]}
+
+
 class TrialRunner:
     """What every trial of a worker shares: the space, overrides, MLflow and checkpoints.
     `begin(trial)` turns an asked Optuna trial into a TrialSession, packed or not."""
@@ -152,19 +173,39 @@ class TrialRunner:
         root = chain_root(trial.study._storage.get_trial(trial._trial_id))
         resume = self.checkpoints.load(root) if self.checkpoints else None
         run_id = (resume or {}).get("mlflow_run_id") or trial.user_attrs.get(RUN_ATTR)
+        label = trial.user_attrs.get("label")
+        run_name = f"{label} · trial-{root}" if label else f"trial-{root}"
         if run_id and root != trial.number:
             self.tracker.reopen(run_id, trial.number)
         else:
             tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
-            if "label" in trial.user_attrs:
-                tags["label"] = str(trial.user_attrs["label"])
-            run_id = self.tracker.start_trial(self.parent_run_id, trial.number, config.to_dict(),
-                                              tags, self.space.text)
+            params = config.to_dict()
+            if label:
+                tags["label"] = str(label)
+                if trial.user_attrs.get("reported") is not None:  # the notes' number beside ours
+                    params["reported_val_acc"] = trial.user_attrs["reported"]
+            run_id = self.tracker.start_trial(self.parent_run_id, trial.number, params,
+                                              tags, self.space.text, run_name)
         trial.set_user_attr(RUN_ATTR, run_id)
-        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("config", compact_config(config))
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
-        return TrialSession(self, trial, config, resume, run_id, root)
+        if root == trial.number:
+            self._note(trial, run_id)
+        return TrialSession(self, trial, config, resume, run_id, root, run_name)
+
+    def _note(self, trial: optuna.Trial, run_id: str) -> None:
+        """The trial's note in optuna-dashboard (Markdown): its MLflow run as a link."""
+        from optuna_dashboard import save_note
+
+        url = self.tracker.run_url(run_id)
+        where = (f"[MLflow run {run_id[:8]}]({url})" if url else
+                 f"MLflow run `{run_id}` in {self.tracker.uri} (`mlflow ui --backend-store-uri "
+                 f"{self.tracker.uri}`, then Experiments → {self.tracker.study_name})")
+        try:
+            save_note(trial, f"**{where}** — per-epoch metrics, params, dataset.")
+        except Exception:  # a note is a convenience; never fail a trial for it
+            pass
 
 
 class TrialSession:
@@ -173,9 +214,10 @@ class TrialSession:
     broken ones FAILED with the reason (also the trial's `fail_reason`)."""
 
     def __init__(self, runner: TrialRunner, trial: optuna.Trial, config: TrainConfig,
-                 resume: dict[str, Any] | None, run_id: str, root: int):
+                 resume: dict[str, Any] | None, run_id: str, root: int, run_name: str = ""):
         self.runner, self.trial, self.config = runner, trial, config
         self.resume, self.run_id, self.root = resume, run_id, root
+        self.run_name = run_name or f"trial-{root}"
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:
         self.runner.tracker.log_epoch(self.run_id, metrics)
@@ -198,7 +240,8 @@ class TrialSession:
 
     def pruned(self, reason: str) -> None:
         self.trial.set_user_attr("pruned_reason", reason)
-        self.runner.tracker.end_trial(self.run_id, "PRUNED", reason)
+        self.runner.tracker.end_trial(self.run_id, "PRUNED", reason,
+                                      run_name=f"{self.run_name} ({reason})")
         self._cleanup()
 
     def interrupted(self, reason: str) -> None:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import getpass
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -25,10 +28,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from search.errors import UserError
 from search.storage import wait_for_attr
@@ -43,7 +53,9 @@ RUN_ATTR = "mlflow_run_id"
 # per call against a dead server); ours are shorter, and our callers decide what to wait for.
 for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+                     # MLflow prints two "View run" lines per run end: our log says enough
+                     ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
     os.environ.setdefault(_key, _value)
 
 
@@ -74,6 +86,49 @@ def _transient(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(t in text for t in ("locked", "connection", "timed out", "temporarily", "503",
                                    "502", "max retries", "read timeout"))
+
+
+DATA_SOURCES = {"cifar100": ("url", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+                "digits": ("code", "sklearn.datasets.load_digits (8x8 upscaled to 32x32)"),
+                "synthetic": ("code", "trainer.data.make_synthetic (random images)")}
+
+
+def dataset_input(config: dict[str, Any]) -> DatasetInput:
+    """The run's training data as MLflow's Datasets column shows it: name, digest, source and
+    the split sizes (the digest names the split: dataset, sizes, split seed)."""
+    from trainer.config import TEST_IMAGES, TRAIN_IMAGES, train_split_size
+
+    name = config["dataset"]
+    train = train_split_size(name, config["val_fraction"])
+    profile = {"train": train, "val": TRAIN_IMAGES[name] - train, "test": TEST_IMAGES[name],
+               "split_seed": config["split_seed"], "classes": 100 if name != "digits" else 10}
+    digest = hashlib.sha256(json.dumps([name, profile], sort_keys=True).encode()).hexdigest()[:8]
+    kind, where = DATA_SOURCES[name]
+    source = json.dumps({"url": where} if kind == "url" else {"code": where})
+    schema = json.dumps({"mlflow_tensorspec": {"features": json.dumps(
+        [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, 3, 32, 32]}}]),
+        "targets": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "int64",
+                                                                 "shape": [-1]}}])}})
+    return DatasetInput(Dataset(name, digest, kind, source, schema, json.dumps(profile)),
+                        tags=[InputTag("mlflow.data.context", "training")])
+
+
+def system_tags(command: str | None) -> dict[str, str]:
+    """MLflow's own source/user/commit tags, so the UI's Source, User and commit columns fill."""
+    # the UI shows a source name after its last "/": a short name, the full line as a tag
+    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_SOURCE_NAME: "search run"}
+    if command:
+        tags["command"] = command[:5000]
+    if git_commit():
+        tags[MLFLOW_GIT_COMMIT] = git_commit()
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry (containers)
+        return str(os.getuid())
 
 
 @functools.cache
@@ -116,8 +171,9 @@ class _RetryingClient:
 class Tracker:
     """MLflow runs of one study."""
 
-    def __init__(self, uri: str | None, study_name: str):
+    def __init__(self, uri: str | None, study_name: str, command: str | None = None):
         raw = MlflowClient(tracking_uri=uri)
+        self.command = command
         self.client = _RetryingClient(raw)
         self.patient = _RetryingClient(raw, seconds=600.0)  # for a trial's run, see above
         self.quick = _RetryingClient(raw, seconds=2.0)  # for what may be queued
@@ -131,24 +187,45 @@ class Tracker:
             raise UserError(f"MLflow at {self.uri}: {str(exc).splitlines()[0]}") from None
 
     def _experiment(self, name: str) -> str:
+        # a model-training experiment: MLflow 3 otherwise opens it in its GenAI view
+        key, kind = "mlflow.experimentKind", "custom_model_development"
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if key not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, key, kind)
             return found.experiment_id
         try:
-            return self.client.create_experiment(name)
+            return self.client.create_experiment(name, tags={key: kind})
         except MlflowException:  # another worker created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def parent_run(self, study, space_text: str, space_hash: str, created: bool) -> str:
+    def run_url(self, run_id: str | None = None) -> str | None:
+        """The run's (or the experiment's) page in the MLflow UI, when the tracking URI is a
+        server. `workflowType=machine_learning`: MLflow 3's UI opens in its GenAI view unless
+        the link says otherwise (its experimentKind tag is not enough in 3.17)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        page = f"/runs/{run_id}" if run_id else ""
+        return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}{page}"
+                "?workflowType=machine_learning")
+
+    def parent_run(self, study, space_text: str, space_hash: str, created: bool,
+                   settings: dict[str, Any] | None = None, description: str = "",
+                   data: dict[str, Any] | None = None) -> str:
         """The study's parent run, marked RUNNING. The process that created the study creates
-        it and stores its id on the study; the others wait for that id."""
+        it (settings as params, a description) and stores its id on the study; the others wait
+        for that id."""
         run_id = study.user_attrs.get(PARENT_ATTR) if created else wait_for_attr(study, PARENT_ATTR)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={
                 "study": study.study_name, "space_hash": space_hash, "kind": "study",
-                **({"git_commit": git_commit()} if git_commit() else {}),
-            })
+                "mlflow.note.content": description, **system_tags(self.command)})
             run_id = run.info.run_id
+            if settings:
+                self.client.log_batch(run_id, params=[Param(k, str(v)[:6000])
+                                                      for k, v in settings.items()])
+            if data is not None:
+                self.client.log_inputs(run_id, datasets=[dataset_input(data)])
             self.client.log_text(run_id, space_text, "space.yaml")
             study.set_user_attr(PARENT_ATTR, run_id)
         else:
@@ -178,14 +255,18 @@ class Tracker:
                   "the Optuna storage holds every trial's values", file=sys.stderr)
 
     def start_trial(self, parent_id: str, trial_number: int, params: dict[str, Any],
-                    tags: dict[str, str], space_text: str) -> str:
+                    tags: dict[str, str], space_text: str, run_name: str | None = None) -> str:
+        """A trial's child run: nested under the study's run, its settings as params, its
+        training data as a dataset input."""
         run = self.patient.create_run(self.experiment_id, tags={
-            MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: f"trial-{trial_number}",
+            MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: run_name or f"trial-{trial_number}",
             "study": self.study_name, "trial_number": str(trial_number),
-            **({"git_commit": git_commit()} if git_commit() else {}), **tags,
+            **system_tags(self.command), **tags,
         })
         run_id = run.info.run_id
         self.patient.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        if "dataset" in params:
+            self.patient.log_inputs(run_id, datasets=[dataset_input(params)])
         self.patient.log_text(run_id, space_text, "space.yaml")
         return run_id
 
@@ -234,12 +315,17 @@ class Tracker:
         self._send("log_batch", run_id, metrics=batch)
 
     def end_trial(self, run_id: str, optuna_state: str, reason: str | None = None,
-                  objectives: dict[str, float] | None = None, step: int = 0) -> None:
-        """Closes a child run: FINISHED for complete, KILLED for pruned, FAILED for failed. The
+                  objectives: dict[str, float] | None = None, step: int = 0,
+                  run_name: str | None = None) -> None:
+        """Closes a child run: FINISHED for complete and for pruned (as Optuna's own MLflow
+        integration does: pruning is a normal end; the run name says `pruned at epoch N` and
+        the tag `optuna_state` PRUNED), KILLED when stopped by a signal, FAILED for failed. The
         objective values are logged at the trial's last epoch (`objective` for a single one,
         `objective_NAME` for each of several)."""
-        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "KILLED": "KILLED"}.get(
+        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "KILLED": "KILLED"}.get(
             optuna_state, "FAILED")
+        if run_name:
+            self._send("set_tag", run_id, MLFLOW_RUN_NAME, run_name)
         self._send("set_tag", run_id, "optuna_state", optuna_state)
         if reason:
             self._send("set_tag", run_id, "reason", reason[:5000])

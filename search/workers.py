@@ -35,7 +35,7 @@ from search.recovery import (
     reap_worker,
     requeue_interrupted,
 )
-from search.storage import wait_for_attr
+from search.storage import redact, wait_for_attr
 from search.study import TRIAL_FAILURES, Objective, RunSpec, TrialRunner, enqueue_fixed_trials, open_study
 from search.tracking import PARENT_ATTR, Tracker
 from trainer.config import ConfigError
@@ -78,7 +78,7 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
         torch.set_num_threads(threads)
     space = spec.load_space()
     study, _ = open_study(spec, space, worker=index)
-    tracker = Tracker(spec.mlflow_uri, spec.study_name)
+    tracker = Tracker(spec.mlflow_uri, spec.study_name, spec.command)
     parent = wait_for_attr(study, PARENT_ATTR)
     handler = RetryDeadTrial(spec.max_retry, spec.mlflow_uri)
     # the journal file and the gRPC proxy have no heartbeat: reap trials of dead processes on
@@ -275,6 +275,7 @@ class Progress:
                  tty: bool | None = None, quiet_seconds: float = 60.0):
         self.study, self.total, self.epochs = study, total, epochs
         self.names = study_objectives(study)
+        self.marks: dict[int, tuple[int, datetime.datetime]] = {}  # trial -> (epoch, seen at)
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         self.baseline = set(self.seen)
@@ -287,10 +288,16 @@ class Progress:
         if not (t.intermediate_values and t.datetime_start):
             return None
         step = max(t.intermediate_values)
+        now = datetime.datetime.now()
+        seen_step, seen_at = self.marks.get(t.number, (None, now))
+        if seen_step != step:  # first sight of this epoch: time per epoch up to here
+            self.marks[t.number] = (step, now)
+            seen_at = now
         # resumed trials inherit earlier epochs: time only those run since the start
         ran = max(1, step - int(t.user_attrs.get("resumed_from_epoch", 0)))
-        eta = (datetime.datetime.now() - t.datetime_start).total_seconds() / ran * (
-            self.epochs - step)
+        per_epoch = (seen_at - t.datetime_start).total_seconds() / ran
+        # counts down through an epoch instead of climbing while the epoch runs
+        eta = max(0.0, per_epoch * (self.epochs - step) - (now - seen_at).total_seconds())
         return f"ep {step}/{self.epochs} acc {t.intermediate_values[step]:.3f} eta {eta:.0f}s"
 
     def refresh(self) -> None:
@@ -354,13 +361,36 @@ class Progress:
                 self.bar.close()
 
 
+def describe_study(spec: RunSpec) -> str:
+    """The parent run's description (MLflow renders it as Markdown)."""
+    storage = redact(spec.storage)
+    flag = "" if storage == "search-journal.log" else f" --storage '{storage}'"
+    return (f"Optuna study **{spec.study_name}** ({', '.join(spec.objectives)}; sampler "
+            f"{spec.sampler}, pruner {spec.pruner}) stored in `{storage}`. Each nested run is one "
+            f"trial.\n\nWatch it live: `search dashboard{flag}` · its table: `search table "
+            f"--study {spec.study_name}{flag}` · a report: `search report --study "
+            f"{spec.study_name}{flag}`")
+
+
 def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `spec.n_trials` (or the timeout) are spent. Returns the study."""
     space = spec.load_space()
     study, created = open_study(spec, space)
-    tracker = Tracker(spec.mlflow_uri, spec.study_name)
-    parent = tracker.parent_run(study, space.text, space.hash, created)
+    tracker = Tracker(spec.mlflow_uri, spec.study_name, spec.command)
+    settings = spec.settings(workers)
+    if created:  # on the study too, short and flat: the dashboard and `optuna studies` show it
+        study.set_user_attr("settings", " ".join(f"{k}={v}" for k, v in settings.items()
+                                                 if k not in ("storage", "space")))
+        study.set_user_attr("mlflow", {"uri": redact(tracker.uri),
+                                       "experiment_id": tracker.experiment_id})
+    from trainer.config import TrainConfig
+
+    data = {**TrainConfig().to_dict(), **space.fixed, **spec.overrides}
+    parent = tracker.parent_run(study, space.text, space.hash, created, settings,
+                                describe_study(spec), data)
+    if tracker.run_url() and created:
+        tqdm.write(f"search run: MLflow experiment {tracker.run_url()}", file=sys.stderr)
     enqueue_fixed_trials(study, spec.fixed_trials, created)
     if spec.table and created:
         study.set_user_attr("table", spec.table)

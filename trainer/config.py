@@ -23,8 +23,10 @@ DEFAULT_LR = {"adamw": 1e-3, "sgdm": 1e-2, "lars": 1.0, "lamb": 2e-3}
 
 DATA_ROOT_ENV = "SEARCH_DATA_ROOT"
 
-# images in each dataset's training set (before the validation split is carved from it)
+# images in each dataset's training set (before the validation split is carved from it) and
+# in its held-out test set
 TRAIN_IMAGES = {"cifar100": 50_000, "digits": 1_437, "synthetic": 10_000}
+TEST_IMAGES = {"cifar100": 10_000, "digits": 360, "synthetic": 2_000}
 
 
 def train_split_size(dataset: str, val_fraction: float) -> int:

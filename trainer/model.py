@@ -22,3 +22,23 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class ImageClassifier(nn.Module):
+    """LeNet-5 behind the trainer's own input normalisation: takes uint8 images (N, 3, 32, 32)
+    as stored on disk and returns logits, so a logged model needs no preprocessing code."""
+
+    def __init__(self, net: LeNet5):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images.float() / 255 - 0.5) / 0.5)  # as trainer.augment.normalize
+
+
+def from_checkpoint(state: dict, num_classes: int) -> ImageClassifier:
+    """The model of a trial's checkpoint (`Engine.state`); local methods' K worker copies are
+    averaged, as their final communication round would."""
+    net = LeNet5(num_classes)
+    net.load_state_dict({name: rows.float().mean(0) for name, rows in state["params"].items()})
+    return ImageClassifier(net.eval())
