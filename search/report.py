@@ -66,7 +66,7 @@ def table(study: optuna.Study) -> tuple[list[str], list[list[str]], list[optuna.
     names, front = study_objectives(study), pareto_numbers(study)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != State.WAITING]
     extra = sorted({k for t in trials for k in t.params} - NOTES_PARAMS)
-    header = [*COLUMNS[:6], *extra, *COLUMNS[6:]]
+    header = [*COLUMNS, *extra]  # the notes' columns first, as in their tables
     labelled = [t for t in trials if "label" in t.user_attrs]
     others = sorted((t for t in trials if "label" not in t.user_attrs),
                     key=lambda t: -(primary(t) if primary(t) is not None else -1))
@@ -79,9 +79,9 @@ def table(study: optuna.Study) -> tuple[list[str], list[list[str]], list[optuna.
             str(epochs_run(t) or c.get("epochs", "")), str(c.get("batch_size", "")),
             str(c.get("momentum", "")), f"{c.get('weight_decay', '')}",
             "" if lr is None else f"{lr:.3g}",
-            *[_short(t.params.get(k, "")) for k in extra],
             _results(t, names), _pct(t.user_attrs.get("reported")),
             describe_state(t) + (" · Pareto" if t.number in front else ""),
+            *[_short(t.params.get(k, "")) for k in extra],
         ])
     return header, rows, labelled + others
 
@@ -149,6 +149,8 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     multi = len(names) > 1
     # a multi-objective study: the front first, then the per-parameter views of val_acc
     target = (lambda t: t.values[0]) if multi else None
+    # importances look for low target values unless the study says otherwise: val_acc negated
+    low_is_good = (lambda t: -t.values[0]) if multi else None
     figs: list[tuple[str, Any]] = []
     if multi:
         figs.append((f"Pareto front ({' vs '.join(names)})",
@@ -161,7 +163,8 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     if len(complete) >= 2 and varying:
         try:  # over the parameters that vary: a constant one has no importance to find
             figs.append(("Parameter importances", vis.plot_param_importances(
-                study, params=sorted(varying), target=target, target_name=names[0])))
+                study, params=sorted(varying), target=low_is_good,
+                target_name=names[0] if not multi else f"-{names[0]}")))
         except (RuntimeError, ValueError) as exc:
             figs.append(("Parameter importances", go.Figure().add_annotation(
                 text=f"not computable: {exc}", showarrow=False)))

@@ -53,7 +53,7 @@ def test_packed_workers_finish_exactly_n_trials(postgres, mlflow_server, tmp_pat
     assert set(by_id) == {c.info.run_id for c in children}
     for c in children:
         t = by_id[c.info.run_id]
-        assert c.info.status == {State.COMPLETE: "FINISHED", State.PRUNED: "KILLED",
+        assert c.info.status == {State.COMPLETE: "FINISHED", State.PRUNED: "FINISHED",
                                  State.FAIL: "FAILED"}[t.state]
         assert c.data.tags["optuna_state"] == t.state.name
         assert float(c.data.params["lr"]) == pytest.approx(t.params["lr"])

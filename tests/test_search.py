@@ -52,7 +52,21 @@ def test_trials_land_in_the_embedded_storage(study_dir):
         if t.state == optuna.trial.TrialState.COMPLETE:
             assert sorted(t.intermediate_values) == [1, 2, 3]
             assert t.value == t.intermediate_values[3]
-    assert study.user_attrs["space_hash"] and "digits" in study.user_attrs["space_yaml"]
+    assert study.user_attrs["space_hash"] and study.user_attrs["space_path"] == "digits.yaml"
+    assert "space_yaml" not in study.user_attrs  # the text is the parent run's space.yaml
+    assert study.metric_names == ["val_acc"]  # the dashboard's axis is named
+    assert "sampler=tpe pruner=median" in study.user_attrs["settings"]
+    # only what differs from the defaults: a short attribute in the dashboard
+    assert study.trials[0].user_attrs["config"]["dataset"] == "digits"
+    assert "momentum" not in study.trials[0].user_attrs["config"]
+
+
+def test_each_trial_has_a_dashboard_note_naming_its_mlflow_run(study_dir):
+    from optuna_dashboard import get_note
+
+    study = _study(study_dir)
+    trial = optuna.Trial(study, study.trials[0]._trial_id)
+    assert study.trials[0].user_attrs["mlflow_run_id"] in get_note(trial)
 
 
 def test_mlflow_parent_and_children(study_dir):
@@ -63,6 +77,12 @@ def test_mlflow_parent_and_children(study_dir):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 7
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view
+    parent = parents[0]
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
+    assert parent.data.params["n_trials"] == "7" and parent.data.params["override.seed"] == "1"
+    assert "search dashboard" in parent.data.tags["mlflow.note.content"]
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["digits"]
     study = _study(study_dir)
     by_id = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
     for run in children:
@@ -78,10 +98,18 @@ def test_mlflow_parent_and_children(study_dir):
             [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)])
         for key in ("train_loss", "train_acc", "val_loss", "lr", "images_per_s"):
             assert len(client.get_metric_history(run.info.run_id, key)) == len(history)
-        expected = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[trial.state.name]
+        expected = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}[trial.state.name]
         assert run.info.status == expected
-        if trial.state.name == "PRUNED":
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"] == "search run"
+        assert run.data.tags["command"].startswith("search run --space digits.yaml")
+        [data] = run.inputs.dataset_inputs
+        assert data.dataset.name == "digits" and json.loads(data.dataset.profile)["train"] == 1149
+        if trial.state.name == "PRUNED":  # pruned: a normal end, told apart by its name
             assert run.data.tags["reason"].startswith("pruned at epoch")
+            assert run.info.run_name == f"trial-{trial.number} ({run.data.tags['reason']})"
+        if trial.state.name == "COMPLETE":  # the objective at the last epoch's step
+            [objective] = client.get_metric_history(run.info.run_id, "objective")
+            assert objective.step == 3 and objective.value == trial.value
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "space.yaml" in artifacts
 
@@ -171,3 +199,15 @@ def test_missing_dataset_stops_before_the_study_starts(cli, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cifar-100-python" in lines[0]
     assert not (tmp_path / "search-journal.log").exists()  # no study, no failed trial
+
+
+def test_table_shows_the_epochs_a_pruned_trial_ran(study_dir):
+    r = subprocess.run([sys.executable, "-m", "search", "table", "--study", "digits"],
+                       cwd=study_dir, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    study = _study(study_dir)
+    for line in r.stdout.splitlines():
+        if line.startswith("| #"):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            trial = study.trials[int(cells[0][1:])]
+            assert cells[1] == str(max(trial.intermediate_values))  # run, not planned

@@ -94,6 +94,14 @@ def test_retrain_stores_test_accuracy(study_dir):
     info = optuna.load_study(study_name="mini", storage=storage).user_attrs["retrain"]
     assert 0.0 <= info["test_acc"] <= 1.0 and info["mlflow_run_id"]
     assert "test accuracy" in r.stdout
+    # the weights are an MLflow model: uint8 images in, one logit per class out
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(f"sqlite:///{study_dir}/mlflow.db")
+    model = mlflow.pyfunc.load_model(info["model_uri"])
+    logits = model.predict(np.zeros((3, 3, 32, 32), dtype=np.uint8))
+    assert np.asarray(logits).shape == (3, 10)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))

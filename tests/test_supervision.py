@@ -191,3 +191,62 @@ def test_every_bad_value_is_one_line_before_anything_is_created(cli, tmp_path, a
 def test_train_rejects_a_batch_larger_than_the_training_split(cli):
     r = cli("train", "--dataset", "digits", "--batch-size", "100000", "--epochs", "1")
     assert r.returncode == 2 and "larger than the digits training split" in r.stderr, r.stderr
+
+
+def _mlflow_server(base, port):
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+         str(port), "--backend-store-uri", f"sqlite:///{base}/mlflow.db",
+         "--artifacts-destination", str(base / "artifacts"), "--workers", "1"],
+        cwd=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail("mlflow server did not start")
+
+
+def test_an_mlflow_outage_mid_study_loses_no_trial_and_no_metric(tmp_path):
+    base = tmp_path / "server"
+    base.mkdir()
+    port = free_port()
+    server = _mlflow_server(base, port)
+    uri = f"http://127.0.0.1:{port}"
+    (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 5", "epochs: 4"))
+    proc = subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
+                             "--mlflow-uri", uri, "--n-trials", "3", "--pruner", "none"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    store = CheckpointStore(tmp_path / "checkpoints", "s")
+    deadline = time.time() + 300
+    while not store.path(0).is_file() and time.time() < deadline:
+        time.sleep(0.3)
+    os.killpg(server.pid, signal.SIGKILL)  # the tracking server goes away mid-trial
+    server.wait()
+    time.sleep(15)
+    server = _mlflow_server(base, port)  # and comes back
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+    assert proc.returncode == 0, err[-3000:]
+    assert "does not answer; training goes on" in err and "answers again" in err
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log")))
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.state for t in trials] == [State.COMPLETE] * 3
+    server = _mlflow_server(base, port)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        for t in trials:
+            run = client.get_run(t.user_attrs["mlflow_run_id"])
+            assert run.info.status == "FINISHED"
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+            assert steps == [1, 2, 3, 4]  # the epochs of the outage were sent afterwards
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
