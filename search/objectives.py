@@ -39,7 +39,8 @@ def parse_objectives(value: Any, where: str) -> list[str]:
         if name in out:
             raise UserError(f"{where}: {name} is listed twice")
         out.append(name)
-    return out
+    # val_acc, when traded, is the first value: tables and the bar rank trials by it
+    return sorted(out, key=lambda n: n != "val_acc")
 
 
 def directions(names: list[str]) -> list[str]:
@@ -63,8 +64,19 @@ def study_objectives(study: optuna.Study) -> list[str]:
 
 
 def primary(trial: optuna.trial.FrozenTrial) -> float | None:
-    """The first objective's value (val_acc in every study file), for ranking and tables."""
+    """The first objective's value (val_acc whenever it is an objective), for tables."""
     return trial.values[0] if trial.values else None
+
+
+def best_first(study: optuna.Study):
+    """A sort key putting the best first by the first objective, in its direction."""
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+
+    def key(trial: optuna.trial.FrozenTrial) -> float:
+        value = primary(trial)
+        return float("inf") if value is None else sign * value
+
+    return key
 
 
 def pareto_numbers(study: optuna.Study) -> set[int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from search.objectives import epochs_run, pareto_numbers, primary, study_objectives
+from search.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
 
 State = optuna.trial.TrialState
 COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "learning_rate",
@@ -69,7 +69,7 @@ def table(study: optuna.Study) -> tuple[list[str], list[list[str]], list[optuna.
     header = [*COLUMNS, *extra]  # the notes' columns first, as in their tables
     labelled = [t for t in trials if "label" in t.user_attrs]
     others = sorted((t for t in trials if "label" not in t.user_attrs),
-                    key=lambda t: -(primary(t) if primary(t) is not None else -1))
+                    key=best_first(study))
     rows = []
     for t in labelled + others:
         c = _config(t)
@@ -118,7 +118,7 @@ def pivot(study: optuna.Study, rows: str, columns: str) -> tuple[list[str], list
             if not done:
                 line.append(describe_state(trials[0]) if trials else "")
                 continue
-            best = max(done, key=primary)
+            best = min(done, key=best_first(study))
             text = _pct(primary(best))
             if "comm_rounds" in best.user_attrs:
                 text += f" ({best.user_attrs['comm_rounds']} rounds)"

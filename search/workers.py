@@ -24,7 +24,7 @@ from tqdm import tqdm
 from search.checkpoints import CheckpointStore
 from search.errors import UserError
 from search.logs import quiet_libraries
-from search.objectives import epochs_run, primary, study_objectives
+from search.objectives import best_first, epochs_run, primary, study_objectives
 from search.packed import run_packed
 from search.recovery import (
     HOST,
@@ -307,8 +307,8 @@ class Progress:
                 and t.number not in self.baseline]
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
                                                                State.FAIL)}
-        best = max((primary(t) for t in trials if t.state == State.COMPLETE and t.values),
-                   default=None)
+        complete = [t for t in trials if t.state == State.COMPLETE and t.values]
+        best = primary(min(complete, key=best_first(self.study))) if complete else None
         running = [t for t in trials if t.state == State.RUNNING]
         post = {"complete": counts[State.COMPLETE], "pruned": counts[State.PRUNED],
                 "failed": counts[State.FAIL]}
