@@ -86,7 +86,7 @@ def test_report_is_self_contained(study_dir, tmp_path):
     assert len(text) > 1_000_000
 
 
-def test_retrain_stores_test_accuracy(study_dir):
+def test_retrain_stores_test_accuracy(study_dir, monkeypatch):
     r = _search(study_dir, "retrain", "--study", "mini")
     assert r.returncode == 0, r.stderr[-2000:]
     storage = optuna.storages.JournalStorage(
@@ -98,8 +98,14 @@ def test_retrain_stores_test_accuracy(study_dir):
     import mlflow
     import numpy as np
 
+    before = mlflow.get_tracking_uri()
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI: keep it from later tests' subprocesses
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{study_dir}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{study_dir}/mlflow.db")
-    model = mlflow.pyfunc.load_model(info["model_uri"])
+    try:
+        model = mlflow.pyfunc.load_model(info["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(before)
     logits = model.predict(np.zeros((3, 3, 32, 32), dtype=np.uint8))
     assert np.asarray(logits).shape == (3, 10)
 
