@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pg import PostgresServer, pg_bin  # noqa: E402
+from search.recovery import retried_numbers  # noqa: E402
 
 STUDY = """
 name: soak
@@ -259,7 +260,7 @@ def measure(url: str, work: Path, asked: int) -> dict[str, int]:
     client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("soak")
     runs = client.search_runs([exp.experiment_id], max_results=5000) if exp else []
-    retried = {n for t in trials.values() for n in t.system_attrs.get("retry_history", ())}
+    retried = retried_numbers(list(trials.values()))
     return {
         "trials_asked": asked,
         # every finished trial once: a failed attempt that was retried stands for nothing

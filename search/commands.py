@@ -258,8 +258,10 @@ COUNT_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
 def state_counts(study: optuna.Study) -> dict[str, int]:
     """Trials per state; a failed attempt that was retried (its worker died, or it was stopped)
     counts as RETRIED, not FAIL: its retry stands for it."""
+    from search.recovery import retried_numbers
+
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried = retried_numbers(trials)
     out = dict.fromkeys([*COUNT_WORDS, "RETRIED"], 0)
     for t in trials:
         out["RETRIED" if t.number in retried else t.state.name] += 1

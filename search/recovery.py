@@ -29,7 +29,7 @@ from search.errors import Interrupted
 from search.tracking import RUN_ATTR
 
 __all__ = ["STOP", "Interrupted", "RetryDeadTrial", "chain_root", "mark_worker",
-           "reap_dead_local_trials", "reap_worker", "requeue_interrupted"]
+           "reap_dead_local_trials", "reap_worker", "requeue_interrupted", "retried_numbers"]
 
 State = optuna.trial.TrialState
 HOST = socket.gethostname()
@@ -125,6 +125,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    handler: RetryDeadTrial, *why: str) -> bool:
+    """Fails a RUNNING trial whose process is gone and re-queues it; False when someone else
+    (a heartbeat, another worker) failed it first: the storage locks the row, one side wins."""
+    try:
+        won = study._storage.set_trial_state_values(trial._trial_id, state=State.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    if won:
+        handler(study, study._storage.get_trial(trial._trial_id), *why)
+    return won
+
+
 def reap_dead_local_trials(study: optuna.Study, handler: RetryDeadTrial) -> int:
     """Embedded storage: fails and re-queues RUNNING trials whose worker on this host is gone."""
     reaped = 0
@@ -132,14 +145,8 @@ def reap_dead_local_trials(study: optuna.Study, handler: RetryDeadTrial) -> int:
         pid = t.user_attrs.get("worker_pid")
         if t.user_attrs.get("worker_host") != HOST or pid is None or pid == os.getpid():
             continue
-        if _alive(int(pid)):
-            continue
-        try:
-            if study._storage.set_trial_state_values(t._trial_id, state=State.FAIL):
-                handler(study, study._storage.get_trial(t._trial_id))
-                reaped += 1
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker reaped it first
+        if not _alive(int(pid)):
+            reaped += _fail_and_retry(study, t, handler)
     return reaped
 
 
@@ -149,15 +156,15 @@ def reap_worker(study: optuna.Study, pid: int, handler: RetryDeadTrial,
     (its parent saw it die); returns their numbers."""
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
-        if t.user_attrs.get("worker_host") != HOST or t.user_attrs.get("worker_pid") != pid:
-            continue
-        try:
-            if study._storage.set_trial_state_values(t._trial_id, state=State.FAIL):
-                handler(study, study._storage.get_trial(t._trial_id), reason, status)
-                reaped.append(t.number)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # a heartbeat or another worker failed it first
+        mine = t.user_attrs.get("worker_host") == HOST and t.user_attrs.get("worker_pid") == pid
+        if mine and _fail_and_retry(study, t, handler, reason, status):
+            reaped.append(t.number)
     return reaped
+
+
+def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Trial numbers of failed attempts that a retry stands for (Optuna's retry history)."""
+    return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
 
 
 def mark_worker(trial: optuna.Trial) -> None:

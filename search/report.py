@@ -127,6 +127,12 @@ def pivot(study: optuna.Study, rows: str, columns: str) -> tuple[list[str], list
     return [f"{rows} \\ {columns}", *map(str, col_keys)], out
 
 
+def not_cifar(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """The datasets the trials used, when any is not CIFAR-100 ("" when all are)."""
+    datasets = {str(_config(t).get("dataset")) for t in trials}
+    return ", ".join(sorted(datasets)) if datasets - {"cifar100"} else ""
+
+
 def render_table(study: optuna.Study) -> str:
     header, rows, _ = table(study)
     parts = [f"### {study.study_name}", "", markdown(header, rows)]
@@ -135,9 +141,9 @@ def render_table(study: optuna.Study) -> str:
         header, rows = pivot(study, spec["rows"], spec["columns"])
         parts += ["", f"Best val accuracy by {spec['rows']} and {spec['columns']}:", "",
                   markdown(header, rows)]
-    dataset = {str(_config(t).get("dataset")) for t in study.get_trials(deepcopy=False)}
-    if dataset - {"cifar100"}:
-        parts += ["", f"_Measured on {', '.join(sorted(dataset))}, not CIFAR-100._"]
+    others = not_cifar(study.get_trials(deepcopy=False))
+    if others:
+        parts += ["", f"_Measured on {others}, not CIFAR-100._"]
     return "\n".join(parts)
 
 
@@ -246,10 +252,9 @@ def write_report(study: optuna.Study, path: Path) -> Path:
         p_header, p_rows = pivot(study, spec["rows"], spec["columns"])
         tables.append(f"<h2>Best val accuracy by {html.escape(spec['rows'])} and "
                       f"{html.escape(spec['columns'])}</h2>" + html_table(p_header, p_rows))
-    datasets = {str(_config(t).get("dataset")) for t in trials}
-    if datasets - {"cifar100"}:
-        tables.append(f"<p><em>Measured on {html.escape(', '.join(sorted(datasets)))}, not "
-                      "CIFAR-100.</em></p>")
+    others = not_cifar(trials)
+    if others:
+        tables.append(f"<p><em>Measured on {html.escape(others)}, not CIFAR-100.</em></p>")
     doc = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin:1em 0}}

@@ -214,10 +214,10 @@ class TrialSession:
     broken ones FAILED with the reason (also the trial's `fail_reason`)."""
 
     def __init__(self, runner: TrialRunner, trial: optuna.Trial, config: TrainConfig,
-                 resume: dict[str, Any] | None, run_id: str, root: int, run_name: str = ""):
+                 resume: dict[str, Any] | None, run_id: str, root: int, run_name: str):
         self.runner, self.trial, self.config = runner, trial, config
         self.resume, self.run_id, self.root = resume, run_id, root
-        self.run_name = run_name or f"trial-{root}"
+        self.run_name = run_name
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:
         self.runner.tracker.log_epoch(self.run_id, metrics)

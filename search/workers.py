@@ -34,6 +34,7 @@ from search.recovery import (
     reap_dead_local_trials,
     reap_worker,
     requeue_interrupted,
+    retried_numbers,
 )
 from search.storage import redact, wait_for_attr
 from search.study import TRIAL_FAILURES, Objective, RunSpec, TrialRunner, enqueue_fixed_trials, open_study
@@ -139,7 +140,7 @@ def describe_exit(code: int | None) -> str:
 def finished_by(study: optuna.Study, pids: set[int]) -> int:
     """Trials that processes `pids` on this host finished (retried attempts not counted)."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried = retried_numbers(trials)
     return sum(t.state.is_finished() and t.number not in retried
                and t.user_attrs.get("worker_host") == HOST
                and t.user_attrs.get("worker_pid") in pids for t in trials)
@@ -302,7 +303,7 @@ class Progress:
 
     def refresh(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
-        retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+        retried = retried_numbers(trials)
         done = [t for t in trials if t.state.is_finished() and t.number not in retried
                 and t.number not in self.baseline]
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
