@@ -11,12 +11,19 @@ Two scenarios:
   worker processes mid-trial several times and restarts nothing. The command itself must replace them,
   re-queue their trials and exit 0 with exactly T trials finished.
 
-Figures: trials asked for, trials finished, kills, trials retried, epochs recomputed (<= 1 per
-kill), enqueued fixed trials run more than once (0), MLflow runs left RUNNING (0), and for
-`--supervised` the command's exit status (0) and processes left behind (0).
+- `--partition [--pack P]`: N `search run` commands (N machines) share one study; this script
+  freezes one mid-trial with SIGSTOP past the heartbeat's grace, so another command takes its
+  trial over, then thaws it (SIGCONT), several times, and restarts nothing. Every command must
+  exit 0 with its own `--n-trials` run, the woken ones dropping the trials they lost.
 
-    python benchmarks/soak.py [--short] [--supervised] [--trials 12] [--epochs 4] [--workers 4]
-                              [--kill-every 8] [--kills 4]
+Figures: trials asked for, trials finished, kills (or pauses), trials retried, epochs
+recomputed (<= 1 per kill), enqueued fixed trials run more than once (0), MLflow runs left
+RUNNING (0), for `--supervised` the command's exit status (0) and processes left behind (0),
+for `--partition` the commands' exit statuses, metric steps logged twice in one MLflow run (0)
+and checkpoints written by a paused worker after its trial was taken over (0).
+
+    python benchmarks/soak.py [--short] [--supervised | --partition [--pack P]] [--trials 12]
+                              [--epochs 4] [--workers 4] [--kill-every 8] [--kills 4]
 
 Exit status 0 when every figure holds. It runs on loopback only and stops by itself
 (`--max-seconds`).
@@ -69,7 +76,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--supervised", action="store_true",
                    help="one `search run --workers N` command; nothing outside restarts workers")
-    p.add_argument("--kills", type=int, default=4, help="--supervised: workers to SIGKILL")
+    p.add_argument("--kills", type=int, default=4,
+                   help="--supervised: workers to SIGKILL; --partition: commands to pause")
+    p.add_argument("--partition", action="store_true",
+                   help="commands frozen past the heartbeat's grace and thawed, none killed")
+    p.add_argument("--pack", type=int, default=1, help="--partition: trials per pack")
     args = p.parse_args()
     if args.short:
         args.trials, args.epochs, args.workers, args.kill_every = 5, 3, 3, 9.0
@@ -90,9 +101,10 @@ def main() -> int:
            "--heartbeat", "2", "--max-retry", "20", "--n-trials", "1000"]
     logs = work / "logs"
     logs.mkdir()
-    if args.supervised:
+    if args.supervised or args.partition:
         try:
-            return supervised(args, rng, url, work, env, cmd, pg)
+            scenario = supervised if args.supervised else partition
+            return scenario(args, rng, url, work, env, cmd, pg)
         finally:
             pg.stop("fast")
     started = 0
@@ -131,7 +143,7 @@ def main() -> int:
                 kills += 1
                 workers[victim] = spawn()
                 last_kill = time.time()
-                if kills == 2 and not pg_restarted:
+                if kills == (1 if args.short else 2) and not pg_restarted:
                     pg.stop("fast")
                     time.sleep(3)
                     pg.start()
@@ -149,8 +161,9 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 w.kill()
     time.sleep(3 * 2 + 1)  # the heartbeat's grace (3 x --heartbeat 2)
-    subprocess.run([*cmd[:-1], "0"], cwd=work, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=300)
+    with open(logs / "tidy.log", "w") as log:
+        subprocess.run([*cmd[:-1], "0"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                       timeout=300)
     figures = measure(url, work, args.trials)
     pg.stop("fast")
     figures["kills"] = kills
@@ -238,6 +251,88 @@ def supervised(args, rng: random.Random, url: str, work: Path, env: dict, cmd: l
     return 0 if ok else 1
 
 
+def partition(args, rng: random.Random, url: str, work: Path, env: dict, cmd: list[str],
+              pg) -> int:
+    """N commands on one study; one at a time frozen past the grace, then thawed."""
+    share = [args.trials // args.workers + (i < args.trials % args.workers)
+             for i in range(args.workers)]
+    procs = []
+    for i, n in enumerate(share):
+        log = open(work / "logs" / f"command-{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [*cmd[:-1], str(n), "--pack", str(args.pack), "--keep-checkpoints"], cwd=work,
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+        if i == 0:
+            time.sleep(8)  # the first one creates the study and enqueues the fixed trials
+    pauses, start, last = 0, time.time(), time.time()
+    grace = 3 * 2  # --heartbeat 2
+    while any(p.poll() is None for p in procs) and time.time() - start < args.max_seconds:
+        time.sleep(1)
+        if pauses >= args.kills or time.time() - last < args.kill_every:
+            continue
+        try:
+            running = optuna.load_study(study_name="soak", storage=url).get_trials(
+                deepcopy=False, states=(State.RUNNING,))
+        except Exception:
+            continue
+        busy = [p for p in procs if p.poll() is None
+                and any(t.user_attrs.get("worker_pid") == p.pid for t in running)]
+        if len(busy) < 2 and len([p for p in procs if p.poll() is None]) < 2:
+            continue  # nobody left to take the trial over
+        if not busy:
+            continue
+        victim = rng.choice(busy)
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(grace + 8)  # past the grace, and time for another command to ask
+        victim.send_signal(signal.SIGCONT)
+        pauses += 1
+        last = time.time()
+    for p in procs:
+        if p.poll() is None:
+            print(f"soak: gave up after {args.max_seconds:.0f} s", file=sys.stderr)
+            p.send_signal(signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=120))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    figures = measure(url, work, args.trials)
+    figures.update(pauses=pauses, exit_statuses=",".join(map(str, codes)))
+    for key in ("trials_asked", "trials_finished", "pauses", "trials_retried", "epochs_recomputed",
+                "fixed_trials_run_twice", "mlflow_runs_left_running", "exit_statuses",
+                "metric_steps_logged_twice", "checkpoints_overwritten_by_stale_workers"):
+        print(f"{key}: {figures[key]}")
+    ok = (set(codes) == {0} and figures["trials_finished"] == args.trials
+          and pauses == args.kills and figures["metric_steps_logged_twice"] == 0
+          and figures["checkpoints_overwritten_by_stale_workers"] == 0
+          and figures["fixed_trials_run_twice"] == 0 and figures["mlflow_runs_left_running"] == 0)
+    print(f"soak --partition: {'ok' if ok else 'FAILED'} (logs in {work / 'logs'})")
+    return 0 if ok else 1
+
+
+def stale_writes(trials: dict, work: Path) -> int:
+    """Checkpoint files of failed-and-retried attempts written after the attempt was failed
+    (kept with --keep-checkpoints; each attempt writes its own file)."""
+    import datetime
+
+    from search.checkpoints import CheckpointStore
+    from search.recovery import chain_root
+
+    store = CheckpointStore(work / "checkpoints", "soak")
+    count = 0
+    for t in trials.values():
+        if t.state != State.FAIL or t.datetime_complete is None:
+            continue
+        path = store.path(chain_root(t), t.number)
+        if path.is_file():
+            written = datetime.datetime.fromtimestamp(path.stat().st_mtime)
+            count += written > t.datetime_complete
+    return count
+
+
 def measure(url: str, work: Path, asked: int) -> dict[str, int]:
     from mlflow.tracking import MlflowClient
 
@@ -261,6 +356,12 @@ def measure(url: str, work: Path, asked: int) -> dict[str, int]:
     exp = client.get_experiment_by_name("soak")
     runs = client.search_runs([exp.experiment_id], max_results=5000) if exp else []
     retried = retried_numbers(list(trials.values()))
+    twice_logged = 0
+    for run in runs:
+        if run.data.tags.get("kind") == "study":
+            continue
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        twice_logged += len(steps) - len(set(steps))
     return {
         "trials_asked": asked,
         # every finished trial once: a failed attempt that was retried stands for nothing
@@ -271,6 +372,8 @@ def measure(url: str, work: Path, asked: int) -> dict[str, int]:
         "epochs_recomputed": recomputed,
         "fixed_trials_run_twice": twice,
         "mlflow_runs_left_running": sum(r.info.status == "RUNNING" for r in runs),
+        "metric_steps_logged_twice": twice_logged,
+        "checkpoints_overwritten_by_stale_workers": stale_writes(trials, work),
     }
 
 

@@ -80,6 +80,9 @@ def add_parsers(sub) -> None:
                    "else MLflow's default ./mlflow.db)")
     p.add_argument("--heartbeat", type=int, default=10,
                    help="seconds between trial heartbeats on a database storage (default 10)")
+    p.add_argument("--storage-patience", type=positive_float, default=600.0,
+                   help="seconds a database storage may stay silent (a restart, a failover) "
+                   "before the command stops, its trials left to resume (default 600)")
     p.add_argument("--max-retry", type=int, default=3,
                    help="times a trial whose worker died or was stopped is re-queued (default 3)")
     p.add_argument("--checkpoint-dir", help="per-epoch trial checkpoints, shared by all workers "
@@ -227,6 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         n_trials=n_trials, timeout=timeout, overrides=overrides, mlflow_uri=args.mlflow_uri,
         seed=args.seed, fixed_trials=fixed, table=table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
+        storage_patience=args.storage_patience,
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", 1),
         command=" ".join(["search", *map(shlex.quote, sys.argv[1:])]),
     )
@@ -302,7 +306,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         row = {"study": name, "counts": state_counts(study), "best": None,
-               "objectives": study_objectives(study)}
+               "objectives": study_objectives(study),
+               # a failed checkpoint write: these would restart from an older epoch if killed
+               "running_without_crash_safety": [
+                   t.number for t in study.get_trials(deepcopy=False, states=(State.RUNNING,))
+                   if t.user_attrs.get("crash_safe") is False]}
         if len(study.directions) > 1:
             row["pareto_front"] = sorted(pareto_numbers(study))
         else:
@@ -323,6 +331,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "pareto_front" in r:
             line += (f"; Pareto front ({', '.join(r['objectives'])}): {len(r['pareto_front'])} "
                      f"trials {r['pareto_front']}")
+        if r["running_without_crash_safety"]:
+            unsafe = r["running_without_crash_safety"]
+            line += (f"; {len(unsafe)} running without crash safety (checkpoint writes fail): "
+                     f"trial {', '.join(map(str, unsafe))}")
         if r["best"]:
             line += f"; best #{r['best']['number']} {r['best']['value']:.4f} {r['best']['params']}"
         print(line)

@@ -32,6 +32,10 @@ def quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    # our worker loop asks and tells itself, with a heartbeat thread per trial, as optimize does
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    # a retry restarted from epoch 0 (its checkpoint unreadable) reports the inherited epochs again
+    warnings.filterwarnings("ignore", message="The reported value is ignored because")
     optuna_logger = logging.getLogger("optuna")
     if not any(isinstance(f, _NoExpectedTracebacks) for f in optuna_logger.filters):
         for handler in optuna_logger.handlers:

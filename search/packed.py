@@ -1,22 +1,30 @@
-"""`--pack P`: a worker keeps up to P trials in flight and trains them as stacked models.
+"""The worker loop: up to P trials in flight, trained as stacked models (`--pack P`; P = 1 is
+a plain run, the same loop).
 
 Trials are asked from Optuna (ask/tell), so any sampler works. A trial's shape settings
 (`trainer.config.pack_key`: batch size, optimiser, augmentation, dataset, epochs, local-method
 settings, precision, ...) choose its pack; continuous settings (lr, betas, weight decay, T_max,
 warm-up, seed, ...) differ freely inside one. The worker holds one engine per shape key, all
 its in-flight trials together never more than P, and runs one epoch of each engine in turn.
-Between epochs every trial is reported, pruned, failed or completed on its own, exactly like an
-unpacked one (TrialSession), and the freed slots are refilled with newly asked trials while the
-budget lasts. Each trial checkpoints in the unpacked format, so a retry resumes in any pack.
+Between epochs every trial is reported, pruned, failed or completed on its own
+(TrialSession), and the freed slots are refilled with newly asked trials while the budget
+lasts. Each trial checkpoints in one format, so a retry resumes in any pack.
+
+Faults: a trial whose attempt was taken over while this worker was paused is dropped quietly
+(one line, nothing written) and its slot refilled, so the worker's share still runs; a storage
+silent past `--storage-patience` stops the worker like SIGTERM but without storage writes (the
+trials stay RUNNING there and are retried from their checkpoints once it is back).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
 
+from search.errors import AttemptLost, StorageUnavailable
 from search.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study import TrialRunner, TrialSession
 from trainer.config import ConfigError, pack_key
@@ -27,18 +35,20 @@ State = optuna.trial.TrialState
 class _Slot:
     """A trial in flight: its session and its Optuna heartbeat (database storages)."""
 
-    def __init__(self, session: TrialSession, storage):
-        self.session = session
-        self.heartbeat = get_heartbeat_thread(session.trial._trial_id, storage)
-        self.heartbeat.start()
+    def __init__(self, session: TrialSession, heartbeat):
+        self.session, self.heartbeat = session, heartbeat
 
     def end(self) -> None:
         self.heartbeat.join()
 
 
-def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
+def _say(line: str) -> None:
+    print(f"search: {line}", file=sys.stderr, flush=True)
+
+
+def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
                timeout: float | None, handler: RetryDeadTrial) -> None:
-    """Runs this worker's share (`n_trials` asked trials, or until `timeout`) in packs."""
+    """Runs this worker's share (`n_trials` trials, or until `timeout`), `pack` at a time."""
     from trainer.engine import Engine
     from trainer.runtime import prepare
 
@@ -50,11 +60,25 @@ def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
         return ((n_trials is None or asked < n_trials)
                 and (timeout is None or time.monotonic() - start < timeout) and not STOP.raised)
 
-    def finish(engine: Engine, member, state: State, values: list[float] | None = None) -> None:
+    def release(engine: Engine, member) -> _Slot:
         slot = slots.pop(member)
         engine.remove(member)
         slot.end()
-        study.tell(slot.session.trial, values if state == State.COMPLETE else None, state=state)
+        return slot
+
+    def finish(engine: Engine, member, state: State, values: list[float] | None = None) -> None:
+        slot = release(engine, member)
+        try:
+            study.tell(slot.session.trial, values if state == State.COMPLETE else None, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # taken over since its last check
+            _say(slot.session.lost_line())
+
+    def drop(engine: Engine, member, line: str) -> None:
+        """A lost attempt: no tell, no MLflow, no checkpoint; its share is asked again."""
+        nonlocal asked
+        _say(line)
+        release(engine, member)
+        asked -= 1
 
     try:
         while True:
@@ -62,16 +86,23 @@ def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                 optuna.storages.fail_stale_trials(study)
                 trial = study.ask()
                 asked += 1
+                # beating from the ask on: a worker killed while it opens the trial's MLflow run
+                # leaves a trial that goes stale, not one RUNNING for ever
+                heartbeat = get_heartbeat_thread(trial._trial_id, study._storage)
+                heartbeat.start()
                 try:
                     session = runner.begin(trial)
                 except ConfigError:
+                    heartbeat.join()
                     study.tell(trial, state=State.FAIL)
                     continue
+                except BaseException:
+                    heartbeat.join()
+                    raise
                 key = pack_key(session.config)
                 if key not in engines:
                     engines[key] = Engine(prepare(session.config))
-                slots[engines[key].add(session.config, session.resume)] = _Slot(
-                    session, study._storage)
+                slots[engines[key].add(session.config, session.resume)] = _Slot(session, heartbeat)
             if not slots:
                 return
             for key, engine in list(engines.items()):
@@ -81,11 +112,16 @@ def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                 for member, metrics, error in engine.run_epoch():
                     session = slots[member].session
                     if error is not None:
-                        session.failed(str(error))
-                        finish(engine, member, State.FAIL)
+                        if session.failed(str(error)):
+                            finish(engine, member, State.FAIL)
+                        else:
+                            drop(engine, member, session.lost_line())
                         continue
                     try:
                         session.on_epoch(metrics)
+                    except AttemptLost as exc:
+                        drop(engine, member, str(exc))
+                        continue
                     except optuna.TrialPruned as exc:
                         session.pruned(str(exc))
                         finish(engine, member, State.PRUNED)
@@ -102,14 +138,28 @@ def run_packed(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
         for engine in engines.values():
             for member in list(engine.members):
                 slot = slots[member]
-                slot.session.interrupted(f"interrupted after epoch {member.epoch}; "
-                                         "resumes from there")
-                finish(engine, member, State.FAIL)
-                requeue_interrupted(study, slot.session.trial.number, handler)
+                if slot.session.interrupted(f"interrupted after epoch {member.epoch}; "
+                                            "resumes from there"):
+                    finish(engine, member, State.FAIL)
+                    requeue_interrupted(study, slot.session.trial.number, handler)
+                else:
+                    drop(engine, member, slot.session.lost_line())
         raise KeyboardInterrupt from None
+    except StorageUnavailable as exc:
+        for engine in engines.values():
+            for member in list(engine.members):
+                slots[member].session.abandoned(str(exc))
+                release(engine, member)
+        raise
     except BaseException as exc:
         for engine in engines.values():
             for member in list(engine.members):
-                slots[member].session.failed(str(exc) or type(exc).__name__)
-                finish(engine, member, State.FAIL)
+                session = slots[member].session
+                try:
+                    if session.failed(str(exc) or type(exc).__name__):
+                        finish(engine, member, State.FAIL)
+                        continue
+                except Exception:  # the storage itself may be what broke; keep the first error
+                    pass
+                release(engine, member)
         raise

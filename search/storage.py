@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from search.errors import UserError
+from search.errors import StorageUnavailable, UserError
 
 DEFAULT_STORAGE = "search-journal.log"
 STORAGE_ENV = "SEARCH_STORAGE"
@@ -61,37 +63,123 @@ def _transient(exc: BaseException | None) -> bool:
     return False
 
 
-class ResilientRDBStorage(optuna.storages.RDBStorage):
-    """RDBStorage whose calls retry with backoff while the database is unreachable, so a
-    PostgreSQL restart in the middle of a study pauses the workers instead of failing trials."""
+class Outage:
+    """What this process knows of its storage's availability: one line when it stops
+    answering, one when it answers again, and when the last outage ended (trials' heartbeats
+    are stale right after one, through no fault of their workers)."""
 
-    retry_seconds = 120.0
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.down_since: float | None = None
+        self.back_at: float | None = None
+
+    def failed(self, url: str, exc: BaseException, patience: float) -> float:
+        """Notes a failed call; returns how long the storage has been silent."""
+        now = time.monotonic()
+        with self.lock:
+            if self.down_since is None:
+                self.down_since = now
+                reason = _root_cause(exc)
+                print(f"search: storage {redact(url)} does not answer ({reason}); training goes "
+                      f"on, results are sent when it is back (waiting up to {_minutes(patience)})",
+                      file=sys.stderr, flush=True)
+            return now - self.down_since
+
+    def answered(self, url: str) -> None:
+        if self.down_since is None:
+            return
+        with self.lock:
+            if self.down_since is None:
+                return
+            now = time.monotonic()
+            print(f"search: storage {redact(url)} answers again after "
+                  f"{_minutes(now - self.down_since)}", file=sys.stderr, flush=True)
+            self.down_since, self.back_at = None, now
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The driver's own words (Optuna wraps them in a generic commit message)."""
+    inner: BaseException | None = exc
+    seen, text = 0, ""
+    while inner is not None and seen < 10:
+        words = str(getattr(inner, "orig", None) or inner).strip()
+        if words and "exception is raised during the commit" not in words:
+            text = words
+        inner, seen = inner.__cause__ or inner.__context__, seen + 1
+    return (text or type(exc).__name__).splitlines()[0][:160]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage that rides out a database outage (a restart, a failover): its calls retry
+    with backoff for up to `patience` seconds of silence, then raise StorageUnavailable (one
+    line, no traceback). Heartbeats never raise (a missed beat is retried at the next one), and
+    no trial is found stale until its workers have had a grace period to beat again after an
+    outage: a paused database must not look like dead workers."""
+
+    patience = 600.0
+
+    def __init__(self, url: str, *args, patience: float | None = None, **kwargs) -> None:
+        self.url, self.outage = url, Outage()
+        if patience is not None:
+            self.patience = patience
+        super().__init__(url, *args, **kwargs)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as exc:  # runs in Optuna's heartbeat thread: never a traceback there
+            if _transient(exc):
+                self.outage.failed(self.url, exc, self.patience)
+            return
+        self.outage.answered(self.url)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = _with_retry(optuna.storages.RDBStorage._get_stale_trial_ids)(self, study_id)
+        back = self.outage.back_at
+        settle = 2 * (self.grace_period or 0) + 10  # every worker's next beat, and some
+        if back is not None and time.monotonic() - back < settle:
+            return []  # heartbeats missed during the outage are not deaths
+        return stale
 
 
 def _with_retry(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        delay, waited = 0.5, 0.0
+        delay = 0.5
         while True:
             try:
-                return method(self, *args, **kwargs)
+                result = method(self, *args, **kwargs)
             except Exception as exc:
-                if not _transient(exc) or waited >= self.retry_seconds:
+                if not _transient(exc):
                     raise
-                time.sleep(delay)
-                waited += delay
+                silent = self.outage.failed(self.url, exc, self.patience)
+                if silent >= self.patience:
+                    raise StorageUnavailable(
+                        f"storage {redact(self.url)} did not answer for {_minutes(silent)} "
+                        "(--storage-patience); this command stops, its trials resume from their "
+                        "checkpoints with the next command on the study") from None
+                time.sleep(min(delay, max(0.1, self.patience - silent)))
                 delay = min(delay * 2, 8.0)
+                continue
+            self.outage.answered(self.url)
+            return result
 
     return call
 
 
 for _name, _member in vars(optuna.storages.RDBStorage).items():
-    if inspect.isfunction(_member) and not _name.startswith("_"):
+    if (inspect.isfunction(_member) and not _name.startswith("_")
+            and _name not in vars(ResilientRDBStorage)):
         setattr(ResilientRDBStorage, _name, _with_retry(_member))
 
 
 def open_storage(url: str | None = None, heartbeat: int | None = None,
-                 stale_callback: Callable | None = None) -> optuna.storages.BaseStorage:
+                 stale_callback: Callable | None = None,
+                 patience: float | None = None) -> optuna.storages.BaseStorage:
     """Journal file for a plain path, RDBStorage (heartbeats, retries) for a SQLAlchemy URL."""
     url = storage_url(url)
     if "://" not in url:
@@ -109,7 +197,8 @@ def open_storage(url: str | None = None, heartbeat: int | None = None,
                       heartbeat_stale_trial_callback=stale_callback)
     for attempt in range(6):
         try:
-            return ResilientRDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+            return ResilientRDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                       patience=patience, **kwargs)
         except Exception as exc:
             reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
             # processes opening a fresh database together race to create Optuna's tables;

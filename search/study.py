@@ -6,6 +6,7 @@ space is refused.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,14 +16,14 @@ import optuna
 
 from search.algorithms import make_pruner, make_sampler
 from search.checkpoints import CheckpointStore
-from search.errors import UserError
+from search.errors import AttemptLost, UserError
 from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.objectives import directions, objective_values, study_objectives
-from search.recovery import STOP, Interrupted, RetryDeadTrial, chain_root, mark_worker
+from search.recovery import RetryDeadTrial, chain_root, mark_worker
 from search.space import Space, parse_space
 from search.storage import open_storage, redact, wait_for_attr
 from search.tracking import RUN_ATTR, Tracker
-from trainer import Diverged, TrainConfig, train
+from trainer import TrainConfig
 from trainer.config import ConfigError
 
 
@@ -44,6 +45,7 @@ class RunSpec:
     mlflow_uri: str | None = None
     seed: int | None = None
     heartbeat: int = 10  # seconds, on RDB storages; a trial silent for 3x this is stale
+    storage_patience: float = 600.0  # seconds a database may be silent before the command stops
     max_retry: int = 3
     checkpoint_dir: str | None = None
     keep_checkpoints: bool = False
@@ -111,7 +113,7 @@ def open_study(spec: RunSpec, space: Space, worker: int = 0) -> tuple[optuna.Stu
     """Creates the study, or loads it when it exists; returns (study, created_here). Exactly
     one process creates it, so one-time set-up (space attributes, MLflow parent) happens once."""
     storage = open_storage(spec.storage, spec.heartbeat,
-                           RetryDeadTrial(spec.max_retry, spec.mlflow_uri))
+                           RetryDeadTrial(spec.max_retry, spec.mlflow_uri), spec.storage_patience)
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
     seed = None if spec.seed is None else spec.seed + worker
     sampler = make_sampler(spec.sampler, space, seed)
@@ -172,6 +174,7 @@ class TrialRunner:
             raise
         root = chain_root(trial.study._storage.get_trial(trial._trial_id))
         resume = self.checkpoints.load(root) if self.checkpoints else None
+        discarded = self.checkpoints.discarded.pop(root, None) if self.checkpoints else None
         run_id = (resume or {}).get("mlflow_run_id") or trial.user_attrs.get(RUN_ATTR)
         label = trial.user_attrs.get("label")
         run_name = f"{label} · trial-{root}" if label else f"trial-{root}"
@@ -190,6 +193,12 @@ class TrialRunner:
         trial.set_user_attr("config", compact_config(config))
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
+        if discarded is not None:  # said once by the store; the run and the trial say it too
+            start = f"epoch {int(resume['epoch'])}" if resume else "epoch 0"
+            print(f"search: trial {trial.number} (retry of trial {root}) starts again from "
+                  f"{start}", file=sys.stderr, flush=True)
+            trial.set_user_attr("checkpoint_discarded", discarded)
+            self.tracker.tag(run_id, "checkpoint_discarded", f"{discarded}; restarted from {start}")
         if root == trial.number:
             self._note(trial, run_id)
         return TrialSession(self, trial, config, resume, run_id, root, run_name)
@@ -209,17 +218,44 @@ class TrialRunner:
 
 
 class TrialSession:
-    """One trial in flight: per-epoch reporting (report -> should_prune -> TrialPruned), its
-    checkpoints, and the end of its MLflow run. Pruned trials end their run KILLED, diverged or
-    broken ones FAILED with the reason (also the trial's `fail_reason`)."""
+    """One trial attempt in flight: per-epoch reporting (report -> should_prune -> TrialPruned),
+    its checkpoints, and the end of its MLflow run. Pruned trials end their run FINISHED and
+    named so, diverged or broken ones FAILED with the reason (also the trial's `fail_reason`).
+
+    Fencing: a worker paused past the heartbeat's grace (a suspended VM, a partition) has lost
+    its attempt to a retry by the time it wakes. Before each epoch's side effects (MLflow
+    metrics, Optuna report, checkpoint) and before any end, the session confirms that its
+    attempt is still RUNNING in the storage (one read); a lost one raises AttemptLost and
+    writes nothing more. Checkpoints are per attempt, so even a write racing the takeover
+    cannot overwrite the retry's."""
 
     def __init__(self, runner: TrialRunner, trial: optuna.Trial, config: TrainConfig,
                  resume: dict[str, Any] | None, run_id: str, root: int, run_name: str):
         self.runner, self.trial, self.config = runner, trial, config
         self.resume, self.run_id, self.root = resume, run_id, root
         self.run_name = run_name
+        self.contact = time.monotonic()  # the last time the storage confirmed the attempt
+        self.crash_safe = True
+
+    def owned(self) -> bool:
+        """True while this attempt is still the trial's RUNNING attempt in the storage."""
+        state = self.trial.study._storage.get_trial(self.trial._trial_id).state
+        if state == optuna.trial.TrialState.RUNNING:
+            self.contact = time.monotonic()
+            return True
+        return False
+
+    def confirm(self) -> None:
+        if not self.owned():
+            raise AttemptLost(self.lost_line())
+
+    def lost_line(self) -> str:
+        return (f"trial {self.trial.number} was taken over by another worker while this one was "
+                f"unresponsive (no contact for {time.monotonic() - self.contact:.0f} s); "
+                "dropping it")
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:
+        self.confirm()
         self.runner.tracker.log_epoch(self.run_id, metrics)
         if "comm_rounds" in metrics:
             self.trial.set_user_attr("comm_rounds", metrics["comm_rounds"])
@@ -235,8 +271,16 @@ class TrialSession:
         return objective_values(self.runner.objectives, history)
 
     def save(self, state: dict[str, Any]) -> None:
-        if self.runner.checkpoints is not None:
-            self.runner.checkpoints.save(self.root, {**state, "mlflow_run_id": self.run_id})
+        """This attempt's checkpoint (after `on_epoch` confirmed the attempt). A failed write
+        is one line from the store; the trial carries `crash_safe: false` until one succeeds,
+        which `search status` shows."""
+        if self.runner.checkpoints is None:
+            return
+        ok = self.runner.checkpoints.save(self.root, {**state, "mlflow_run_id": self.run_id},
+                                          attempt=self.trial.number)
+        if ok != self.crash_safe:
+            self.crash_safe = ok
+            self.trial.set_user_attr("crash_safe", ok)
 
     def pruned(self, reason: str) -> None:
         self.trial.set_user_attr("pruned_reason", reason)
@@ -244,15 +288,28 @@ class TrialSession:
                                       run_name=f"{self.run_name} ({reason})")
         self._cleanup()
 
-    def interrupted(self, reason: str) -> None:
-        """Stopped by a signal: the checkpoint stays, so the re-queued trial resumes."""
+    def interrupted(self, reason: str) -> bool:
+        """Stopped by a signal: the checkpoint stays, so the re-queued trial resumes. False
+        (nothing written) when the attempt was lost meanwhile."""
+        if not self.owned():
+            return False
         self.trial.set_user_attr("fail_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "KILLED", reason)
+        return True
 
-    def failed(self, reason: str) -> None:
+    def abandoned(self, reason: str) -> None:
+        """The storage is gone: no storage write is possible. The run is closed KILLED (sent
+        when MLflow answers), the checkpoint stays; the trial, RUNNING in the storage, is found
+        stale and retried from it once the storage is back."""
+        self.runner.tracker.end_trial(self.run_id, "KILLED", reason)
+
+    def failed(self, reason: str) -> bool:
+        if not self.owned():
+            return False
         self.trial.set_user_attr("fail_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "FAIL", reason)
         self._cleanup()
+        return True
 
     def completed(self, values: list[float], epoch: int) -> None:
         self.runner.tracker.end_trial(self.run_id, "COMPLETE", objectives=dict(
@@ -262,41 +319,3 @@ class TrialSession:
     def _cleanup(self) -> None:
         if self.runner.checkpoints is not None:
             self.runner.checkpoints.remove(self.root)
-
-
-class Objective:
-    """objective(trial) for study.optimize: one trial alone, trained by `trainer.train`."""
-
-    def __init__(self, runner: TrialRunner):
-        self.runner = runner
-        self.current: int | None = None  # the trial number in progress, for a stop
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        self.current = trial.number
-        session = self.runner.begin(trial)
-
-        def on_checkpoint(state: dict[str, Any]) -> None:
-            session.save(state)
-            if STOP.raised and state["epoch"] < session.config.epochs:  # a safe point
-                raise Interrupted(f"interrupted after epoch {state['epoch']}; resumes from there")
-
-        try:
-            result = train(session.config, session.on_epoch, resume=session.resume,
-                           on_checkpoint=on_checkpoint if self.runner.checkpoints else None)
-        except optuna.TrialPruned as exc:
-            session.pruned(str(exc))
-            raise
-        except (Interrupted, KeyboardInterrupt) as exc:
-            session.interrupted(str(exc) or "interrupted")
-            raise
-        except BaseException as exc:
-            session.failed(str(exc) or type(exc).__name__)
-            raise
-        values = session.values(result.history)
-        session.completed(values, result.epochs)
-        self.current = None
-        return values[0] if len(values) == 1 else values
-
-
-# Exceptions that fail one trial and let the study go on; anything else ends the worker.
-TRIAL_FAILURES = (Diverged, ConfigError)

@@ -232,8 +232,10 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    def finish_parent(self, run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
-        """Closes the study's run: FINISHED, KILLED (stopped by a signal) or FAILED."""
+    def finish_parent(self, run_id: str, summary: dict[str, Any],
+                      status: str | None = "FINISHED") -> None:
+        """Logs the study's summary on its run and closes it: FINISHED, KILLED (stopped by a
+        signal) or FAILED; None leaves it RUNNING (other commands still train)."""
         metrics = [Metric(k, float(v), int(time.time() * 1000), 0)
                    for k, v in summary.items() if isinstance(v, int | float)]
         if metrics:
@@ -243,7 +245,8 @@ class Tracker:
             self.client.set_tag(run_id, "pareto_trials",
                                 ", ".join(str(p["trial"]) for p in front)[:5000])
             self.client.log_dict(run_id, front, "pareto_front.json")
-        self.client.set_terminated(run_id, status)
+        if status is not None:
+            self.client.set_terminated(run_id, status)
 
     def drain(self, seconds: float = 60.0) -> None:
         """At a worker's end: sends what an outage queued, waiting up to `seconds`."""
@@ -308,6 +311,9 @@ class Tracker:
             print(f"search: MLflow at {self.uri} answers again; queued updates sent",
                   file=sys.stderr)
         return True
+
+    def tag(self, run_id: str, key: str, value: str) -> None:
+        self._send("set_tag", run_id, key, value[:5000])
 
     def log_epoch(self, run_id: str, metrics: dict[str, Any]) -> None:
         now, step = int(time.time() * 1000), int(metrics["epoch"])

@@ -22,27 +22,26 @@ import optuna
 from tqdm import tqdm
 
 from search.checkpoints import CheckpointStore
-from search.errors import UserError
+from search.errors import StorageUnavailable, UserError
 from search.logs import quiet_libraries
 from search.objectives import best_first, epochs_run, primary, study_objectives
-from search.packed import run_packed
+from search.packed import run_trials
 from search.recovery import (
     HOST,
     STOP,
-    Interrupted,
     RetryDeadTrial,
     reap_dead_local_trials,
     reap_worker,
-    requeue_interrupted,
     retried_numbers,
 )
 from search.storage import redact, wait_for_attr
-from search.study import TRIAL_FAILURES, Objective, RunSpec, TrialRunner, enqueue_fixed_trials, open_study
+from search.study import RunSpec, TrialRunner, enqueue_fixed_trials, open_study
 from search.tracking import PARENT_ATTR, Tracker
 from trainer.config import ConfigError
 from trainer.data import DataError
 
 State = optuna.trial.TrialState
+STORAGE_GONE = 75  # a worker's exit status when the storage stayed silent past its patience
 
 
 def shares(n_trials: int | None, workers: int) -> list[int | None]:
@@ -96,16 +95,7 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
         return
     STOP.install(signals)
     try:
-        if spec.pack > 1:
-            run_packed(study, runner, spec.pack, n_trials, spec.timeout, handler)
-            return
-        objective = Objective(runner)
-        try:
-            study.optimize(objective, n_trials=n_trials, timeout=spec.timeout,
-                           catch=TRIAL_FAILURES, callbacks=[lambda s, t: STOP.raised and s.stop()])
-        except (Interrupted, KeyboardInterrupt):
-            requeue_interrupted(study, objective.current, handler)
-            raise KeyboardInterrupt from None
+        run_trials(study, runner, spec.pack, n_trials, spec.timeout, handler)
         if STOP.raised:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:
@@ -121,6 +111,9 @@ def _worker_entry(spec: RunSpec, index: int, n_trials: int | None, threads: int 
     spec = dataclasses.replace(spec, timeout=timeout)
     try:
         run_worker(spec, index, n_trials, threads, signals=(signal.SIGTERM,))
+    except StorageUnavailable as exc:
+        print(f"search run: worker {index}: {exc}", file=sys.stderr)
+        sys.exit(STORAGE_GONE)
     except (UserError, ConfigError, DataError) as exc:
         print(f"search run: worker {index}: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -193,6 +186,9 @@ class Supervisor:
         code = proc.exitcode
         if code == 0 or (STOP.raised and code in (130, 143)):
             slot.ended = True
+            return
+        if code == STORAGE_GONE:  # it said why; no storage to reap with, nothing to replace
+            slot.ended, slot.problem = True, f"worker {slot.index} lost the storage"
             return
         reaped = reap_worker(self.study, proc.pid, self.handler)
         if STOP.raised:  # it died while stopping: its trials are re-queued, nothing to replace
@@ -413,15 +409,29 @@ def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.
         status = "KILLED"
         raise
     finally:
+        leave_study(study, tracker, parent, progress, status)
+    return study
+
+
+def leave_study(study: optuna.Study, tracker: Tracker, parent: str, progress: Progress,
+                status: str) -> None:
+    """This command's last word on the study's parent run: its summary metrics, and its end
+    (FINISHED, KILLED, FAILED) only when no other command still trains a trial of the study —
+    the last command to leave closes it. A silent storage leaves it RUNNING: the trials in
+    flight resume with the next command."""
+    try:
         progress.close()
-        summary: dict = {"n_trials": len(study.trials)}
-        if len(study.directions) == 1:
-            try:
-                summary["best_value"] = study.best_value
-            except ValueError:
-                pass
-        else:
-            summary["pareto_front"] = [{"trial": t.number, **dict(zip(
-                study_objectives(study), t.values, strict=True))} for t in study.best_trials]
-        tracker.finish_parent(parent, summary, status)
+        trials = study.get_trials(deepcopy=False)
+        others = [t.number for t in trials if t.state == State.RUNNING]
+    except StorageUnavailable:
+        return
+    summary: dict = {"n_trials": len(trials)}
+    if len(study.directions) == 1:
+        complete = [t for t in trials if t.state == State.COMPLETE]
+        if complete:
+            summary["best_value"] = primary(min(complete, key=best_first(study)))
+    else:
+        summary["pareto_front"] = [{"trial": t.number, **dict(zip(
+            study_objectives(study), t.values, strict=True))} for t in study.best_trials]
+    tracker.finish_parent(parent, summary, None if others else status)
     return study
