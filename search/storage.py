@@ -80,8 +80,8 @@ class Outage:
             if self.down_since is None:
                 self.down_since = now
                 reason = _root_cause(exc)
-                print(f"search: storage {redact(url)} does not answer ({reason}); training goes "
-                      f"on, results are sent when it is back (waiting up to {_minutes(patience)})",
+                print(f"search: storage {redact(url)} does not answer ({reason}); trials wait "
+                      f"for it at their epoch's end, up to {_minutes(patience)}",
                       file=sys.stderr, flush=True)
             return now - self.down_since
 
@@ -100,13 +100,16 @@ class Outage:
 def _root_cause(exc: BaseException) -> str:
     """The driver's own words (Optuna wraps them in a generic commit message)."""
     inner: BaseException | None = exc
-    seen, text = 0, ""
+    seen = 0
     while inner is not None and seen < 10:
-        words = str(getattr(inner, "orig", None) or inner).strip()
-        if words and "exception is raised during the commit" not in words:
-            text = words
+        orig = getattr(inner, "orig", None)
+        if orig is not None and str(orig).strip():
+            return str(orig).strip().splitlines()[0][:160]
         inner, seen = inner.__cause__ or inner.__context__, seen + 1
-    return (text or type(exc).__name__).splitlines()[0][:160]
+    return str(exc).strip().splitlines()[0][:160] or type(exc).__name__
+
+
+_OUTAGES: dict[str, Outage] = {}  # one per database and process: each outage said once
 
 
 def _minutes(seconds: float) -> str:
@@ -123,7 +126,7 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     patience = 600.0
 
     def __init__(self, url: str, *args, patience: float | None = None, **kwargs) -> None:
-        self.url, self.outage = url, Outage()
+        self.url, self.outage = url, _OUTAGES.setdefault(url, Outage())
         if patience is not None:
             self.patience = patience
         super().__init__(url, *args, **kwargs)
@@ -171,8 +174,10 @@ def _with_retry(method):
     return call
 
 
+# the public API, and the private calls Optuna's own _CachedStorage makes on its backend
+_CACHED_STORAGE_CALLS = ("_create_new_trial", "_get_best_trial_id", "_get_trials", "_set_trial_param")
 for _name, _member in vars(optuna.storages.RDBStorage).items():
-    if (inspect.isfunction(_member) and not _name.startswith("_")
+    if (inspect.isfunction(_member) and (not _name.startswith("_") or _name in _CACHED_STORAGE_CALLS)
             and _name not in vars(ResilientRDBStorage)):
         setattr(ResilientRDBStorage, _name, _with_retry(_member))
 

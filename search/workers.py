@@ -159,8 +159,10 @@ class Supervisor:
     the rest of its share, up to `max_restarts` deaths in a row without a finished trial.
     SIGINT/SIGTERM to the parent stop every worker after its epoch; a second one stops at once."""
 
-    def __init__(self, spec: RunSpec, study: optuna.Study, workers: int, max_restarts: int):
+    def __init__(self, spec: RunSpec, study: optuna.Study, workers: int, max_restarts: int,
+                 pids: set[int] | None = None):
         self.spec, self.study, self.max_restarts = spec, study, max_restarts
+        self.pids = pids if pids is not None else set()  # every worker process it started
         self.handler = RetryDeadTrial(spec.max_retry, spec.mlflow_uri)
         self.ctx = mp.get_context("spawn")
         self.stop = self.ctx.Event()
@@ -177,6 +179,7 @@ class Supervisor:
                                            timeout, self.stop, os.getpid()))
         slot.proc.start()
         slot.pids.add(slot.proc.pid)
+        self.pids.add(slot.proc.pid)
 
     def _say(self, line: str) -> None:
         tqdm.write(f"search run: {line}", file=sys.stderr)
@@ -269,13 +272,17 @@ class Progress:
     one status line a minute, so a log grows with the study, not with the clock."""
 
     def __init__(self, study: optuna.Study, total: int | None, epochs: int,
-                 tty: bool | None = None, quiet_seconds: float = 60.0):
+                 tty: bool | None = None, quiet_seconds: float = 60.0,
+                 pids: set[int] | None = None):
         self.study, self.total, self.epochs = study, total, epochs
         self.names = study_objectives(study)
         self.marks: dict[int, tuple[int, datetime.datetime]] = {}  # trial -> (epoch, seen at)
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         self.baseline = set(self.seen)
+        # this command's processes: other commands on the study finish trials too, and the
+        # count is of this command's --n-trials (None: every trial of the study counts)
+        self.pids = pids
         self.quiet_seconds, self.last_line = quiet_seconds, time.monotonic()
         self.bar = (tqdm(total=total, desc=f"study {study.study_name}", unit="trial",
                          file=sys.stderr, dynamic_ncols=True) if self.tty else None)
@@ -297,11 +304,15 @@ class Progress:
         eta = max(0.0, per_epoch * (self.epochs - step) - (now - seen_at).total_seconds())
         return f"ep {step}/{self.epochs} acc {t.intermediate_values[step]:.3f} eta {eta:.0f}s"
 
+    def _mine(self, t: optuna.trial.FrozenTrial) -> bool:
+        return self.pids is None or (t.user_attrs.get("worker_host") == HOST
+                                     and t.user_attrs.get("worker_pid") in self.pids)
+
     def refresh(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
         retried = retried_numbers(trials)
         done = [t for t in trials if t.state.is_finished() and t.number not in retried
-                and t.number not in self.baseline]
+                and t.number not in self.baseline and self._mine(t)]
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
                                                                State.FAIL)}
         complete = [t for t in trials if t.state == State.COMPLETE and t.values]
@@ -392,7 +403,8 @@ def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.
     if spec.table and created:
         study.set_user_attr("table", spec.table)
     epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", 150)))
-    progress = Progress(study, spec.n_trials, epochs)
+    pids = {os.getpid()}  # the Supervisor adds its workers'
+    progress = Progress(study, spec.n_trials, epochs, pids=pids)
     progress.watch()
     status = "FAILED"
     try:
@@ -403,7 +415,7 @@ def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.
             # a SIGINT ignored by whoever started us (`cmd &` in a script) stays ignored
             ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
             STOP.install((signal.SIGTERM,) if ignored else (signal.SIGINT, signal.SIGTERM))
-            Supervisor(spec, study, workers, max_restarts).run()
+            Supervisor(spec, study, workers, max_restarts, pids).run()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
