@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -89,7 +90,26 @@ def add_parsers(sub) -> None:
                    "(default ./checkpoints)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
+    g = p.add_argument_group("Slurm", "submit the --workers as one Slurm job array and return "
+                             "(needs a database --storage and an MLflow server every node reaches)")
+    g.add_argument("--slurm", action="store_true", help="run the workers as Slurm array tasks")
+    g.add_argument("--slurm-partition", help="sbatch --partition")
+    g.add_argument("--slurm-time", help="sbatch --time per task, e.g. 04:00:00; SIGTERM comes "
+                   "60 s before it and the task requeues itself")
+    g.add_argument("--slurm-gpus-per-worker", type=int, default=None,
+                   help="GPUs per array task (default 0: CPUs only; 1 on a GPU partition)")
+    g.add_argument("--slurm-cpus-per-worker", type=positive_int, help="sbatch --cpus-per-task")
+    g.add_argument("--slurm-mem", help="sbatch --mem per task, e.g. 16G")
+    g.add_argument("--slurm-account", help="sbatch --account")
+    g.add_argument("--slurm-qos", help="sbatch --qos")
+    g.add_argument("--slurm-extra", help='more sbatch options, e.g. "--constraint=a100"')
+    g.add_argument("--slurm-wait", action="store_true", help="follow the study until the array "
+                   "ends (Ctrl-C cancels the array)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="one worker of a --slurm study (what its array tasks run)")
+    p.add_argument("--spec", required=True, help="the JSON settings `search run --slurm` wrote")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("validate", help="check space files; one line per error")
     p.add_argument("files", nargs="+")
@@ -237,9 +257,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:
         raise UserError(f"sampler {spec.sampler!r} / pruner {spec.pruner!r}: expected one of "
                         f"{', '.join(SAMPLERS)} / {', '.join(PRUNERS)}")
+    slurm = slurm_options(args, options.get("slurm"), where)
+    if slurm is not None:
+        from search.slurm import check_can_submit
+        from search.workers import submit_study
+
+        check_can_submit(spec.storage, args.mlflow_uri)
+        return submit_study(spec, args.workers, slurm)
     study = run_study(spec, args.workers, args.max_restarts)
     print_summary(study)
     return 0
+
+
+def slurm_options(args: argparse.Namespace, block: dict | None, where: str):
+    """--slurm flags over a study file's `slurm:` block; None when not submitting to Slurm."""
+    from search.slurm import SlurmOptions
+
+    block = dict(block or {})
+    if not (args.slurm or block.get("enabled", bool(block))):
+        return None
+    fields = {f.name for f in dataclasses.fields(SlurmOptions)}
+    unknown = sorted(set(block) - fields - {"enabled"})
+    if unknown:
+        raise UserError(f"{where}slurm: unknown key {unknown[0]!r}; expected one of "
+                        f"{', '.join(sorted(fields - {'wait', 'stop_grace'}))}")
+    opts = SlurmOptions(**{k: v for k, v in block.items() if k != "enabled"})
+    for name in ("partition", "time", "gpus_per_worker", "cpus_per_worker", "mem", "account",
+                 "qos", "wait"):
+        value = getattr(args, f"slurm_{name}", None)
+        if value not in (None, False):
+            setattr(opts, name, value)
+    if args.slurm_extra:
+        opts.extra = shlex.split(args.slurm_extra)
+    if isinstance(opts.extra, str):
+        opts.extra = shlex.split(opts.extra)
+    if not isinstance(opts.gpus_per_worker, int) or opts.gpus_per_worker < 0:
+        raise UserError(f"--slurm-gpus-per-worker: expected an integer >= 0, got "
+                        f"{opts.gpus_per_worker!r}")
+    return opts
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from search.workers import run_slurm_task
+
+    return run_slurm_task(args.spec)
 
 
 def print_summary(study: optuna.Study) -> None:
@@ -311,6 +372,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                "running_without_crash_safety": [
                    t.number for t in study.get_trials(deepcopy=False, states=(State.RUNNING,))
                    if t.user_attrs.get("crash_safe") is False]}
+        if (job := study.user_attrs.get("slurm_job_id")) is not None:
+            from search.slurm import array_tasks
+
+            row["slurm"] = {"job": job, "tasks": array_tasks(job)}
         if len(study.directions) > 1:
             row["pareto_front"] = sorted(pareto_numbers(study))
         else:
@@ -331,6 +396,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "pareto_front" in r:
             line += (f"; Pareto front ({', '.join(r['objectives'])}): {len(r['pareto_front'])} "
                      f"trials {r['pareto_front']}")
+        if "slurm" in r:
+            tasks = r["slurm"]["tasks"]
+            line += (f"; Slurm job {r['slurm']['job']}: " + (", ".join(
+                f"{n} {state}" for state, n in sorted(tasks.items())) or "no task left"))
         if r["running_without_crash_safety"]:
             unsafe = r["running_without_crash_safety"]
             line += (f"; {len(unsafe)} running without crash safety (checkpoint writes fail): "

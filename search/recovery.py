@@ -170,6 +170,9 @@ def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
 def mark_worker(trial: optuna.Trial) -> None:
     trial.set_user_attr("worker_host", HOST)
     trial.set_user_attr("worker_pid", os.getpid())
+    job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if job and task:  # a Slurm array task keeps its share over requeues (new pids, new nodes)
+        trial.set_user_attr("slurm_task", f"{job}_{task}")
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None, handler: RetryDeadTrial) -> None:

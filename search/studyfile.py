@@ -30,7 +30,7 @@ from trainer.config import field_types
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
         "pruner_warmup_epochs", "n_trials", "timeout", "pack", "overrides", "fixed_trials", "table",
-        "objectives"}
+        "objectives", "slurm"}
 
 
 @dataclass
@@ -105,6 +105,11 @@ def load_study_file(arg: str) -> StudyFile:
         raise SpaceError(f"{path}: fixed_trials: duplicate labels")
     options = {k: doc[k] for k in ("sampler", "pruner", "pruner_startup_trials",
                                    "pruner_warmup_epochs", "n_trials", "timeout", "pack") if k in doc}
+    if "slurm" in doc:  # checked key by key with the --slurm flags (commands.slurm_options)
+        if not isinstance(doc["slurm"], dict):
+            raise SpaceError(f"{path}: slurm: expected a mapping (partition, time, "
+                             "gpus_per_worker, ...)")
+        options["slurm"] = doc["slurm"]
     if "objectives" in doc:
         options["objectives"] = parse_objectives(doc["objectives"], f"{path}: objectives")
     if "pack" in options and not (isinstance(options["pack"], int) and options["pack"] >= 1):

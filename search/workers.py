@@ -14,9 +14,11 @@ import datetime
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 from tqdm import tqdm
@@ -68,9 +70,11 @@ def worker_device(index: int, overrides: dict) -> dict:
 
 
 def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | None,
-               signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
+               signals: tuple = (signal.SIGINT, signal.SIGTERM),
+               slurm_task: str | None = None) -> optuna.Study:
     """One worker: open the study, run its share of trials. Trial failures (divergence, an
-    impossible combination) fail that trial only; anything else ends the worker."""
+    impossible combination) fail that trial only; anything else ends the worker. A Slurm array
+    task (`slurm_task`) that runs again after a requeue runs only what its earlier runs left."""
     quiet_libraries()
     if threads:
         import torch
@@ -78,6 +82,8 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
         torch.set_num_threads(threads)
     space = spec.load_space()
     study, _ = open_study(spec, space, worker=index)
+    if slurm_task is not None and n_trials is not None:
+        n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
     tracker = Tracker(spec.mlflow_uri, spec.study_name, spec.command)
     parent = wait_for_attr(study, PARENT_ATTR)
     handler = RetryDeadTrial(spec.max_retry, spec.mlflow_uri)
@@ -92,7 +98,7 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
         reaper(study)
     if n_trials == 0:  # `--n-trials 0`: only tidy up (stale trials failed and re-queued)
         optuna.storages.fail_stale_trials(study)
-        return
+        return study
     STOP.install(signals)
     try:
         run_trials(study, runner, spec.pack, n_trials, spec.timeout, handler)
@@ -100,6 +106,7 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
             raise KeyboardInterrupt
     finally:
         tracker.drain()
+    return study
 
 
 def _worker_entry(spec: RunSpec, index: int, n_trials: int | None, threads: int | None,
@@ -130,13 +137,19 @@ def describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def finished_by(study: optuna.Study, pids: set[int]) -> int:
-    """Trials that processes `pids` on this host finished (retried attempts not counted)."""
+def finished_by(study: optuna.Study, pids: set[int] | None = None,
+                slurm_task: str | None = None) -> int:
+    """Trials that processes `pids` on this host (or one Slurm array task, over its requeues)
+    finished; retried attempts not counted."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    return sum(t.state.is_finished() and t.number not in retried
-               and t.user_attrs.get("worker_host") == HOST
-               and t.user_attrs.get("worker_pid") in pids for t in trials)
+
+    def by(t: optuna.trial.FrozenTrial) -> bool:
+        if slurm_task is not None:
+            return t.user_attrs.get("slurm_task") == slurm_task
+        return t.user_attrs.get("worker_host") == HOST and t.user_attrs.get("worker_pid") in pids
+
+    return sum(t.state.is_finished() and t.number not in retried and by(t) for t in trials)
 
 
 @dataclasses.dataclass
@@ -380,9 +393,10 @@ def describe_study(spec: RunSpec) -> str:
             f"{spec.study_name}{flag}`")
 
 
-def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.Study:
-    """Creates or resumes the study, then runs `workers` workers on it until their shares of
-    `spec.n_trials` (or the timeout) are spent. Returns the study."""
+def open_run(spec: RunSpec, workers: int) -> tuple[optuna.Study, Tracker, str, int]:
+    """Creates or resumes the study and its parent MLflow run (settings, description, dataset,
+    fixed trials, table); returns (study, tracker, parent run id, epochs per trial). The same
+    for workers started here and for a Slurm job array."""
     space = spec.load_space()
     study, created = open_study(spec, space)
     tracker = Tracker(spec.mlflow_uri, spec.study_name, spec.command)
@@ -402,7 +416,13 @@ def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.
     enqueue_fixed_trials(study, spec.fixed_trials, created)
     if spec.table and created:
         study.set_user_attr("table", spec.table)
-    epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", 150)))
+    return study, tracker, parent, int(spec.overrides.get("epochs", space.fixed.get("epochs", 150)))
+
+
+def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.Study:
+    """Creates or resumes the study, then runs `workers` workers on it until their shares of
+    `spec.n_trials` (or the timeout) are spent. Returns the study."""
+    study, tracker, parent, epochs = open_run(spec, workers)
     pids = {os.getpid()}  # the Supervisor adds its workers'
     progress = Progress(study, spec.n_trials, epochs, pids=pids)
     progress.watch()
@@ -425,14 +445,54 @@ def run_study(spec: RunSpec, workers: int = 1, max_restarts: int = 3) -> optuna.
     return study
 
 
-def leave_study(study: optuna.Study, tracker: Tracker, parent: str, progress: Progress,
+def run_slurm_task(spec_path: str) -> int:
+    """`search worker --spec FILE`: one task of a `--slurm` job array. Runs its share (what its
+    earlier runs left, after a requeue); on SIGTERM (preemption, the time limit, `scancel
+    --signal=TERM`) it stops after the epoch, its trials re-queued in Optuna, and requeues its
+    own task. The last task to leave closes the study's parent MLflow run."""
+    from search import slurm
+
+    quiet_libraries()
+    spec, workers = slurm.load_spec(spec_path)
+    task = slurm.task_id()
+    index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    threads = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK") \
+        else None
+    share = shares(spec.n_trials, workers)[index]
+    print(f"search worker: task {task or index} of study {spec.study_name} (share "
+          f"{share if share is not None else 'until the timeout'}) on {HOST}", file=sys.stderr,
+          flush=True)
+    try:
+        study = run_worker(spec, index, share, threads, signals=(signal.SIGTERM, signal.SIGINT),
+                           slurm_task=task)
+    except KeyboardInterrupt:
+        again = slurm.requeue_self()
+        print(f"search worker: stopped by {signal.Signals(STOP.signum or 15).name} after its "
+              f"epoch; its trials are re-queued" + (f"; task {task} requeued" if again else ""),
+              file=sys.stderr, flush=True)
+        return 0 if again else STOP.exit_code
+    tracker = Tracker(spec.mlflow_uri, spec.study_name, spec.command)
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    others = sum(slurm.array_tasks(job).values()) - 1 if job else 0
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    done = sum(t.state.is_finished() and t.number not in retried for t in trials)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    # tasks ending together each see the other still listed: the study's count decides too
+    if parent and (others <= 0 or (spec.n_trials is not None and done >= spec.n_trials)):
+        leave_study(study, tracker, parent, None, "FINISHED")
+    return 0
+
+
+def leave_study(study: optuna.Study, tracker: Tracker, parent: str, progress: Progress | None,
                 status: str) -> None:
     """This command's last word on the study's parent run: its summary metrics, and its end
     (FINISHED, KILLED, FAILED) only when no other command still trains a trial of the study —
     the last command to leave closes it. A silent storage leaves it RUNNING: the trials in
     flight resume with the next command."""
     try:
-        progress.close()
+        if progress is not None:
+            progress.close()
         trials = study.get_trials(deepcopy=False)
         others = [t.number for t in trials if t.state == State.RUNNING]
     except StorageUnavailable:
@@ -447,3 +507,55 @@ def leave_study(study: optuna.Study, tracker: Tracker, parent: str, progress: Pr
             study_objectives(study), t.values, strict=True))} for t in study.best_trials]
     tracker.finish_parent(parent, summary, None if others else status)
     return study
+
+
+def submit_study(spec: RunSpec, workers: int, opts) -> int:
+    """`search run --slurm`: the study and its parent run as for a local run, then ONE job
+    array of `workers` tasks; prints how to follow it and returns (`--slurm-wait` follows it
+    with the same progress lines until the array ends; Ctrl-C then cancels the array)."""
+    from search import slurm
+    from search.checkpoints import DEFAULT_DIR
+
+    # a relative folder means the submitting directory's, which every node must share
+    spec = dataclasses.replace(spec, checkpoint_dir=str(
+        (Path.cwd() / (spec.checkpoint_dir or DEFAULT_DIR)).absolute()))
+    study, tracker, parent, epochs = open_run(spec, workers)
+    job = slurm.submit(spec, workers, opts)
+    study.set_user_attr(slurm.JOB_ATTR, job)
+    tracker.tag(parent, slurm.JOB_ATTR, job)
+    storage = redact(spec.storage)
+    where = "on its GPU" if opts.gpus_per_worker else "on its CPUs"
+    lines = [f"submitted Slurm job array {job}: {workers} tasks, each one worker with up to "
+             f"{spec.pack} trial(s) in flight {where}",
+             f"follow it:    squeue -r -j {job}    (or: search status --storage '{storage}')",
+             f"cancel it:    scancel {job}",
+             f"worker logs:  slurm/{spec.study_name}/logs/worker-{job}_*.log",
+             f"checkpoints:  {spec.checkpoint_dir} (every node must share this folder)",
+             f"dashboard:    search dashboard --storage '{storage}'"]
+    if tracker.run_url():
+        lines.append(f"MLflow:       {tracker.run_url(parent)}")
+    for line in lines:
+        print(f"search run: {line}", flush=True)
+    if not opts.wait:
+        return 0
+    progress = Progress(study, spec.n_trials, epochs)
+    progress.watch()
+    try:
+        while slurm.array_tasks(job):
+            time.sleep(2.0)
+    except KeyboardInterrupt:
+        subprocess.run(["scancel", job], capture_output=True)
+        progress.close()
+        print(f"search run: cancelled Slurm job array {job}; its trials resume from their "
+              "checkpoints with the next command on the study", file=sys.stderr)
+        return 130
+    leave_study(study, tracker, parent, progress, "FINISHED")
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    done = sum(t.state.is_finished() and t.number not in retried for t in trials)
+    print(f"search run: Slurm job array {job} ended; the study has {done} finished trials",
+          flush=True)
+    if spec.n_trials is not None and done < spec.n_trials:
+        raise WorkersGaveUp(f"{spec.n_trials - done} of {spec.n_trials} trials did not run; "
+                            f"see slurm/{spec.study_name}/logs/worker-{job}_*.log")
+    return 0

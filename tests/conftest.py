@@ -88,3 +88,22 @@ def mlflow_server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node Slurm cluster (Debian's slurm-wlm and munge) for this session; its SLURM_CONF
+    is set in os.environ while it runs, so commands the tests start reach it."""
+    from benchmarks.slurm_cluster import SlurmCluster, available
+
+    if not available():
+        if IN_CI:
+            pytest.fail("Slurm is not installed; .ci/run installs Debian's slurm-wlm and munge")
+        pytest.skip("needs root and Debian's slurm-wlm and munge")
+    cluster = SlurmCluster()
+    cluster.start()
+    os.environ.update(cluster.env())
+    yield cluster
+    cluster.stop()
+    os.environ.pop("SLURM_CONF", None)
+    shutil.rmtree(cluster.dir, ignore_errors=True)
