@@ -67,7 +67,7 @@ State = optuna.trial.TrialState
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--short", action="store_true", help="CI size: 5 trials x 3 epochs, 3 workers")
+    p.add_argument("--short", action="store_true", help="CI size: 5 trials x 4 epochs, 3 workers")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--workers", type=int, default=4)
@@ -83,7 +83,7 @@ def main() -> int:
     p.add_argument("--pack", type=int, default=1, help="--partition: trials per pack")
     args = p.parse_args()
     if args.short:
-        args.trials, args.epochs, args.workers, args.kill_every = 5, 3, 3, 9.0
+        args.trials, args.epochs, args.workers, args.kill_every = 5, 4, 3, 5.0
         args.kills = min(args.kills, 3)
         args.max_seconds = min(args.max_seconds, 900)
     rng = random.Random(args.seed)

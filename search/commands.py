@@ -84,6 +84,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--storage-patience", type=positive_float, default=600.0,
                    help="seconds a database storage may stay silent (a restart, a failover) "
                    "before the command stops, its trials left to resume (default 600)")
+    p.add_argument("--stop-within", type=positive_float, default=20.0,
+                   help="seconds a signalled worker may take to stop: it saves a mid-epoch "
+                   "checkpoint at the next step unless its epoch ends sooner (default 20)")
     p.add_argument("--max-retry", type=int, default=3,
                    help="times a trial whose worker died or was stopped is re-queued (default 3)")
     p.add_argument("--checkpoint-dir", help="per-epoch trial checkpoints, shared by all workers "
@@ -250,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         n_trials=n_trials, timeout=timeout, overrides=overrides, mlflow_uri=args.mlflow_uri,
         seed=args.seed, fixed_trials=fixed, table=table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
-        storage_patience=args.storage_patience,
+        storage_patience=args.storage_patience, stop_within=args.stop_within,
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", 1),
         command=" ".join(["search", *map(shlex.quote, sys.argv[1:])]),
     )

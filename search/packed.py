@@ -46,8 +46,20 @@ def _say(line: str) -> None:
     print(f"search: {line}", file=sys.stderr, flush=True)
 
 
+def stop_rule(stop_within: float):
+    """A signalled worker stops at the next optimiser step (a mid-epoch checkpoint), unless the
+    epoch's end is near: it finishes the epoch when the steps left take under half of
+    `stop_within` at the pace so far, so a scheduler's grace (Slurm's KillWait, Kubernetes'
+    30 s) is never spent on an epoch that cannot end in time."""
+
+    def rule(steps_run: int, steps_left: int, seconds: float) -> bool:
+        return STOP.raised and seconds / max(1, steps_run) * steps_left > stop_within / 2
+
+    return rule
+
+
 def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
-               timeout: float | None, handler: RetryDeadTrial) -> None:
+               timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0) -> None:
     """Runs this worker's share (`n_trials` trials, or until `timeout`), `pack` at a time."""
     from trainer.engine import Engine
     from trainer.runtime import prepare
@@ -55,6 +67,7 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
     engines: dict[tuple, Engine] = {}
     slots: dict = {}  # engine member -> _Slot
     asked, start = 0, time.monotonic()
+    rule = stop_rule(stop_within)
 
     def budget_left() -> bool:
         return ((n_trials is None or asked < n_trials)
@@ -100,6 +113,8 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                     heartbeat.join()
                     raise
                 key = pack_key(session.config)
+                if session.resume is not None and "partial" in session.resume:
+                    key = (key, "inside an epoch", trial.number)  # alone until it ends
                 if key not in engines:
                     engines[key] = Engine(prepare(session.config))
                 slots[engines[key].add(session.config, session.resume)] = _Slot(session, heartbeat)
@@ -109,7 +124,14 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                 if not engine.members:
                     del engines[key]
                     continue
-                for member, metrics, error in engine.run_epoch():
+                results = engine.run_epoch(rule)
+                if not results:  # stopped inside the epoch: save where it stands, then stop
+                    for member in engine.members:
+                        session = slots[member].session
+                        if session.owned():
+                            session.save(engine.state(member))
+                    raise Interrupted
+                for member, metrics, error in results:
                     session = slots[member].session
                     if error is not None:
                         if session.failed(str(error)):
@@ -138,8 +160,10 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
         for engine in engines.values():
             for member in list(engine.members):
                 slot = slots[member]
-                if slot.session.interrupted(f"interrupted after epoch {member.epoch}; "
-                                            "resumes from there"):
+                where = (f"interrupted in epoch {member.epoch + 1} after step "
+                         f"{member.partial['at_step']}" if member.partial is not None
+                         else f"interrupted after epoch {member.epoch}")
+                if slot.session.interrupted(f"{where}; resumes from there"):
                     finish(engine, member, State.FAIL)
                     requeue_interrupted(study, slot.session.trial.number, handler)
                 else:

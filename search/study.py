@@ -46,6 +46,7 @@ class RunSpec:
     seed: int | None = None
     heartbeat: int = 10  # seconds, on RDB storages; a trial silent for 3x this is stale
     storage_patience: float = 600.0  # seconds a database may be silent before the command stops
+    stop_within: float = 20.0  # seconds a signalled worker may take to stop (mid-epoch)
     max_retry: int = 3
     checkpoint_dir: str | None = None
     keep_checkpoints: bool = False

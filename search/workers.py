@@ -101,7 +101,7 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
         return study
     STOP.install(signals)
     try:
-        run_trials(study, runner, spec.pack, n_trials, spec.timeout, handler)
+        run_trials(study, runner, spec.pack, n_trials, spec.timeout, handler, spec.stop_within)
         if STOP.raised:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:

@@ -30,7 +30,7 @@ def test_packed_steps_have_no_host_sync(local_workers):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss_sum, correct = engine.train_steps(lrs, plan)
+        loss_sum, correct, _, _ = engine.train_steps(lrs, plan)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss_sum).all() and correct.sum() > 0

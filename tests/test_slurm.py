@@ -89,7 +89,7 @@ def test_a_preempted_task_requeues_itself_and_its_trial_resumes(slurm_cluster, p
     run = run_cli("run", "--space", "s.yaml", "--study", "slurm_preempt", "--storage", url,
                   "--mlflow-uri", mlflow_server, "--pruner", "none", "--slurm", "--workers", "2",
                   "--pack", "2", "--n-trials", "6", "--slurm-cpus-per-worker", "1",
-                  "--heartbeat", "2", cwd=tmp_path)
+                  "--heartbeat", "2", "--stop-within", "0.01", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     job = _job_id(run.stdout)
     store = CheckpointStore(tmp_path / "checkpoints", "slurm_preempt")
@@ -116,7 +116,8 @@ def test_a_preempted_task_requeues_itself_and_its_trial_resumes(slurm_cluster, p
     assert len(set(roots)) == 6  # no trial ran twice
     for number in signalled:
         first = next(t for t in trials if t.number == number)
-        assert first.state == State.FAIL and "interrupted after epoch" in first.user_attrs[
+        # --stop-within 0.01: it stopped at the next optimiser step, inside its epoch
+        assert first.state == State.FAIL and "interrupted in epoch" in first.user_attrs[
             "fail_reason"]
         retry = next(t for t in finished if chain_root(t) == number)
         assert retry.user_attrs["resumed_from_epoch"] >= 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ from trainer.stacked_optim import HYPER, StackedOptimizer
 
 EVAL_BATCH = 1024
 CHECKPOINT_FORMAT = 2
+# stop(steps run, steps left in the epoch, seconds so far) -> stop now?
+StopRule = Callable[[int, int, float], bool]
 
 
 class Diverged(RuntimeError):
@@ -66,6 +69,7 @@ class Member:
     history: list[dict[str, Any]] = field(default_factory=list)
     pending: dict[str, Any] | None = None  # tensors to stack in at the next epoch
     row: int | None = None  # index among the stacked trials, once stacked
+    partial: dict[str, Any] | None = None  # where a stopped epoch stands (see run_epoch)
 
 
 class Engine:
@@ -115,6 +119,9 @@ class Engine:
             gen.set_state(resume["generator"])
             member.epoch, member.step = int(resume["epoch"]), int(resume["step"])
             member.rounds, member.history = int(resume["rounds"]), list(resume["history"])
+            member.partial = resume.get("partial")
+            if member.partial is not None and self.members:
+                raise ValueError("a trial resuming inside an epoch trains alone until its end")
         self.members.append(member)
         self._restack_needed = True
         return member
@@ -183,9 +190,13 @@ class Engine:
                 return {k: copy(v) for k, v in tree.items()}
             return tree.detach().clone()
 
-        return {"format": CHECKPOINT_FORMAT, "epoch": member.epoch, "step": member.step,
-                "rounds": member.rounds, "history": list(member.history),
-                "generator": member.generator.get_state(), **copy(tensors)}
+        out = {"format": CHECKPOINT_FORMAT, "epoch": member.epoch, "step": member.step,
+               "rounds": member.rounds, "history": list(member.history),
+               "generator": member.generator.get_state(), **copy(tensors)}
+        if member.partial is not None:  # stopped inside an epoch: where, for a bit-exact resume
+            out["partial"] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                              for k, v in member.partial.items()}
+        return out
 
     # --- one epoch of every member ---
 
@@ -221,9 +232,15 @@ class Engine:
                 plan.append(masks[due])
         return plan
 
-    def run_epoch(self) -> list[tuple[Member, dict[str, Any] | None, Diverged | None]]:
+    def run_epoch(self, stop: StopRule | None = None
+                  ) -> list[tuple[Member, dict[str, Any] | None, Diverged | None]]:
         """Trains every member for one epoch and evaluates it; returns (member, metrics,
-        error) per member, error being Diverged for a trial whose loss blew up."""
+        error) per member, error being Diverged for a trial whose loss blew up.
+
+        `stop(steps_done, steps_in_epoch, seconds)` is asked after every step (a host-side
+        flag, no device sync); when it says so the epoch stops there and returns [], each
+        member's `partial` holding the epoch's position (data order seed, generator,
+        accumulated loss and accuracy) so that `state` and a resume continue it bit for bit."""
         if not self.members:
             return []
         if self._restack_needed:
@@ -235,7 +252,19 @@ class Engine:
         inner_lr = torch.tensor(lrs, device=dev)
         plan = self._average_plan() if self.local else []
         start = time.perf_counter()
-        loss_sum, correct = self.train_steps(inner_lr, plan)
+        resumed = members[0].partial if p_count == 1 else None
+        loss_sum, correct, stopped_at, order = self.train_steps(inner_lr, plan, stop, resumed)
+        if resumed is not None:
+            start -= resumed["seconds"]
+            members[0].partial = None
+        if stopped_at is not None:
+            seconds = time.perf_counter() - start
+            for i, m in enumerate(members):
+                rows = slice(i * k, (i + 1) * k)
+                m.partial = {"at_step": stopped_at, "order_generator": order[i],
+                             "loss_sum": loss_sum[rows], "correct": correct[rows],
+                             "seconds": seconds}
+            return []
         seen = k * self.shortest
         train_loss = loss_sum.view(p_count, k).sum(1).div(seen).tolist()  # the epoch's one sync
         train_acc = correct.view(p_count, k).sum(1).div(seen).tolist()
@@ -262,20 +291,34 @@ class Engine:
             out.append((m, metrics, None))
         return out
 
-    def train_steps(self, inner_lr: torch.Tensor, plan: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One epoch's steps for every row; returns the rows' (loss sums, correct counts) as
-        device tensors. Nothing here waits for the device (tests/test_gpu.py checks)."""
+    def train_steps(self, inner_lr: torch.Tensor, plan: list[Any], stop: StopRule | None = None,
+                    resumed: dict[str, Any] | None = None):
+        """One epoch's steps for every row (from a stopped epoch's position when `resumed`);
+        returns the rows' (loss sums, correct counts) as device tensors, the step it stopped
+        after (None: the epoch ran out) and each member's generator state before its data
+        order was drawn. Nothing here waits for the device (tests/test_gpu.py checks)."""
         members, setup, dev = self.members, self.setup, self.setup.device
         k, p_count = self.k, len(self.members)
         r_count = p_count * k
+        if resumed is not None:  # the epoch's data order again, then the generator as it was
+            now = members[0].generator.get_state()
+            members[0].generator.set_state(resumed["order_generator"])
+        order = [m.generator.get_state() for m in members]
         perms = torch.stack([
             torch.stack([s[torch.randperm(len(s), generator=m.generator, device=dev)][:self.shortest]
                          for s in self.worker_idx])
             for m in members])  # (P, K, shortest)
         loss_sum = torch.zeros(r_count, device=dev)
         correct = torch.zeros(r_count, device=dev, dtype=torch.long)
+        first = 0
+        if resumed is not None:
+            members[0].generator.set_state(now)
+            first = int(resumed["at_step"])
+            loss_sum += resumed["loss_sum"].to(dev)
+            correct += resumed["correct"].to(dev)
         shape = setup.train.x.shape[1:]
-        for s in range(self.steps_per_epoch):
+        began = time.perf_counter()
+        for s in range(first, self.steps_per_epoch):
             lo, hi = s * self.local_batch, min((s + 1) * self.local_batch, self.shortest)
             b = hi - lo
             idx = perms[:, :, lo:hi].reshape(-1)
@@ -293,7 +336,11 @@ class Engine:
                                 self.u, plan[s])
             loss_sum += losses.detach() * b
             correct += (logits.detach().argmax(-1) == y).sum(-1)
-        return loss_sum, correct
+            done = s + 1
+            if (stop is not None and done < self.steps_per_epoch
+                    and stop(done - first, self.steps_per_epoch - done, time.perf_counter() - began)):
+                return loss_sum, correct, done, order
+        return loss_sum, correct, None, order
 
     @torch.no_grad()
     def evaluate(self, split) -> tuple[list[float], list[float]]:
