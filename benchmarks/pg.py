@@ -58,3 +58,25 @@ class PostgresServer:
                                      str(self.port), "-U", "postgres", name]), check=True,
                        capture_output=True)
         return self.url.rsplit("/", 1)[0] + "/" + name
+
+
+if __name__ == "__main__":  # a PostgreSQL to try a study on: prints its URL, Ctrl-C stops it
+    import signal
+    import sys
+    import time
+
+    bindir = pg_bin()
+    if bindir is None:
+        sys.exit("pg: PostgreSQL binaries not found (apt-get install postgresql)")
+    server = PostgresServer(bindir)
+    server.start()
+    print(server.create_database(sys.argv[1] if len(sys.argv) > 1 else "search"), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill %1` tidies up too
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop("fast")
+        shutil.rmtree(server.dir, ignore_errors=True)

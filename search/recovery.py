@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import warnings
 from typing import Any
 
 import optuna
@@ -80,9 +81,16 @@ class StopFlag:
 STOP = StopFlag()
 
 
+def _retry_history(trial: optuna.trial.FrozenTrial) -> list[int]:
+    """Optuna's retry history of a trial, without its ExperimentalWarning on every call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
 def chain_root(trial: optuna.trial.FrozenTrial) -> int:
     """The first trial number of a retry chain: the key its checkpoints live under."""
-    history = RetryHeartbeatStaleTrialCallback.retry_history(trial)
+    history = _retry_history(trial)
     return history[0] if history else trial.number
 
 
@@ -164,7 +172,7 @@ def reap_worker(study: optuna.Study, pid: int, handler: RetryDeadTrial,
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     """Trial numbers of failed attempts that a retry stands for (Optuna's retry history)."""
-    return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return {n for t in trials for n in _retry_history(t)}
 
 
 def mark_worker(trial: optuna.Trial) -> None:
