@@ -70,7 +70,7 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
     rule = stop_rule(stop_within)
 
     def budget_left() -> bool:
-        return ((n_trials is None or asked < n_trials)
+        return ((n_trials is None or asked < n_trials) and not study._stop_flag
                 and (timeout is None or time.monotonic() - start < timeout) and not STOP.raised)
 
     def release(engine: Engine, member) -> _Slot:
@@ -93,6 +93,9 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
         release(engine, member)
         asked -= 1
 
+    # the protocol of Optuna's own optimize loop, which samplers rely on: GridSampler calls
+    # study.stop() when its grid is done, and that is only allowed inside such a loop
+    study._thread_local.in_optimize_loop, study._stop_flag = True, False
     try:
         while True:
             while len(slots) < pack and budget_left():
@@ -140,7 +143,7 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                             drop(engine, member, session.lost_line())
                         continue
                     try:
-                        session.on_epoch(metrics)
+                        session.on_epoch(metrics, last=member.epoch >= member.config.epochs)
                     except AttemptLost as exc:
                         drop(engine, member, str(exc))
                         continue
@@ -187,3 +190,5 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                     pass
                 release(engine, member)
         raise
+    finally:
+        study._thread_local.in_optimize_loop = False

@@ -7,6 +7,7 @@ machines); passwords never appear in messages (`redact`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -116,6 +117,29 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+class StorageBusy(Exception):
+    """A call made with `no_waiting` met an outage: the caller keeps going and retries later."""
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def no_waiting(storage: optuna.storages.BaseStorage):
+    """Storage calls in this block fail at once with StorageBusy during an outage (instead of
+    retrying for up to the patience): a trial trains on and sends what it owes later. Past
+    the patience they raise StorageUnavailable as always. A no-op for other storages."""
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, ResilientRDBStorage):
+        yield
+        return
+    _LOCAL.no_waiting = True
+    try:
+        yield
+    finally:
+        _LOCAL.no_waiting = False
+
+
 class ResilientRDBStorage(optuna.storages.RDBStorage):
     """RDBStorage that rides out a database outage (a restart, a failover): its calls retry
     with backoff for up to `patience` seconds of silence, then raise StorageUnavailable (one
@@ -160,6 +184,8 @@ def _with_retry(method):
                 if not _transient(exc):
                     raise
                 silent = self.outage.failed(self.url, exc, self.patience)
+                if getattr(_LOCAL, "no_waiting", False) and silent < self.patience:
+                    raise StorageBusy from None
                 if silent >= self.patience:
                     raise StorageUnavailable(
                         f"storage {redact(self.url)} did not answer for {_minutes(silent)} "

@@ -6,6 +6,7 @@ space is refused.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.objectives import directions, objective_values, study_objectives
 from search.recovery import RetryDeadTrial, chain_root, mark_worker
 from search.space import Space, parse_space
-from search.storage import open_storage, redact, wait_for_attr
+from search.storage import StorageBusy, no_waiting, open_storage, redact, wait_for_attr
 from search.tracking import RUN_ATTR, Tracker
 from trainer import TrainConfig
 from trainer.config import ConfigError
@@ -237,6 +238,7 @@ class TrialSession:
         self.run_name = run_name
         self.contact = time.monotonic()  # the last time the storage confirmed the attempt
         self.crash_safe = True
+        self.owed: list[dict[str, Any]] = []  # epochs not yet reported (a storage outage)
 
     def owned(self) -> bool:
         """True while this attempt is still the trial's RUNNING attempt in the storage."""
@@ -255,17 +257,38 @@ class TrialSession:
                 f"unresponsive (no contact for {time.monotonic() - self.contact:.0f} s); "
                 "dropping it")
 
-    def on_epoch(self, metrics: dict[str, Any]) -> None:
-        self.confirm()
-        self.runner.tracker.log_epoch(self.run_id, metrics)
-        if "comm_rounds" in metrics:
-            self.trial.set_user_attr("comm_rounds", metrics["comm_rounds"])
-        if len(self.runner.objectives) > 1:  # Optuna keeps no intermediate values for these
-            self.trial.set_user_attr("epochs_run", int(metrics["epoch"]))
-            return
-        self.trial.report(metrics["val_acc"], metrics["epoch"])
-        if self.trial.should_prune():
+    def on_epoch(self, metrics: dict[str, Any], last: bool = False) -> None:
+        """The epoch's report: confirm the attempt, log it to MLflow, report it to Optuna, ask
+        the pruner. While the storage does not answer (an outage, within --storage-patience)
+        the epoch is owed instead and training goes on; owed epochs are sent, in order, once
+        the storage confirms the attempt again (a lost one sends nothing). The last epoch
+        waits for the storage: the trial cannot end without it."""
+        self.owed.append(metrics)
+        try:
+            with no_waiting(self.trial.study._storage) if not last else contextlib.nullcontext():
+                self._send_owed()
+                # the last epoch never prunes: a trial that ran its whole budget has a value
+                prune = (not last and len(self.runner.objectives) == 1
+                         and self.trial.should_prune())
+        except StorageBusy:
+            return  # trains on; its checkpoint is its own attempt's file
+        if prune:
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
+
+    def _send_owed(self) -> None:
+        """Confirms the attempt, then reports each owed epoch: Optuna first (it may meet the
+        outage again), then MLflow (queued by the tracker, never fails), then drops it."""
+        self.confirm()
+        while self.owed:
+            m = self.owed[0]
+            if "comm_rounds" in m:
+                self.trial.set_user_attr("comm_rounds", m["comm_rounds"])
+            if len(self.runner.objectives) > 1:  # Optuna keeps no intermediate values for these
+                self.trial.set_user_attr("epochs_run", int(m["epoch"]))
+            else:
+                self.trial.report(m["val_acc"], m["epoch"])
+            self.runner.tracker.log_epoch(self.run_id, m)
+            self.owed.pop(0)
 
     def values(self, history: list[dict[str, Any]]) -> list[float]:
         """The trial's objective values, in the study's order."""

@@ -211,3 +211,15 @@ def test_table_shows_the_epochs_a_pruned_trial_ran(study_dir):
             cells = [c.strip() for c in line.split("|")[1:-1]]
             trial = study.trials[int(cells[0][1:])]
             assert cells[1] == str(max(trial.intermediate_values))  # run, not planned
+
+
+def test_a_trial_that_ran_its_whole_budget_is_never_pruned(cli, tmp_path):
+    """One-epoch trials under a median pruner with no start-up: every report is the last, so
+    every trial completes with its value (issue 21: no 'pruned at epoch 1 of 1')."""
+    (tmp_path / "digits.yaml").write_text(SPACE)
+    r = cli("run", "--space", "digits.yaml", "--n-trials", "5", "--epochs", "1", "--pruner",
+            "median", "--pruner-startup-trials", "0", "--seed", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = _study(tmp_path).get_trials()
+    assert len(trials) == 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({t.value for t in trials}) > 1  # some below the median: once they were pruned

@@ -193,6 +193,20 @@ def test_train_rejects_a_batch_larger_than_the_training_split(cli):
     assert r.returncode == 2 and "larger than the digits training split" in r.stderr, r.stderr
 
 
+def _stop_mlflow_server(server, port):
+    """SIGTERM to the server's process group, then wait until nothing answers on its port."""
+    import socket
+
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)
+
+
 def _mlflow_server(base, port):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
@@ -233,7 +247,7 @@ def test_an_mlflow_outage_mid_study_loses_no_trial_and_no_metric(tmp_path):
     try:
         _, err = proc.communicate(timeout=600)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        _stop_mlflow_server(server, port)  # else the next one's health check may reach it
     assert proc.returncode == 0, err[-3000:]
     assert "does not answer; training goes on" in err and "answers again" in err
     storage = optuna.storages.JournalStorage(
