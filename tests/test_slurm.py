@@ -78,6 +78,8 @@ def test_a_study_runs_as_one_job_array(slurm_cluster, postgres, mlflow_server, t
     assert sorted(r.data.tags["trial_number"] for r in children) == [str(i) for i in range(6)]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert parent.info.status == "FINISHED" and parent.data.tags["slurm_job_id"] == job
+    status = run_cli("status", "--storage", url, cwd=tmp_path)
+    assert f"Slurm job {job}: no task left" in status.stdout and "Warning" not in status.stderr
     logs = list((tmp_path / "slurm" / "slurm_array" / "logs").glob(f"worker-{job}_*.log"))
     assert len(logs) == 2 and not any("Traceback" in p.read_text() for p in logs)
 
@@ -147,6 +149,10 @@ def test_what_cannot_work_on_a_cluster_is_refused_before_anything_is_submitted(t
     assert len(local_mlflow.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "submitted").exists() and not (tmp_path / "slurm").exists()
     assert not (tmp_path / "search-journal.log").exists()
+    (tmp_path / "st.yaml").write_text("space: s.yaml\nslurm: {partition: gpu, gpu: 1}\n")
+    typo = run_cli("run", "--study", "st.yaml", "--storage", "postgresql://u@127.0.0.1:1/db",
+                   cwd=tmp_path, env=env)
+    assert typo.returncode == 2 and "slurm: unknown key 'gpu'" in typo.stderr
     no_slurm = run_cli("run", "--space", "s.yaml", "--slurm", "--storage",
                        "postgresql://u@127.0.0.1:1/db", cwd=tmp_path,
                        env={"PATH": str(Path(os.__file__).parent)})
