@@ -142,14 +142,17 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("retrain", help="retrain the best trial on train+val, test once")
-    p.add_argument("--study", required=True)
+    p.add_argument("--study", required=True, help="the study's name")
     _storage_flag(p)
     p.add_argument("--epochs", type=positive_int, help="override the trial's epochs")
     p.add_argument("--trial", type=int, help="retrain this trial instead of the best one "
                    "(a multi-objective study: one of its Pareto front)")
-    p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--data-root")
-    p.add_argument("--mlflow-uri")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="data to retrain and test on (default: the trial's own dataset)")
+    p.add_argument("--data-root", help="folder holding cifar-100-python/ (default: the "
+                   "trial's, else $SEARCH_DATA_ROOT)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI for the retrain run (default "
+                   "$MLFLOW_TRACKING_URI, else MLflow's default ./mlflow.db)")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("storage-proxy", help="serve Optuna's gRPC storage proxy for a database; "

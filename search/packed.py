@@ -148,7 +148,7 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                         drop(engine, member, str(exc))
                         continue
                     except optuna.TrialPruned as exc:
-                        session.pruned(str(exc))
+                        session.pruned(str(exc), member.epoch)
                         finish(engine, member, State.PRUNED)
                         continue
                     if member.epoch >= member.config.epochs:

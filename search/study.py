@@ -181,7 +181,7 @@ class TrialRunner:
         label = trial.user_attrs.get("label")
         run_name = f"{label} · trial-{root}" if label else f"trial-{root}"
         if run_id and root != trial.number:
-            self.tracker.reopen(run_id, trial.number)
+            self.tracker.reopen(run_id, trial.number, run_name)
         else:
             tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
             params = config.to_dict()
@@ -306,10 +306,13 @@ class TrialSession:
             self.crash_safe = ok
             self.trial.set_user_attr("crash_safe", ok)
 
-    def pruned(self, reason: str) -> None:
+    def pruned(self, reason: str, epoch: int) -> None:
+        """Pruned: a normal end (FINISHED, as Optuna's own MLflow integration ends it), told
+        apart from a complete run at a glance by its name's first word (`pruned@2 · trial-6`:
+        MLflow's runs table cuts long names, and shows both as Finished)."""
         self.trial.set_user_attr("pruned_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "PRUNED", reason,
-                                      run_name=f"{self.run_name} ({reason})")
+                                      run_name=f"pruned@{epoch} · {self.run_name}")
         self._cleanup()
 
     def interrupted(self, reason: str) -> bool:
@@ -331,7 +334,8 @@ class TrialSession:
         if not self.owned():
             return False
         self.trial.set_user_attr("fail_reason", reason)
-        self.runner.tracker.end_trial(self.run_id, "FAIL", reason)
+        self.runner.tracker.end_trial(self.run_id, "FAIL", reason,
+                                      run_name=f"failed · {self.run_name}")
         self._cleanup()
         return True
 

@@ -273,10 +273,10 @@ class Tracker:
         self.patient.log_text(run_id, space_text, "space.yaml")
         return run_id
 
-    def reopen(self, run_id: str, trial_number: int) -> None:
+    def reopen(self, run_id: str, trial_number: int, run_name: str | None = None) -> None:
         """A retried trial continues its predecessor's run: RUNNING again, retry noted, the
-        dead attempt's end markers removed."""
-        self.patient.update_run(run_id, status="RUNNING")
+        dead attempt's end markers (and a `failed ·` name) removed."""
+        self.patient.update_run(run_id, status="RUNNING", name=run_name)
         self.patient.set_tag(run_id, "retried_as_trial", str(trial_number))
         tags = self.patient.get_run(run_id).data.tags
         for stale in ("reason", "optuna_state"):
@@ -324,8 +324,8 @@ class Tracker:
                   objectives: dict[str, float] | None = None, step: int = 0,
                   run_name: str | None = None) -> None:
         """Closes a child run: FINISHED for complete and for pruned (as Optuna's own MLflow
-        integration does: pruning is a normal end; the run name says `pruned at epoch N` and
-        the tag `optuna_state` PRUNED), KILLED when stopped by a signal, FAILED for failed. The
+        integration does: pruning is a normal end; the run name starts `pruned@N ·` and the tag
+        `optuna_state` is PRUNED), KILLED when stopped by a signal, FAILED for failed. The
         objective values are logged at the trial's last epoch (`objective` for a single one,
         `objective_NAME` for each of several)."""
         status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "KILLED": "KILLED"}.get(

@@ -277,6 +277,36 @@ class WorkersGaveUp(UserError):
     exit_code = 1
 
 
+def _short(v) -> str:
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.2e}".replace("e-0", "e-") if 0 < abs(v) < 1e-3 else f"{v:.3g}"
+
+
+def short_params(params: dict) -> str:
+    """A trial's sampled values, short: `lr=3.42e-4 batch_size=128 augment=final`."""
+    return " ".join(f"{k}={_short(v)}" for k, v in params.items())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 600 else (
+        f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h")
+
+
+def finished_line(study: str, t: optuna.trial.FrozenTrial, names: list[str], count: str,
+                  best: float | None) -> str:
+    """One line per finished trial in a log (at most ~160 characters for the shipped spaces;
+    the study's name is on the status lines)."""
+    value = (" " + " ".join(f"{n} {v:.4g}" for n, v in zip(names, t.values, strict=True))
+             if t.values else "")
+    secs = t.duration.total_seconds() if t.duration else 0.0
+    # a complete trial shows its values; the others say their state instead
+    state = "" if t.state == State.COMPLETE else f" {t.state.name.lower()}"
+    ran = "" if t.state == State.COMPLETE else f"{epochs_run(t)} ep, "  # complete: all of them
+    return (f"trial {t.number}{state}{value} ({ran}{_duration(secs)}): {short_params(t.params)}; {count}"
+            + (f", best {best:.4f}" if best is not None else ""))
+
+
 class Progress:
     """What a study is doing, read from the storage (the same for one worker or many).
 
@@ -346,13 +376,7 @@ class Progress:
         of = f"/{self.total}" if self.total is not None else ""
         for t in sorted((t for t in done if t.number not in self.seen), key=lambda t: t.number):
             self.seen.add(t.number)
-            epochs = epochs_run(t)
-            value = (" " + " ".join(f"{n} {v:.4g}" for n, v in zip(
-                self.names, t.values, strict=True))) if t.values else ""
-            secs = (t.duration.total_seconds() if t.duration else 0.0)
-            print(f"study {self.study.study_name}: trial {t.number} {t.state.name.lower()}"
-                  f"{value} after {epochs} epochs ({secs:.0f} s) {t.params}; {len(done)}{of} "
-                  f"finished" + (f", best {best:.4f}" if best is not None else ""),
+            print(finished_line(self.study.study_name, t, self.names, f"{len(done)}{of}", best),
                   file=sys.stderr, flush=True)
             self.last_line = time.monotonic()
         if time.monotonic() - self.last_line >= self.quiet_seconds:

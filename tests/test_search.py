@@ -106,7 +106,8 @@ def test_mlflow_parent_and_children(study_dir):
         assert data.dataset.name == "digits" and json.loads(data.dataset.profile)["train"] == 1149
         if trial.state.name == "PRUNED":  # pruned: a normal end, told apart by its name
             assert run.data.tags["reason"].startswith("pruned at epoch")
-            assert run.info.run_name == f"trial-{trial.number} ({run.data.tags['reason']})"
+            epoch = max(trial.intermediate_values)  # the state first: MLflow cuts long names
+            assert run.info.run_name == f"pruned@{epoch} · trial-{trial.number}"
         if trial.state.name == "COMPLETE":  # the objective at the last epoch's step
             [objective] = client.get_metric_history(run.info.run_id, "objective")
             assert objective.step == 3 and objective.value == trial.value
@@ -191,6 +192,7 @@ def test_diverged_trial_fails_with_reason_and_the_study_goes_on(cli, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(trials[1.0].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["reason"].startswith("diverged")
+    assert run.info.run_name == f"failed · trial-{trials[1.0].number}"
 
 
 def test_missing_dataset_stops_before_the_study_starts(cli, tmp_path):
