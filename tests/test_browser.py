@@ -16,7 +16,7 @@ from tests.conftest import IN_CI, ROOT, free_port
 
 SHOTS = ROOT / "artifacts" / "browser"
 SPACE = """
-fixed: {optimizer: sgdm, epochs: 2, dataset: digits, augment: none}
+fixed: {optimizer: sgdm, epochs: 3, dataset: digits, augment: none}
 params:
   lr: {type: float, low: 1.0e-3, high: 0.1, log: true}
   batch_size: {type: categorical, choices: [32, 64]}
@@ -112,3 +112,12 @@ def test_mlflow_opens_on_the_runs_table_with_nested_trials_and_datasets(tracked_
                  "?workflowType=machine_learning", "mlflow-trial-run")
     assert "trial-0" in dom and "digits" in dom  # its name and its dataset input
     assert "Parent run" in dom and ">b<" in dom  # nested under the study's run
+    # a pruned trial's run says so first thing in its name (both end "Finished")
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "seed 0 prunes some of these 3-epoch trials"
+    t = pruned[0]
+    dom = render(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/"
+                 f"{t.user_attrs['mlflow_run_id']}?workflowType=machine_learning",
+                 "mlflow-pruned-run")
+    name = f"pruned@{max(t.intermediate_values)} · trial-{t.number}"
+    assert name in dom or name.replace("·", "&middot;") in dom
