@@ -467,7 +467,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from search.tracking import PARENT_ATTR, Tracker
+    from search.tracking import PARENT_ATTR, Tracker, dataset_input
     from trainer import TrainConfig, train
 
     quiet_libraries()
@@ -494,32 +494,47 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     recorded = str((study.user_attrs.get("mlflow") or {}).get("uri", ""))
     uri = args.mlflow_uri or (recorded if recorded and "***" not in recorded else None)
     tracker = Tracker(uri, study.study_name)
+    # told apart from the trials: its own name and kind, train+val as its data, no val_acc
+    # (its held-out split is the test set: that number is test_acc, logged once at the end)
     run_id = tracker.start_trial(study.user_attrs.get(PARENT_ATTR, ""), best.number,
-                                 config.to_dict(), {"kind": "retrain"}, "",
-                                 run_name=f"retrain of trial-{best.number}")
+                                 config.to_dict(), {"kind": "retrain",
+                                                    "retrain_of_trial": str(best.number)}, "",
+                                 run_name=f"retrain · trial-{best.number}", retrain=True)
     final: dict = {}
+
+    def on_epoch(m: dict) -> None:
+        tracker.log_epoch(run_id, {k: v for k, v in m.items() if not k.startswith("val_")})
+
     try:
-        result = train(config, lambda m: tracker.log_epoch(run_id, m), holdout="test",
+        result = train(config, on_epoch, holdout="test",
                        on_checkpoint=lambda state: final.update(state=state))
     except BaseException as exc:
         tracker.end_trial(run_id, "FAIL", str(exc) or type(exc).__name__)
         raise
     test_acc = result.val_acc  # with holdout="test" the held-out split is the test set
-    tracker.client.log_metric(run_id, "test_acc", test_acc, step=result.epochs)
-    model_uri = log_model(tracker, run_id, final["state"], config)
+    model = log_model(tracker, run_id, final["state"], config,
+                      name=f"{study.study_name}-trial-{best.number}")
+    data = dataset_input(config.to_dict(), retrain=True).dataset
+    # on the run and on the logged model (its Metrics), measured after training on train+val
+    tracker.client.log_metric(run_id, "test_acc", test_acc, step=result.epochs,
+                              model_id=model.model_id, dataset_name=data.name,
+                              dataset_digest=data.digest)
     tracker.end_trial(run_id, "COMPLETE")
     tracker.flush()
     study.set_user_attr("retrain", {"trial": best.number, "test_acc": test_acc,
                                     "epochs": result.epochs, "mlflow_run_id": run_id,
-                                    "dataset": config.dataset, "model_uri": model_uri})
+                                    "dataset": config.dataset, "model_uri": model.model_uri})
+    epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
     print(f"study {study.study_name}: trial {best.number} (val {primary(best):.4f}) retrained on "
-          f"train+val for {result.epochs} epochs: test accuracy {test_acc:.4f}; model {model_uri}")
+          f"train+val for {epochs}: test accuracy {test_acc:.4f}; model {model.model_uri}"
+          + (f"; run {tracker.run_url(run_id)}" if tracker.run_url() else
+             f"; MLflow run {run_id} in {tracker.uri}"))
     return 0
 
 
-def log_model(tracker, run_id: str, state: dict, config) -> str:
-    """The retrained weights as an MLflow PyTorch model (uint8 images in, logits out) with its
-    signature and an input example; returns its URI."""
+def log_model(tracker, run_id: str, state: dict, config, name: str = "model"):
+    """The retrained weights as an MLflow PyTorch model named `name` (uint8 images in, logits
+    out) with its signature and an input example; returns MLflow's ModelInfo."""
     import mlflow
     import numpy as np
     import torch
@@ -536,9 +551,9 @@ def log_model(tracker, run_id: str, state: dict, config) -> str:
     mlflow.set_tracking_uri(tracker.uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(example, logits),
+            model, name=name, signature=infer_signature(example, logits),
             input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    return info.model_uri
+    return info
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -93,15 +93,19 @@ DATA_SOURCES = {"cifar100": ("url", "https://www.cs.toronto.edu/~kriz/cifar-100-
                 "synthetic": ("code", "trainer.data.make_synthetic (random images)")}
 
 
-def dataset_input(config: dict[str, Any]) -> DatasetInput:
+def dataset_input(config: dict[str, Any], retrain: bool = False) -> DatasetInput:
     """The run's training data as MLflow's Datasets column shows it: name, digest, source and
-    the split sizes (the digest names the split: dataset, sizes, split seed)."""
+    the split sizes (the digest names the split: dataset, sizes, split seed). A retrain trains
+    on train+val (`DIGITS train+val`) and tests on the test split."""
     from trainer.config import TEST_IMAGES, TRAIN_IMAGES, train_split_size
 
     name = config["dataset"]
     train = train_split_size(name, config["val_fraction"])
     profile = {"train": train, "val": TRAIN_IMAGES[name] - train, "test": TEST_IMAGES[name],
                "split_seed": config["split_seed"], "classes": 100 if name != "digits" else 10}
+    if retrain:
+        profile = {"train+val": TRAIN_IMAGES[name], "test": TEST_IMAGES[name],
+                   "classes": profile["classes"]}
     digest = hashlib.sha256(json.dumps([name, profile], sort_keys=True).encode()).hexdigest()[:8]
     kind, where = DATA_SOURCES[name]
     source = json.dumps({"url": where} if kind == "url" else {"code": where})
@@ -109,7 +113,8 @@ def dataset_input(config: dict[str, Any]) -> DatasetInput:
         [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, 3, 32, 32]}}]),
         "targets": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "int64",
                                                                  "shape": [-1]}}])}})
-    return DatasetInput(Dataset(name, digest, kind, source, schema, json.dumps(profile)),
+    shown = f"{name} train+val" if retrain else name
+    return DatasetInput(Dataset(shown, digest, kind, source, schema, json.dumps(profile)),
                         tags=[InputTag("mlflow.data.context", "training")])
 
 
@@ -258,7 +263,8 @@ class Tracker:
                   "the Optuna storage holds every trial's values", file=sys.stderr)
 
     def start_trial(self, parent_id: str, trial_number: int, params: dict[str, Any],
-                    tags: dict[str, str], space_text: str, run_name: str | None = None) -> str:
+                    tags: dict[str, str], space_text: str, run_name: str | None = None,
+                    retrain: bool = False) -> str:
         """A trial's child run: nested under the study's run, its settings as params, its
         training data as a dataset input."""
         run = self.patient.create_run(self.experiment_id, tags={
@@ -269,8 +275,9 @@ class Tracker:
         run_id = run.info.run_id
         self.patient.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         if "dataset" in params:
-            self.patient.log_inputs(run_id, datasets=[dataset_input(params)])
-        self.patient.log_text(run_id, space_text, "space.yaml")
+            self.patient.log_inputs(run_id, datasets=[dataset_input(params, retrain)])
+        if space_text:
+            self.patient.log_text(run_id, space_text, "space.yaml")
         return run_id
 
     def reopen(self, run_id: str, trial_number: int, run_name: str | None = None) -> None:

@@ -108,6 +108,22 @@ def test_retrain_stores_test_accuracy(study_dir, monkeypatch):
         mlflow.set_tracking_uri(before)
     logits = model.predict(np.zeros((3, 3, 32, 32), dtype=np.uint8))
     assert np.asarray(logits).shape == (3, 10)
+    # told apart from the trials (issue 21): its name and kind, no val_acc, test_acc on the run
+    # and on the logged model, which is named after the study and trial, with train+val linked
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_dir}/mlflow.db")
+    run = client.get_run(info["mlflow_run_id"])
+    n = info["trial"]
+    assert run.info.run_name == f"retrain · trial-{n}" and run.data.tags["kind"] == "retrain"
+    assert "val_acc" not in run.data.metrics and run.data.metrics["test_acc"] == info["test_acc"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits train+val"]
+    logged = client.get_logged_model(info["model_uri"].rsplit("/", 1)[-1])
+    assert logged.name == f"mini-trial-{n}"
+    [metric] = logged.metrics
+    assert metric.key == "test_acc" and metric.value == info["test_acc"]
+    assert metric.dataset_name == "digits train+val"
+    assert f"for {info['epochs']} epoch" in r.stdout and "MLflow run" in r.stdout
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))
