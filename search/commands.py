@@ -17,7 +17,7 @@ from search.logs import quiet_libraries
 from search.objectives import epochs_run, pareto_numbers, primary, study_objectives
 from search.space import load_space
 from search.storage import open_storage, redact, storage_url
-from trainer.config import DATASETS, PRECISIONS, ConfigError, TrainConfig
+from trainer.config import DATASETS, PRECISIONS, ConfigError, TrainConfig, optimiser_steps
 
 State = optuna.trial.TrialState
 
@@ -61,6 +61,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--objective", help="what the study optimises, comma-separated: val_acc "
                    "(default), seconds, comm_rounds, epochs; several make a Pareto front "
                    "(default: the study file's, else the space's)")
+    p.add_argument("--constraint", help="what a trial must reach to count, comma-separated: "
+                   "METRIC>=X or METRIC<=X, e.g. \"val_acc>=0.5\" (infeasible trials stay off "
+                   "the best trial and the Pareto front; default: the study file's, else the "
+                   "space's)")
     p.add_argument("--pruner-startup-trials", type=int,
                    help="median pruner: trials finished before pruning starts (default 5)")
     p.add_argument("--pruner-warmup-epochs", type=int,
@@ -218,9 +222,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         space.check_with(overrides, flags)
     for row in fixed:
         try:
-            TrainConfig.from_dict({**space.fixed, **overrides, **row["params"]})
+            config = TrainConfig.from_dict({**space.fixed, **overrides, **row["params"]})
         except ConfigError as exc:
             raise UserError(f"{where}fixed_trials {row['label']}: {exc}") from None
+        if config.local_steps > optimiser_steps(config):
+            raise UserError(f"{where}fixed_trials {row['label']}: local_steps "
+                            f"{config.local_steps} exceeds the ~{optimiser_steps(config)} steps "
+                            f"it runs ({config.epochs} epochs of {config.dataset}): its workers "
+                            "would never average; lower local_steps or raise epochs")
 
     from search.tracking import check_tracking_uri
 
@@ -237,6 +246,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     objectives = (parse_objectives(args.objective, "--objective") if args.objective
                   else options.get("objectives", space.objectives))
+    from search.constraints import parse_constraints
+
+    constraints = (parse_constraints(args.constraint, "--constraint") if args.constraint
+                   else options.get("constraints", space.constraints))
     pruner = pick(args.pruner, "pruner", "median")
     if len(objectives) > 1 and pruner != "none":
         print(f"search run: Optuna prunes single-objective studies only; this "
@@ -250,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = RunSpec(
         space_text=space.text, space_path=str(space.path), study_name=name,
         storage=storage_url(args.storage), sampler=pick(args.sampler, "sampler", "tpe"),
-        pruner=pruner, objectives=objectives,
+        pruner=pruner, objectives=objectives, constraints=constraints,
         pruner_startup_trials=pick(args.pruner_startup_trials, "pruner_startup_trials", 5),
         pruner_warmup_epochs=pick(args.pruner_warmup_epochs, "pruner_warmup_epochs", 0),
         n_trials=n_trials, timeout=timeout, overrides=overrides, mlflow_uri=args.mlflow_uri,
@@ -312,7 +325,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def print_summary(study: optuna.Study) -> None:
     line = f"study {study.study_name}: {describe_counts(state_counts(study))}"
     if len(study.directions) > 1:
-        line += f"; Pareto front: {len(pareto_numbers(study))} trials"
+        front = sorted(pareto_numbers(study))
+        line += f"; Pareto front: {len(front)} trials {front}"
     else:
         try:
             best = study.best_trial
@@ -417,6 +431,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def trials_table(study: optuna.Study) -> list[dict]:
+    from search.constraints import feasible
+
     names, front = study_objectives(study), pareto_numbers(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -425,6 +441,7 @@ def trials_table(study: optuna.Study) -> list[dict]:
             **({f"values_{n}": v for n, v in zip(names, t.values or [], strict=False)}
                if len(names) > 1 else {}),
             "pareto": t.number in front if front else None,
+            "feasible": feasible(t) if t.constraints else None,
             "epochs": epochs_run(t),
             **{f"params_{k}": v for k, v in t.params.items()},
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),

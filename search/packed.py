@@ -153,7 +153,7 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                         continue
                     if member.epoch >= member.config.epochs:
                         values = session.values(member.history)
-                        session.completed(values, member.epoch)
+                        session.completed(values, member.epoch, member.history)
                         finish(engine, member, State.COMPLETE, values)
                     else:
                         session.save(engine.state(member))

@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 
+from search.constraints import feasible
 from search.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
 
 State = optuna.trial.TrialState
@@ -80,7 +81,8 @@ def table(study: optuna.Study) -> tuple[list[str], list[list[str]], list[optuna.
             str(c.get("momentum", "")), f"{c.get('weight_decay', '')}",
             "" if lr is None else f"{lr:.3g}",
             _results(t, names), _pct(t.user_attrs.get("reported")),
-            describe_state(t) + (" · Pareto" if t.number in front else ""),
+            describe_state(t) + (" · Pareto" if t.number in front else "")
+            + ("" if feasible(t) else " · infeasible"),
             *[_short(t.params.get(k, "")) for k in extra],
         ])
     return header, rows, labelled + others

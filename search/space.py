@@ -33,7 +33,7 @@ from search.objectives import parse_objectives
 from trainer.config import ConfigError, TrainConfig, field_types
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
-TOP_KEYS = {"name", "description", "fixed", "params", "objectives"}
+TOP_KEYS = {"name", "description", "fixed", "params", "objectives", "constraints"}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -86,6 +86,7 @@ class Space:
     text: str
     description: str = ""
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    constraints: list[str] = field(default_factory=list)
 
     @property
     def hash(self) -> str:
@@ -313,7 +314,12 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
         raise SpaceError(f"{path}: name: expected a string, got {name!r}")
     objectives = (parse_objectives(doc["objectives"], f"{path}: objectives")
                   if "objectives" in doc else list(DEFAULT_OBJECTIVES))
-    return Space(path, name, fixed, params, text, str(doc.get("description", "")), objectives)
+    from search.constraints import parse_constraints
+
+    constraints = (parse_constraints(doc["constraints"], f"{path}: constraints")
+                   if "constraints" in doc else [])
+    return Space(path, name, fixed, params, text, str(doc.get("description", "")), objectives,
+                 constraints)
 
 
 def load_space(name_or_path: str | Path) -> Space:

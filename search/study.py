@@ -17,6 +17,7 @@ import optuna
 
 from search.algorithms import make_pruner, make_sampler
 from search.checkpoints import CheckpointStore
+from search.constraints import violations
 from search.errors import AttemptLost, UserError
 from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.objectives import directions, objective_values, study_objectives
@@ -25,7 +26,7 @@ from search.space import Space, parse_space
 from search.storage import StorageBusy, no_waiting, open_storage, redact, wait_for_attr
 from search.tracking import RUN_ATTR, Tracker
 from trainer import TrainConfig
-from trainer.config import ConfigError
+from trainer.config import ConfigError, optimiser_steps
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RunSpec:
     keep_checkpoints: bool = False
     pack: int = 1  # trials each worker trains together as one stacked model
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    constraints: list[str] = field(default_factory=list)  # e.g. val_acc>=0.5 (search.constraints)
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)
     table: dict[str, str] | None = None
     command: str | None = None  # the command line, as MLflow's run source
@@ -60,7 +62,9 @@ class RunSpec:
     def settings(self, workers: int) -> dict[str, Any]:
         """The study's settings as the parent run's params and the study's attributes."""
         out: dict[str, Any] = {"sampler": self.sampler, "pruner": self.pruner,
-                               "objectives": ",".join(self.objectives), "n_trials": self.n_trials,
+                               "objectives": ",".join(self.objectives),
+                               "constraints": ",".join(self.constraints) or None,
+                               "n_trials": self.n_trials,
                                "timeout": self.timeout, "workers": workers, "pack": self.pack,
                                "seed": self.seed, "storage": redact(self.storage),
                                "space": self.space_path}
@@ -156,9 +160,10 @@ class TrialRunner:
     def __init__(self, space: Space, overrides: dict[str, Any], tracker: Tracker,
                  parent_run_id: str, checkpoints: CheckpointStore | None = None,
                  reaper: Callable[[optuna.Study], Any] | None = None,
-                 objectives: list[str] | None = None):
+                 objectives: list[str] | None = None, constraints: list[str] | None = None):
         self.space, self.overrides = space, overrides
         self.objectives = objectives or list(DEFAULT_OBJECTIVES)
+        self.constraints = constraints or []
         self.tracker, self.parent_run_id = tracker, parent_run_id
         self.checkpoints, self.reaper = checkpoints, reaper
 
@@ -174,6 +179,10 @@ class TrialRunner:
         except ConfigError as exc:
             trial.set_user_attr("fail_reason", f"invalid configuration: {exc}")
             raise
+        if config.local_steps > optimiser_steps(config):  # H longer than the whole run
+            print(f"search: trial {trial.number} averages every {config.local_steps} local steps "
+                  f"but runs only about {optimiser_steps(config)}: its workers never average "
+                  "(0 communication rounds)", file=sys.stderr, flush=True)
         root = chain_root(trial.study._storage.get_trial(trial._trial_id))
         resume = self.checkpoints.load(root) if self.checkpoints else None
         discarded = self.checkpoints.discarded.pop(root, None) if self.checkpoints else None
@@ -339,7 +348,16 @@ class TrialSession:
         self._cleanup()
         return True
 
-    def completed(self, values: list[float], epoch: int) -> None:
+    def completed(self, values: list[float], epoch: int,
+                  history: list[dict[str, Any]] | None = None) -> None:
+        """Complete: its constraints set on the trial (Optuna keeps infeasible trials off the
+        front and the best), its run closed FINISHED."""
+        missed = violations(self.runner.constraints, history or [])
+        for text, amount in missed.items():
+            self.trial.set_constraint(text, amount)
+        if any(v > 0 for v in missed.values()):
+            self.runner.tracker.tag(self.run_id, "infeasible", ", ".join(
+                t for t, v in missed.items() if v > 0))
         self.runner.tracker.end_trial(self.run_id, "COMPLETE", objectives=dict(
             zip(self.runner.objectives, values, strict=True)), step=epoch)
         self._cleanup()

@@ -30,7 +30,7 @@ from trainer.config import field_types
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
         "pruner_warmup_epochs", "n_trials", "timeout", "pack", "overrides", "fixed_trials", "table",
-        "objectives", "slurm"}
+        "objectives", "slurm", "constraints"}
 
 
 @dataclass
@@ -110,6 +110,10 @@ def load_study_file(arg: str) -> StudyFile:
             raise SpaceError(f"{path}: slurm: expected a mapping (partition, time, "
                              "gpus_per_worker, ...)")
         options["slurm"] = doc["slurm"]
+    if "constraints" in doc:
+        from search.constraints import parse_constraints
+
+        options["constraints"] = parse_constraints(doc["constraints"], f"{path}: constraints")
     if "objectives" in doc:
         options["objectives"] = parse_objectives(doc["objectives"], f"{path}: objectives")
     if "pack" in options and not (isinstance(options["pack"], int) and options["pack"] >= 1):

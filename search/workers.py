@@ -24,6 +24,7 @@ import optuna
 from tqdm import tqdm
 
 from search.checkpoints import CheckpointStore
+from search.constraints import feasible
 from search.errors import StorageUnavailable, UserError
 from search.logs import quiet_libraries
 from search.objectives import best_first, epochs_run, primary, study_objectives
@@ -93,7 +94,8 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
     reaper = (lambda s: reap_dead_local_trials(s, handler)) if no_heartbeat else None
     runner = TrialRunner(space, worker_device(index, spec.overrides), tracker, parent,
                          CheckpointStore(spec.checkpoint_dir, spec.study_name,
-                                         spec.keep_checkpoints), reaper, spec.objectives)
+                                         spec.keep_checkpoints), reaper, spec.objectives,
+                         spec.constraints)
     if reaper is not None:
         reaper(study)
     if n_trials == 0:  # `--n-trials 0`: only tidy up (stale trials failed and re-queued)
@@ -294,7 +296,7 @@ def _duration(seconds: float) -> str:
 
 
 def finished_line(study: str, t: optuna.trial.FrozenTrial, names: list[str], count: str,
-                  best: float | None) -> str:
+                  best: str | None) -> str:
     """One line per finished trial in a log (at most ~160 characters for the shipped spaces;
     the study's name is on the status lines)."""
     value = (" " + " ".join(f"{n} {v:.4g}" for n, v in zip(names, t.values, strict=True))
@@ -304,7 +306,7 @@ def finished_line(study: str, t: optuna.trial.FrozenTrial, names: list[str], cou
     state = "" if t.state == State.COMPLETE else f" {t.state.name.lower()}"
     ran = "" if t.state == State.COMPLETE else f"{epochs_run(t)} ep, "  # complete: all of them
     return (f"trial {t.number}{state}{value} ({ran}{_duration(secs)}): {short_params(t.params)}; {count}"
-            + (f", best {best:.4f}" if best is not None else ""))
+            + (f", {best}" if best is not None else ""))
 
 
 class Progress:
@@ -358,13 +360,19 @@ class Progress:
                 and t.number not in self.baseline and self._mine(t)]
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
                                                                State.FAIL)}
-        complete = [t for t in trials if t.state == State.COMPLETE and t.values]
-        best = primary(min(complete, key=best_first(self.study))) if complete else None
+        # the best of the feasible trials; a multi-objective study has a front, not a best
+        complete = [t for t in trials if t.state == State.COMPLETE and t.values and feasible(t)]
         running = [t for t in trials if t.state == State.RUNNING]
         post = {"complete": counts[State.COMPLETE], "pruned": counts[State.PRUNED],
                 "failed": counts[State.FAIL]}
-        if best is not None:
-            post["best"] = f"{best:.4f}"
+        best = None
+        if len(self.names) > 1:
+            best = f"front {len(self.study.best_trials)}" if complete else None
+            if best is not None:
+                post["front"] = best.split()[1]
+        elif complete:
+            best = f"best {primary(min(complete, key=best_first(self.study))):.4f}"
+            post["best"] = best.split()[1]
         if self.bar is not None:
             for t in running[:2]:
                 if (text := self._running(t)) is not None:
@@ -523,7 +531,7 @@ def leave_study(study: optuna.Study, tracker: Tracker, parent: str, progress: Pr
         return
     summary: dict = {"n_trials": len(trials)}
     if len(study.directions) == 1:
-        complete = [t for t in trials if t.state == State.COMPLETE]
+        complete = [t for t in trials if t.state == State.COMPLETE and feasible(t)]
         if complete:
             summary["best_value"] = primary(min(complete, key=best_first(study)))
     else:

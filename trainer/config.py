@@ -35,6 +35,14 @@ def train_split_size(dataset: str, val_fraction: float) -> int:
     return n - math.ceil(n * val_fraction)
 
 
+def optimiser_steps(config: TrainConfig) -> int:
+    """About how many optimiser steps a run takes (each worker's shard of the training split,
+    in local batches, per epoch): enough to tell whether a local method ever averages."""
+    shard = train_split_size(config.dataset, config.val_fraction) // config.local_workers
+    local_batch = max(1, config.batch_size // config.local_workers)
+    return config.epochs * math.ceil(shard / local_batch)
+
+
 def default_data_root() -> Path:
     """`$SEARCH_DATA_ROOT`, else `~/.cache/search/data`."""
     env = os.environ.get(DATA_ROOT_ENV)
