@@ -498,6 +498,9 @@ def run_slurm_task(spec_path: str) -> int:
         study = run_worker(spec, index, share, threads, signals=(signal.SIGTERM, signal.SIGINT),
                            slurm_task=task)
     except KeyboardInterrupt:
+        # `scontrol requeue` has Slurm SIGTERM this very task again: nothing is left to stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         again = slurm.requeue_self()
         print(f"search worker: stopped by {signal.Signals(STOP.signum or 15).name} after its "
               f"epoch; its trials are re-queued" + (f"; task {task} requeued" if again else ""),

@@ -140,7 +140,7 @@ def test_a_paused_command_drops_its_taken_over_trials_and_still_runs_its_share(
 
 
 def test_postgres_down_for_three_minutes_fails_no_trial(postgres, mlflow_server, tmp_path):
-    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=10))
+    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=40))  # mid-trial when it stops
     url = postgres.create_database("outage")
     first = _command(tmp_path, url, mlflow_server, 2)
     store = CheckpointStore(tmp_path / "checkpoints", "outage")
@@ -157,7 +157,9 @@ def test_postgres_down_for_three_minutes_fails_no_trial(postgres, mlflow_server,
         during = {n: store.load(n)["epoch"] for n in before}
     finally:
         postgres.start()
-    assert all(during[n] > reached for n, reached in before.items()), (before, during)
+    assert any(reached < 39 for reached in before.values()), before
+    assert all(during[n] > reached for n, reached in before.items() if reached < 39), \
+        (before, during)
     outs = [p.communicate(timeout=600) for p in (first, second)]
     for proc, (_, err) in zip((first, second), outs, strict=True):
         assert proc.returncode == 0, err[-3000:]
@@ -166,7 +168,7 @@ def test_postgres_down_for_three_minutes_fails_no_trial(postgres, mlflow_server,
     trials = _study(url).get_trials()
     assert len(trials) == 4 and all(t.state == State.COMPLETE for t in trials)  # no FAIL, no retry
     for number, reached in before.items():  # trained on through the outage: nothing recomputed
-        assert max(trials[number].intermediate_values) == 10 and reached >= 1
+        assert max(trials[number].intermediate_values) == 40 and reached >= 1
     _, children, parents = _child_runs(mlflow_server, "outage")
     assert all(r.info.status == "FINISHED" for r in children + parents)
 

@@ -118,9 +118,11 @@ def test_a_preempted_task_requeues_itself_and_its_trial_resumes(slurm_cluster, p
     assert len(set(roots)) == 6  # no trial ran twice
     for number in signalled:
         first = next(t for t in trials if t.number == number)
-        # --stop-within 0.01: it stopped at the next optimiser step, inside its epoch
-        assert first.state == State.FAIL and "interrupted in epoch" in first.user_attrs[
-            "fail_reason"]
+        # --stop-within 0.01: at the next optimiser step inside its epoch (or right after the
+        # epoch, when the signal landed in its evaluation)
+        reason = first.user_attrs["fail_reason"]
+        assert first.state == State.FAIL and ("interrupted in epoch" in reason
+                                              or "interrupted after epoch" in reason)
         retry = next(t for t in finished if chain_root(t) == number)
         assert retry.user_attrs["resumed_from_epoch"] >= 2
         assert retry.user_attrs["mlflow_run_id"] == first.user_attrs["mlflow_run_id"]
