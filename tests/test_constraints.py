@@ -46,6 +46,11 @@ def test_infeasible_trials_stay_off_the_front_everywhere(cli, tmp_path):
     for n in infeasible:
         [row] = [line for line in table.splitlines() if line.startswith(f"| #{n} ")]
         assert "infeasible" in row and "Pareto" not in row
+    report = cli("report", "--study", "c", "--output", "r.html")
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("· infeasible") == len(infeasible)
+    assert html.count("· Pareto") == len(front)
     exported = json.loads(cli("export", "--study", "c", "--format", "json").stdout)
     assert {row["number"] for row in exported if row["feasible"] is False} == infeasible
 
