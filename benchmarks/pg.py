@@ -60,10 +60,25 @@ class PostgresServer:
         return self.url.rsplit("/", 1)[0] + "/" + name
 
 
-if __name__ == "__main__":  # a PostgreSQL to try a study on: prints its URL, Ctrl-C stops it
+def serve_until_stopped(stop) -> None:
+    """Waits for Ctrl-C or SIGTERM (`kill %1`), then calls `stop()`: a service started from a
+    shell for trying things out, tidied up whichever way it is ended."""
     import signal
     import sys
     import time
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+if __name__ == "__main__":  # a PostgreSQL to try a study on: prints its URL, Ctrl-C stops it
+    import sys
 
     bindir = pg_bin()
     if bindir is None:
@@ -71,12 +86,9 @@ if __name__ == "__main__":  # a PostgreSQL to try a study on: prints its URL, Ct
     server = PostgresServer(bindir)
     server.start()
     print(server.create_database(sys.argv[1] if len(sys.argv) > 1 else "search"), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill %1` tidies up too
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
+
+    def stop() -> None:
         server.stop("fast")
         shutil.rmtree(server.dir, ignore_errors=True)
+
+    serve_until_stopped(stop)

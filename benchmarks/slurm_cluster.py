@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -132,11 +131,7 @@ if __name__ == "__main__":
     cluster = SlurmCluster()
     cluster.start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill %1` tidies up too
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.pg import serve_until_stopped
+
+    serve_until_stopped(cluster.stop)
