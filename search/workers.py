@@ -141,14 +141,16 @@ def describe_exit(code: int | None) -> str:
 
 def finished_by(study: optuna.Study, pids: set[int] | None = None,
                 slurm_task: str | None = None) -> int:
-    """Trials that processes `pids` on this host (or one Slurm array task, over its requeues)
-    finished; retried attempts not counted."""
+    """Trials that processes `pids` on this host (or one Slurm array task, over its requeues;
+    or, with neither, anyone) finished; retried attempts not counted."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
 
     def by(t: optuna.trial.FrozenTrial) -> bool:
         if slurm_task is not None:
             return t.user_attrs.get("slurm_task") == slurm_task
+        if pids is None:
+            return True
         return t.user_attrs.get("worker_host") == HOST and t.user_attrs.get("worker_pid") in pids
 
     return sum(t.state.is_finished() and t.number not in retried and by(t) for t in trials)
@@ -295,7 +297,7 @@ def _duration(seconds: float) -> str:
         f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h")
 
 
-def finished_line(study: str, t: optuna.trial.FrozenTrial, names: list[str], count: str,
+def finished_line(t: optuna.trial.FrozenTrial, names: list[str], count: str,
                   best: str | None) -> str:
     """One line per finished trial in a log (at most ~160 characters for the shipped spaces;
     the study's name is on the status lines)."""
@@ -365,14 +367,11 @@ class Progress:
         running = [t for t in trials if t.state == State.RUNNING]
         post = {"complete": counts[State.COMPLETE], "pruned": counts[State.PRUNED],
                 "failed": counts[State.FAIL]}
-        best = None
-        if len(self.names) > 1:
-            best = f"front {len(self.study.best_trials)}" if complete else None
-            if best is not None:
-                post["front"] = best.split()[1]
+        if complete and len(self.names) > 1:
+            post["front"] = str(len(self.study.best_trials))
         elif complete:
-            best = f"best {primary(min(complete, key=best_first(self.study))):.4f}"
-            post["best"] = best.split()[1]
+            post["best"] = f"{primary(min(complete, key=best_first(self.study))):.4f}"
+        best = next((f"{k} {v}" for k, v in post.items() if k in ("best", "front")), None)
         if self.bar is not None:
             for t in running[:2]:
                 if (text := self._running(t)) is not None:
@@ -384,7 +383,7 @@ class Progress:
         of = f"/{self.total}" if self.total is not None else ""
         for t in sorted((t for t in done if t.number not in self.seen), key=lambda t: t.number):
             self.seen.add(t.number)
-            print(finished_line(self.study.study_name, t, self.names, f"{len(done)}{of}", best),
+            print(finished_line(t, self.names, f"{len(done)}{of}", best),
                   file=sys.stderr, flush=True)
             self.last_line = time.monotonic()
         if time.monotonic() - self.last_line >= self.quiet_seconds:
@@ -509,9 +508,7 @@ def run_slurm_task(spec_path: str) -> int:
     tracker = Tracker(spec.mlflow_uri, spec.study_name, spec.command)
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
     others = sum(slurm.array_tasks(job).values()) - 1 if job else 0
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    done = sum(t.state.is_finished() and t.number not in retried for t in trials)
+    done = finished_by(study)
     parent = study.user_attrs.get(PARENT_ATTR)
     # tasks ending together each see the other still listed: the study's count decides too
     if parent and (others <= 0 or (spec.n_trials is not None and done >= spec.n_trials)):
@@ -585,9 +582,7 @@ def submit_study(spec: RunSpec, workers: int, opts) -> int:
               "checkpoints with the next command on the study", file=sys.stderr)
         return 130
     leave_study(study, tracker, parent, progress, "FINISHED")
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    done = sum(t.state.is_finished() and t.number not in retried for t in trials)
+    done = finished_by(study)
     print(f"search run: Slurm job array {job} ended; the study has {done} finished trials",
           flush=True)
     if spec.n_trials is not None and done < spec.n_trials:

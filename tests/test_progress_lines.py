@@ -30,7 +30,7 @@ def test_a_finished_trial_line_is_short_for_every_shipped_space():
             datetime_start=start, datetime_complete=start + datetime.timedelta(seconds=43210),
             params=params, distributions={}, user_attrs={}, system_attrs={},
             intermediate_values={150: 0.48213}, trial_id=1)
-        line = finished_line(f"{path.stem}-cifar100", trial, ["val_acc"], "199/200", "best 0.4988")
+        line = finished_line(trial, ["val_acc"], "199/200", "best 0.4988")
         assert len(line) <= 165, (len(line), line)  # the worst seen: 163, LARS
         for name in params:  # every searched value is there, by name
             assert f"{name}=" in line
