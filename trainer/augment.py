@@ -292,12 +292,13 @@ class Augment:
         factors = torch.stack([draws[:, i] * (hi - lo) + lo for i, (lo, hi) in enumerate(ranges)], 1)
         return factors, torch.argsort(draws[:, 4:], dim=1)
 
-    def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, u: torch.Tensor, sync_free: bool | None = None
+              ) -> torch.Tensor:
         x = images.float().div_(255)
         if self.preset.geometric:
             x = warp(x, self.geometry(u, x.shape[-1]))
         if self.preset.jitter:
-            x = colour_jitter(x, *self.colour(u))
+            x = colour_jitter(x, *self.colour(u), sync_free=sync_free)
         return normalize(x)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

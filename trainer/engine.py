@@ -33,7 +33,7 @@ from trainer.local import average_workers, plain, shards
 from trainer.model import LeNet5
 from trainer.runtime import Setup, autocast
 from trainer.schedule import lr_at
-from trainer.stacked_optim import HYPER, StackedOptimizer
+from trainer.stacked_optim import HYPER, Layout, StackedOptimizer
 
 EVAL_BATCH = 1024
 CHECKPOINT_FORMAT = 2
@@ -82,10 +82,14 @@ class Engine:
         self.local = self.k > 1 or self.h > 1
         self.beta, self.alpha = c.slowmo_beta, c.slowmo_lr
         self.model = LeNet5(setup.num_classes).to(setup.device)  # a template for functional_call
-        # vmap runs the rows as one batched (grouped-conv) model: one launch per op for the
-        # whole pack on an accelerator. On the CPU, compute-bound, a loop over the rows with
-        # channels_last convolutions is ~1.5x faster than grouped ones (benchmarks/pack.py).
-        self.vmap_rows = setup.device.type != "cpu"
+        self.layout = Layout({n: tuple(p.shape) for n, p in self.model.named_parameters()},
+                             setup.device)
+        # The accelerator path: vmap runs the rows as one batched (grouped-conv) model, one
+        # launch per op for the whole pack, and nothing in a step waits for the device. On the
+        # CPU, compute-bound, a loop over the rows with channels_last convolutions is ~1.5x
+        # faster than grouped ones (benchmarks/pack.py) and a host sync costs nothing.
+        # benchmarks/launches.py and tests/test_sync_guard.py force it on the CPU.
+        self.accelerated = setup.device.type != "cpu"
         self.augment = Augment(c.augment)
         labels = setup.train.y.cpu().numpy()
         self.worker_idx = [torch.as_tensor(s, device=setup.device)
@@ -94,10 +98,13 @@ class Engine:
         self.local_batch = c.batch_size // self.k
         self.steps_per_epoch = math.ceil(self.shortest / self.local_batch)
         self.members: list[Member] = []
+        # all rows' parameters as one (R, N) buffer: the optimiser and local averaging step it
+        # in a few kernels; `params` are its per-tensor views (leaves the forward pass uses)
+        self.flat = torch.zeros(0, self.layout.size, device=setup.device)
         self.params: dict[str, torch.Tensor] = {}
         self.optimizer: StackedOptimizer | None = None
-        self.sync: dict[str, torch.Tensor] = {}
-        self.u: dict[str, torch.Tensor] = {}
+        self.sync: torch.Tensor | None = None  # SlowMo's (P, N) outer state, when kept
+        self.u: torch.Tensor | None = None
         self._restack_needed = False
 
     # --- membership ---
@@ -144,30 +151,37 @@ class Engine:
         keep_outer = self.local and not plain(self.beta, self.alpha)
         return {
             "params": params,
-            "optimizer": StackedOptimizer(config.optimizer, params, {}).state_rows(slice(None)),
+            "optimizer": StackedOptimizer(config.optimizer, self.layout, k, {}).state_rows(slice(None)),
             "slowmo_sync": {n: p[0].clone() for n, p in params.items()} if keep_outer else {},
             "slowmo_u": {n: torch.zeros_like(p[0]) for n, p in params.items()} if keep_outer else {},
         }
 
     def _tensors(self, row: int) -> dict[str, Any]:
-        rows = slice(row * self.k, (row + 1) * self.k)
-        return {"params": {n: t[rows].detach() for n, t in self.params.items()},
-                "optimizer": self.optimizer.state_rows(rows),
-                "slowmo_sync": {n: t[row] for n, t in self.sync.items()},
-                "slowmo_u": {n: t[row] for n, t in self.u.items()}}
+        rows, views = slice(row * self.k, (row + 1) * self.k), self.layout.views
+
+        def outer(flat):
+            return {} if flat is None else {n: t[0] for n, t in views(flat[row:row + 1]).items()}
+
+        return {"params": views(self.flat[rows]), "optimizer": self.optimizer.state_rows(rows),
+                "slowmo_sync": outer(self.sync), "slowmo_u": outer(self.u)}
 
     def _restack(self) -> None:
         dev = self.setup.device
         states = [m.pending if m.pending is not None else self._tensors(m.row)
                   for m in self.members]
-        self.params = {n: torch.cat([s["params"][n].detach().to(dev) for s in states]).requires_grad_()
-                       for n in states[0]["params"]}
-        self.sync = {n: torch.stack([s["slowmo_sync"][n].to(dev) for s in states])
-                     for n in states[0]["slowmo_sync"]}
-        self.u = {n: torch.stack([s["slowmo_u"][n].to(dev) for s in states])
-                  for n in states[0]["slowmo_u"]}
-        self.optimizer = StackedOptimizer(self.setup.config.optimizer, self.params,
-                                          self._per_row())
+        flatten = self.layout.flatten
+        self.flat = torch.cat([flatten(s["params"]).detach().to(dev) for s in states])
+        self.params = {n: v.requires_grad_() for n, v in self.layout.views(self.flat).items()}
+
+        def outer(key):  # per trial (P, N), or None when no trial keeps SlowMo's state
+            if not states[0][key]:
+                return None
+            return torch.cat([flatten({n: t.unsqueeze(0) for n, t in s[key].items()}).to(dev)
+                              for s in states])
+
+        self.sync, self.u = outer("slowmo_sync"), outer("slowmo_u")
+        self.optimizer = StackedOptimizer(self.setup.config.optimizer, self.layout,
+                                          len(self.flat), self._per_row())
         self.optimizer.load_rows([s["optimizer"] for s in states])
         for i, m in enumerate(self.members):
             m.row, m.pending = i, None
@@ -178,7 +192,8 @@ class Engine:
         (`lr` is set from each trial's schedule at every epoch)."""
         names = [n for n in HYPER[self.setup.config.optimizer] if n != "lr"]
         return {name: torch.tensor([float(getattr(m.config, name)) for m in self.members
-                                    for _ in range(self.k)], device=self.setup.device)
+                                    for _ in range(self.k)], device=self.setup.device,
+                                   dtype=torch.float64)
                 for name in names}
 
     def state(self, member: Member) -> dict[str, Any]:
@@ -207,7 +222,7 @@ class Engine:
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor):
         """Per-row mean losses (R,) and logits (R, b, classes)."""
-        if self.vmap_rows and len(x) > 1:
+        if self.accelerated and len(x) > 1:
             return vmap(self._loss)(self.params, x, y)
         # unbind: its backward stacks the rows' gradients in one op (indexing would not)
         rows = {n: p.unbind(0) for n, p in self.params.items()}
@@ -248,7 +263,8 @@ class Engine:
         members, setup, dev = self.members, self.setup, self.setup.device
         p_count, k = len(members), self.k
         lrs = [lr_at(m.config, m.epoch) for m in members]
-        self.optimizer.hyper["lr"] = torch.tensor([lr for lr in lrs for _ in range(k)], device=dev)
+        self.optimizer.hyper["lr"] = torch.tensor([lr for lr in lrs for _ in range(k)], device=dev,
+                                                  dtype=torch.float64)
         inner_lr = torch.tensor(lrs, device=dev)
         plan = self._average_plan() if self.local else []
         start = time.perf_counter()
@@ -323,17 +339,22 @@ class Engine:
             b = hi - lo
             idx = perms[:, :, lo:hi].reshape(-1)
             draws = [self.augment.draw(k * b, m.generator) for m in members]
-            x = self.augment.apply(setup.train.x[idx], draws[0] if p_count == 1 else torch.cat(draws))
+            x = self.augment.apply(setup.train.x[idx], draws[0] if p_count == 1 else torch.cat(draws),
+                                   sync_free=self.accelerated)
             x = x.view(r_count, b, *shape)
             y = setup.train.y[idx].view(r_count, b)
             losses, logits = self._forward(x, y)
             losses.sum().backward()
-            self.optimizer.step(self.params, {n: p.grad for n, p in self.params.items()})
+            grads = self.layout.flatten({n: p.grad for n, p in self.params.items()})
             for p in self.params.values():
                 p.grad = None
+            self.optimizer.step(self.flat, grads)
             if self.local and plan[s] is not False:
-                average_workers(self.params, k, self.beta, self.alpha, inner_lr, self.sync,
-                                self.u, plan[s])
+                # over the flat buffer: one chain of ops for the whole model
+                sync, u = ({}, {}) if self.sync is None else ({"all": self.sync}, {"all": self.u})
+                average_workers({"all": self.flat}, k, self.beta, self.alpha, inner_lr, sync, u,
+                                plan[s])
+                self.sync, self.u = sync.get("all"), u.get("all")
             loss_sum += losses.detach() * b
             correct += (logits.detach().argmax(-1) == y).sum(-1)
             done = s + 1
@@ -356,7 +377,7 @@ class Engine:
             x = prepare_eval(split.x[i:i + chunk]).contiguous(memory_format=torch.channels_last)
             y = split.y[i:i + chunk]
             with autocast(dev, self.setup.precision):
-                if self.vmap_rows and p_count > 1:
+                if self.accelerated and p_count > 1:
                     logits = vmap(functional_call, in_dims=(None, 0, None))(self.model, params, (x,))
                 else:
                     logits = torch.stack([

@@ -1,15 +1,21 @@
-"""Optimisers over stacked parameters: each tensor holds R rows (packed trials, or a trial's
-local workers, or both), and every hyperparameter is an (R,) tensor on the device, so rows with
-different lr / betas / momentum / weight decay step together in the same kernels.
+"""Optimisers over stacked parameters: R rows (packed trials, or a trial's local workers, or
+both) of the whole model as ONE flat (R, N) buffer, and every hyperparameter an (R,) tensor on
+the device, so rows with different lr / betas / momentum / weight decay step together and a
+step is a dozen or two kernels whatever the number of parameter tensors (on a GPU a LeNet-5
+step is launch-bound: benchmarks/launches.py).
 
-The steps follow torch's AdamW and SGD (single-tensor, non-foreach formulas) and our LARS and
-LAMB (`trainer.optim`) exactly, row by row; `tests/test_stacked_optim.py` checks each against
-those references over several steps. Norms (LARS / LAMB trust ratios) are taken per row.
-"Adapted" tensors are those with more than one dimension per row: biases get neither weight
-decay nor trust scaling in LARS and LAMB, as in the single-trial classes.
+The steps follow torch's AdamW and SGD (single-tensor formulas, the per-row scalars such as
+bias corrections computed in float64 as torch computes them in Python) and our LARS and LAMB
+(`trainer.optim`), row by row; `tests/test_pack.py` checks each against those references.
+LARS / LAMB trust ratios are per row and per parameter tensor (segment norms over the flat
+buffer). "Adapted" tensors are those with more than one dimension per row: biases get neither
+weight decay nor trust scaling in LARS and LAMB, as in the single-trial classes.
 """
 
 from __future__ import annotations
+
+import math
+from functools import cached_property
 
 import torch
 
@@ -30,85 +36,118 @@ def rows(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return h.view(-1, *([1] * (like.ndim - 1)))
 
 
-def row_norm(t: torch.Tensor) -> torch.Tensor:
-    """Norm of each row, shaped to broadcast against t."""
-    return rows(torch.linalg.vector_norm(t.flatten(1), dim=1), t)
+class Layout:
+    """Where each named parameter tensor lives in a flat (R, N) buffer: `flatten` packs a
+    {name: (R, *shape)} dict into one, `views` gives the dict back as views of it."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device | str = "cpu"):
+        self.shapes, self.device = dict(shapes), torch.device(device)
+        self.sizes = [math.prod(s) for s in self.shapes.values()]
+        self.size = sum(self.sizes)
+        # adapted (LARS / LAMB): more than one dimension per row
+        self.adapted = torch.tensor([len(s) > 1 for s in self.shapes.values()], device=device)
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> Layout:
+        """The layout of a dict of (R, ...) tensors."""
+        some = next(iter(tensors.values()))
+        return cls({n: tuple(t.shape[1:]) for n, t in tensors.items()}, some.device)
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(len(tensors[n]), -1) for n in self.shapes], 1)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.shapes, (part.view(len(flat), *shape) for part, shape in zip(
+            flat.split(self.sizes, 1), self.shapes.values(), strict=True)), strict=True))
+
+    @cached_property
+    def segment(self) -> torch.Tensor:
+        """(N,) index of the tensor each flat element belongs to."""
+        return torch.repeat_interleave(torch.arange(len(self.sizes), device=self.device),
+                                       torch.tensor(self.sizes, device=self.device))
+
+    @cached_property
+    def adapted_elements(self) -> torch.Tensor:
+        """(N,) 1.0 where the element's tensor is adapted, else 0.0."""
+        return self.adapted.float()[self.segment]
+
+    def segment_norms(self, flat: torch.Tensor) -> torch.Tensor:
+        """(R, L): the norm of each row's part of each tensor."""
+        sums = torch.zeros(len(flat), len(self.sizes), device=flat.device, dtype=flat.dtype)
+        return sums.index_add_(1, self.segment, flat.square()).sqrt_()
 
 
 class StackedOptimizer:
-    """`step(params, grads)` updates every row of every tensor in place.
+    """`step(params, grads)` updates every row of a flat (R, N) parameter buffer in place.
 
     `hyper[name]` are (R,) float tensors, settable between steps (the schedule writes `lr`
     each epoch); `steps` counts each row's own steps (rows may join a pack later)."""
 
-    def __init__(self, name: str, params: dict[str, torch.Tensor], hyper: dict[str, torch.Tensor]):
+    def __init__(self, name: str, layout: Layout, row_count: int, hyper: dict[str, torch.Tensor]):
         if name not in HYPER:
             raise ValueError(f"optimizer: unknown {name!r}")
-        self.name = name
+        self.name, self.layout = name, layout
         self.hyper = {k: hyper[k] for k in HYPER[name] if k in hyper}
-        some = next(iter(params.values()))
-        self.steps = torch.zeros(len(some), device=some.device)
-        self.buffers = {b: {n: torch.zeros_like(p) for n, p in params.items()}
-                        for b in BUFFERS[name]}
+        dev = layout.device
+        self.steps = torch.zeros(row_count, device=dev)
+        self.buffers = {b: torch.zeros(row_count, layout.size, device=dev) for b in BUFFERS[name]}
+
+    def _h(self, name: str) -> torch.Tensor:
+        """A hyperparameter as an (R, 1) float64 column (per-row scalars are computed in float64,
+        as torch computes them in Python, then cast once)."""
+        return self.hyper[name].double().view(-1, 1)
 
     @torch.no_grad()
-    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    def step(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        """p, g: (R, N) parameters (updated in place) and their gradients."""
         self.steps += 1
-        h = self.hyper
-        if self.name in ("adamw", "lamb"):
-            beta1, beta2 = h["momentum"], h["beta2"]
-            bias1 = 1 - beta1 ** self.steps
-            bias2 = 1 - beta2 ** self.steps
-        for name, p in params.items():
-            g = grads[name]
-            lr, wd = rows(h["lr"], p), rows(h["weight_decay"], p)
-            adapted = p.ndim > 2
-            if self.name == "adamw":
-                m, v = self.buffers["exp_avg"][name], self.buffers["exp_avg_sq"][name]
-                p.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - rows(beta1, p))
-                v.mul_(rows(beta2, p)).addcmul_(g, g * (1 - rows(beta2, p)))
-                denom = (v.sqrt() / rows(bias2, p).sqrt()).add_(EPS["adamw"])
-                p.sub_(m / denom * (lr / rows(bias1, p)))
-            elif self.name == "sgdm":
-                buf = self.buffers["momentum_buffer"][name]
-                buf.mul_(rows(h["momentum"], p)).add_(g.add(p * wd))
-                p.sub_(buf * lr)
-            elif self.name == "lars":
-                buf = self.buffers["momentum_buffer"][name]
-                if adapted:
-                    w_norm, g_norm = row_norm(p), row_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                        rows(h["trust_coefficient"], p) * w_norm
-                                        / (g_norm + wd * w_norm + EPS["lars"]),
-                                        torch.ones_like(w_norm))
-                    d = g.add(p * wd).mul_(trust)
-                else:
-                    d = g
-                buf.mul_(rows(h["momentum"], p)).add_(d * lr)
-                p.sub_(buf)
-            else:  # lamb
-                m, v = self.buffers["exp_avg"][name], self.buffers["exp_avg_sq"][name]
-                m.mul_(rows(beta1, p)).add_(g * (1 - rows(beta1, p)))
-                v.mul_(rows(beta2, p)).addcmul_(g, g * (1 - rows(beta2, p)))
-                r = (m / rows(bias1, p)) / ((v / rows(bias2, p)).sqrt() + EPS["lamb"])
-                if adapted:
-                    r.add_(p * wd)
-                    w_norm = torch.minimum(row_norm(p), rows(h["lamb_clamp"], p))
-                    r_norm = row_norm(r)
-                    r.mul_(torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm,
-                                       torch.ones_like(w_norm)))
-                p.sub_(r * lr)
+        f32 = torch.float32
+        lr, wd = self._h("lr"), self._h("weight_decay")
+        layout, name = self.layout, self.name
+        if name == "adamw":
+            m, v = self.buffers["exp_avg"], self.buffers["exp_avg_sq"]
+            beta1, beta2, t = self._h("momentum"), self._h("beta2"), self.steps.double().view(-1, 1)
+            p.mul_((1 - lr * wd).to(f32))
+            m.lerp_(g, (1 - beta1).to(f32))
+            v.mul_(beta2.to(f32)).addcmul_(g, g * (1 - beta2).to(f32))
+            denom = (v.sqrt() / (1 - beta2 ** t).sqrt().to(f32)).add_(EPS["adamw"])
+            p.sub_(m / denom * (lr / (1 - beta1 ** t)).to(f32))
+        elif name == "sgdm":
+            buf = self.buffers["momentum_buffer"]
+            buf.mul_(self._h("momentum").to(f32)).add_(g.add(p * wd.to(f32)))
+            p.sub_(buf * lr.to(f32))
+        elif name == "lars":
+            buf = self.buffers["momentum_buffer"]
+            w_norm, g_norm = layout.segment_norms(p), layout.segment_norms(g)
+            wd32 = wd.to(f32)
+            trust = torch.where(layout.adapted & (w_norm > 0) & (g_norm > 0),
+                                self._h("trust_coefficient").to(f32) * w_norm
+                                / (g_norm + wd32 * w_norm + EPS["lars"]), 1.0)
+            d = (g + p * (wd32 * layout.adapted_elements)).mul_(trust[:, layout.segment])
+            buf.mul_(self._h("momentum").to(f32)).add_(d * lr.to(f32))
+            p.sub_(buf)
+        else:  # lamb
+            m, v = self.buffers["exp_avg"], self.buffers["exp_avg_sq"]
+            beta1, beta2, t = self._h("momentum"), self._h("beta2"), self.steps.double().view(-1, 1)
+            m.mul_(beta1.to(f32)).add_(g * (1 - beta1).to(f32))
+            v.mul_(beta2.to(f32)).addcmul_(g, g * (1 - beta2).to(f32))
+            r = (m / (1 - beta1 ** t).to(f32)) / ((v / (1 - beta2 ** t).to(f32)).sqrt() + EPS["lamb"])
+            r.add_(p * (wd.to(f32) * layout.adapted_elements))
+            w_norm = torch.minimum(layout.segment_norms(p), self._h("lamb_clamp").to(f32))
+            r_norm = layout.segment_norms(r)
+            trust = torch.where(layout.adapted & (w_norm > 0) & (r_norm > 0), w_norm / r_norm, 1.0)
+            p.sub_(r.mul_(trust[:, layout.segment]) * lr.to(f32))
 
     def state_rows(self, index: slice) -> dict:
-        """The optimiser state of some rows (views), in the per-trial checkpoint layout."""
+        """The optimiser state of some rows (views), in the per-trial checkpoint layout:
+        {"steps": (r,), "buffers": {buffer: {parameter name: (r, *shape)}}}."""
         return {"steps": self.steps[index],
-                "buffers": {b: {n: t[index] for n, t in bufs.items()}
-                            for b, bufs in self.buffers.items()}}
+                "buffers": {b: self.layout.views(flat[index]) for b, flat in self.buffers.items()}}
 
     def load_rows(self, states: list[dict]) -> None:
         """Replaces the whole state by stacking per-trial states (as `state_rows` gives them)."""
-        self.steps = torch.cat([s["steps"].to(self.steps.device) for s in states])
-        for b, bufs in self.buffers.items():
-            for n in bufs:
-                bufs[n] = torch.cat([s["buffers"][b][n].to(self.steps.device) for s in states])
+        dev = self.layout.device
+        self.steps = torch.cat([s["steps"].to(dev) for s in states])
+        for b in self.buffers:
+            self.buffers[b] = torch.cat([self.layout.flatten(s["buffers"][b]).to(dev)
+                                         for s in states])
