@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 MEAN = STD = 0.5  # the notes normalise with (0.5, 0.5, 0.5) / (0.5, 0.5, 0.5)
 
@@ -49,38 +48,55 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(name: str, values: list[float], shape: tuple[int, ...], device,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small constant tensor, made once per device (steps copy nothing to the device)."""
+    key = (name, str(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, device=device, dtype=dtype).view(shape)
+    return _CONSTANTS[key]
+
+
 def _eye(n: int, device) -> torch.Tensor:
-    return torch.eye(3, device=device).expand(n, 3, 3).clone()
+    return _constant("eye", [1.0, 0, 0, 0, 1, 0, 0, 0, 1], (1, 3, 3), device).expand(n, 3, 3)
 
 
-# --- geometry: each returns (B, 3, 3) matrices, output-centred -> input-centred coordinates ---
+# --- geometry: each returns (B, 3, 3) matrices, output-centred -> input-centred coordinates.
+# Each is one stack of its entries (one kernel), constants being views of cached tensors. ---
+
+def _affine(n: int, device, *entries: torch.Tensor | float) -> torch.Tensor:
+    """(n, 3, 3) matrices [[a, b, c], [d, e, f], [0, 0, 1]] from six (n,) tensors or floats."""
+    def column(e):
+        if isinstance(e, torch.Tensor):
+            return e.float()
+        return _constant(f"scalar{float(e)}", [float(e)], (1,), device).expand(n)
+
+    return torch.stack([column(e) for e in (*entries, 0.0, 0.0, 1.0)], 1).view(n, 3, 3)
+
 
 def flip_matrix(flip: torch.Tensor) -> torch.Tensor:
     """`flip` is a bool per sample (RandomHorizontalFlip)."""
-    m = _eye(len(flip), flip.device)
-    m[:, 0, 0] = 1 - 2 * flip.float()
-    return m
+    return _affine(len(flip), flip.device, 1 - 2 * flip.float(), 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 def rotation_matrix(degrees: torch.Tensor) -> torch.Tensor:
     """TF.rotate(img, angle): counter-clockwise by `angle` degrees about the centre."""
     rad = torch.deg2rad(degrees)
     cos, sin = torch.cos(rad), torch.sin(rad)
-    m = _eye(len(degrees), degrees.device)
-    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, -sin, sin, cos
-    return m
+    return _affine(len(degrees), degrees.device, cos, -sin, 0.0, sin, cos, 0.0)
 
 
 def translation_matrix(dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Moves content by (dx, dy) pixels (TF.affine translate); output p samples input p - d."""
-    m = _eye(len(dx), dx.device)
-    m[:, 0, 2], m[:, 1, 2] = -dx, -dy
-    return m
+    return _affine(len(dx), dx.device, 1.0, 0.0, -dx, 0.0, 1.0, -dy)
 
 
 def crop_matrix(top: torch.Tensor, left: torch.Tensor, padding: int) -> torch.Tensor:
     """Zero-pad by `padding`, then crop the original size at (top, left) of the padded image."""
-    return translation_matrix(padding - left, padding - top)
+    return _affine(len(top), top.device, 1.0, 0.0, left - padding, 0.0, 1.0, top - padding)
 
 
 def perspective_matrix(startpoints: torch.Tensor, endpoints: torch.Tensor, size: int) -> torch.Tensor:
@@ -89,47 +105,39 @@ def perspective_matrix(startpoints: torch.Tensor, endpoints: torch.Tensor, size:
     Solves torchvision's 8-coefficient system per sample (endpoints -> startpoints, in its
     pixel-edge frame where a pixel centre sits at i + 0.5) and moves it into centred coordinates.
     """
-    n = len(startpoints)
+    n, dev = len(startpoints), endpoints.device
     e, s = endpoints.double(), startpoints.double()
-    a = torch.zeros(n, 8, 8, dtype=torch.float64, device=e.device)
     ex, ey, sx, sy = e[..., 0], e[..., 1], s[..., 0], s[..., 1]
-    one = torch.ones_like(ex)
-    a[:, 0::2, 0], a[:, 0::2, 1], a[:, 0::2, 2] = ex, ey, one
-    a[:, 0::2, 6], a[:, 0::2, 7] = -sx * ex, -sx * ey
-    a[:, 1::2, 3], a[:, 1::2, 4], a[:, 1::2, 5] = ex, ey, one
-    a[:, 1::2, 6], a[:, 1::2, 7] = -sy * ex, -sy * ey
-    b = s.reshape(n, 8)
-    c = torch.linalg.solve_ex(a, b)[0].float()  # solve_ex: no host sync for an error check
-    h = torch.cat([c, torch.ones(n, 1, device=c.device)], dim=1).reshape(n, 3, 3)
+    one = _constant("one64", [1.0], (1, 1), dev, torch.float64).expand(n, 4)
+    zero = _constant("zero64", [0.0], (1, 1), dev, torch.float64).expand(n, 4)
+    # rows 2i: (ex, ey, 1, 0, 0, 0, -sx ex, -sx ey); rows 2i+1: (0, 0, 0, ex, ey, 1, -sy ex, -sy ey)
+    even = torch.stack([ex, ey, one, zero, zero, zero, -sx * ex, -sx * ey], -1)
+    odd = torch.stack([zero, zero, zero, ex, ey, one, -sy * ex, -sy * ey], -1)
+    a = torch.stack([even, odd], 2).view(n, 8, 8)
+    c = torch.linalg.solve_ex(a, s.reshape(n, 8))[0]  # solve_ex: no host sync for an error check
+    h = torch.cat([c.float(), _constant("one", [1.0], (1, 1), dev).expand(n, 1)], 1).view(n, 3, 3)
     half = size / 2
-    to_edge = _eye(n, c.device)
-    to_edge[:, :2, 2] = half
-    to_centre = _eye(n, c.device)
-    to_centre[:, :2, 2] = -half
+    to_centre = _constant(f"to_centre{half}", [1.0, 0, -half, 0, 1, -half, 0, 0, 1], (3, 3), dev)
+    to_edge = _constant(f"to_edge{half}", [1.0, 0, half, 0, 1, half, 0, 0, 1], (3, 3), dev)
     return to_centre @ h @ to_edge
 
 
 def perspective_endpoints(u: torch.Tensor, size: int, distortion: float) -> torch.Tensor:
-    """RandomPerspective.get_params per sample from 8 uniforms each: (n, 4, 2) end corners."""
-    half = size // 2
-    bound = int(distortion * half) + 1
-    lo = torch.floor(u * bound)  # randint(0, bound)
-    hi = size - bound + lo  # randint(size - bound, size)
-    pick = [(lo, lo), (hi, lo), (hi, hi), (lo, hi)]
-    return torch.stack([torch.stack([a[:, 2 * i], b[:, 2 * i + 1]], 1)
-                        for i, (a, b) in enumerate(pick)], dim=1)
-
-
-_CORNERS: dict[tuple[int, str], torch.Tensor] = {}
+    """RandomPerspective.get_params per sample from 8 uniforms each: (n, 4, 2) end corners:
+    top-left (lo, lo), top-right (hi, lo), bottom-right (hi, hi), bottom-left (lo, hi) with
+    lo = randint(0, bound) and hi = randint(size - bound, size) = size - bound + lo."""
+    bound = int(distortion * (size // 2)) + 1
+    far = float(size - bound)
+    offsets = _constant(f"corners{size},{bound}", [0.0, 0, far, 0, far, far, 0, far], (1, 8),
+                        u.device)
+    return (torch.floor(u * bound) + offsets).view(-1, 4, 2)
 
 
 def perspective_startpoints(n: int, size: int, device) -> torch.Tensor:
     """The image's corners (n, 4, 2); kept per device, so steps copy nothing to the device."""
-    key = (size, str(device))
-    if key not in _CORNERS:
-        _CORNERS[key] = torch.tensor([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]],
-                                     dtype=torch.float32, device=device)
-    return _CORNERS[key].expand(n, 4, 2)
+    last = float(size - 1)
+    return _constant(f"start{size}", [0.0, 0, last, 0, last, last, 0, last], (1, 4, 2),
+                     device).expand(n, 4, 2)
 
 
 def _merge_exact(stages: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -149,26 +157,40 @@ def warp(images: torch.Tensor, stages: torch.Tensor | list[torch.Tensor],
     would have taken from outside its image is zeroed, as the op-by-op pipeline's fill does."""
     stages = [stages] if isinstance(stages, torch.Tensor) else stages
     n, _, h, w = images.shape
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=images.device, dtype=torch.float32) - (h - 1) / 2,
-        torch.arange(w, device=images.device, dtype=torch.float32) - (w - 1) / 2,
-        indexing="ij",
-    )
-    # coordinates as (n, h*w) planes: a 3x3 product by hand beats a K=3 batched matmul
-    x, y = xs.reshape(1, -1), ys.reshape(1, -1)
-    inside = None
-    for i, m in enumerate(reversed(stages)):
-        c = [m[:, r, k, None] for r in range(3) for k in range(3)]
-        denom = c[6] * x + c[7] * y + c[8]
-        x, y = (c[0] * x + c[1] * y + c[2]) / denom, (c[3] * x + c[4] * y + c[5]) / denom
-        if i < len(stages) - 1:  # an intermediate image: outside it there was only fill
-            ok = (x.abs() <= w / 2) & (y.abs() <= h / 2)
-            inside = ok if inside is None else inside & ok
-    grid = torch.stack([x / (w / 2), y / (h / 2)], dim=-1).reshape(n, h, w, 2).to(images.dtype)
+    # where each stage reads, for every output pixel: the products of the last k matrices
+    # (projective maps compose as matrices), all applied in ONE matmul to the pixel grid
+    reads = [stages[-1]]
+    for m in reversed(stages[:-1]):
+        reads.append(m @ reads[-1])
+    xy1 = torch.matmul(_pixel_grid(h, w, images.device), torch.stack(reads, 1).transpose(-1, -2))
+    xy = xy1[..., :2] / xy1[..., 2:]  # (n, stages, h*w, 2), centred pixel coordinates
+    half = _half_size(h, w, images.device)
+    grid = (xy[:, -1] / half).reshape(n, h, w, 2).to(images.dtype)
     out = F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
-    if inside is not None:
+    if len(stages) > 1:  # an intermediate image: outside it there was only fill
+        inside = (xy[:, :-1].abs() <= half).all(-1).all(1)
         out = out * inside.reshape(n, 1, h, w).to(out.dtype)
     return out
+
+
+_GRIDS: dict[tuple, torch.Tensor] = {}
+
+
+def _pixel_grid(h: int, w: int, device) -> torch.Tensor:
+    """(h*w, 3) homogeneous centred coordinates (x, y, 1) of the output pixels, per device."""
+    key = ("grid", h, w, str(device))
+    if key not in _GRIDS:
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) - (h - 1) / 2,
+                                torch.arange(w, dtype=torch.float32) - (w - 1) / 2, indexing="ij")
+        _GRIDS[key] = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3).to(device)
+    return _GRIDS[key]
+
+
+def _half_size(h: int, w: int, device) -> torch.Tensor:
+    key = ("half", h, w, str(device))
+    if key not in _GRIDS:
+        _GRIDS[key] = torch.tensor([w / 2, h / 2], device=device)
+    return _GRIDS[key]
 
 
 # --- colour: torchvision's definitions with one factor per sample ---
@@ -183,30 +205,37 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    mean = grey_of(x).mean(dim=(-3, -2, -1), keepdim=True)
     return _blend(x, mean, factor)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, TF.rgb_to_grayscale(x), factor)
+    return _blend(x, grey_of(x), factor)
 
 
+def grey_of(x: torch.Tensor) -> torch.Tensor:
+    """TF.rgb_to_grayscale's luma (0.2989 r + 0.587 g + 0.114 b), (B, 1, H, W), in two passes."""
+    weights = _constant("luma", [0.2989, 0.587, 0.114], (1, 3, 1, 1), x.device)
+    return (x * weights).sum(-3, keepdim=True)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """torchvision's RGB -> HSV, h += shift, HSV -> RGB, in fewer passes: value and saturation
     are unchanged by a hue shift, so each channel is max - range * clamp(min(k, 4 - k), 0, 1)
-    with k = (n + 6h) mod 6, n = 5, 3, 1 for r, g, b (the standard closed form)."""
-    r, g, b = x.unbind(dim=-3)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    span = maxc - torch.minimum(torch.minimum(r, g), b)
-    safe = torch.where(span == 0, 1.0, span)
-    h6 = torch.where(maxc == r, (g - b) / safe,
-                     torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h6 += 6 * shift.view(-1, 1, 1)
-    k = torch.stack([h6 + 5, h6 + 3, h6 + 1], dim=-3).remainder_(6.0)
+    with k = (n + 6h) mod 6, n = 5, 3, 1 for r, g, b (the standard closed form). The hue in
+    sixths is (g - b, b - r, r - g)[c] / range + (0, 2, 4)[c] for c the first channel holding
+    the max (torchvision's r, then g, then b precedence: arg-max returns the first)."""
+    maxc, top = x.max(dim=-3, keepdim=True)
+    span = maxc - x.amin(dim=-3, keepdim=True)
+    # (g - b, b - r, r - g) / range + (0, 2, 4): each channel's two successors, cyclically.
+    # A grey pixel (range 0) has diffs 0 and keeps its value whatever h6 is; the clamp only
+    # avoids 0 / 0 (a range under 1e-12 moves a channel by less than that)
+    diffs = x.roll(-1, dims=-3) - x.roll(-2, dims=-3)
+    sixths = diffs / span.clamp_min(1e-12) + _constant("hue_at", [0.0, 2.0, 4.0], (1, 3, 1, 1), x.device)
+    h6 = sixths.gather(-3, top) + 6 * shift.view(-1, 1, 1, 1)
+    k = (h6 + _constant("hue_n", [5.0, 3.0, 1.0], (1, 3, 1, 1), x.device)).remainder_(6.0)
     weight = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return maxc.unsqueeze(-3) - span.unsqueeze(-3) * weight
+    return maxc - span * weight
 
 
 def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
@@ -216,27 +245,28 @@ def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
 
     Brightness, contrast and saturation are all clamp(f*x + (1-f)*G) with G = 0, the image's
     mean grey, or the pixel's grey: one fused blend per round covers the three, with f = 1
-    (identity) for samples whose op this round is hue. On the CPU hue runs on just its samples;
-    `sync_free` (default: off the CPU) runs it on all and selects, so no host sync happens."""
+    (identity) for samples whose op this round is hue; every round's coefficients are taken
+    before the first. On the CPU hue runs on just its samples; `sync_free` (default: off the
+    CPU) runs it on all and selects, so no host sync happens."""
     if sync_free is None:
         sync_free = x.device.type != "cpu"
     n = len(x)
-    rows = torch.arange(n, device=x.device)
+    is_hue = order == 3  # (n, 4) per round
+    blend = torch.where(is_hue, 1.0, factors.gather(1, order.clamp(max=2)))
+    uses_mean, uses_grey = (order == 1).to(x.dtype), (order == 2).to(x.dtype)
     for r in range(4):
-        op = order[:, r]
-        f = torch.where(op == 3, 1.0, factors[rows, op.clamp(max=2)]).view(n, 1, 1, 1)
-        grey = TF.rgb_to_grayscale(x)
-        mean = grey.mean(dim=(-3, -2, -1), keepdim=True)
-        target = torch.where((op == 1).view(n, 1, 1, 1), mean,
-                             torch.where((op == 2).view(n, 1, 1, 1), grey, 0.0))
-        x = (f * x + (1 - f) * target).clamp_(0, 1)
-        is_hue = op == 3
+        f = blend[:, r].view(n, 1, 1, 1)
+        grey = grey_of(x)
+        mean = grey.mean(dim=(-2, -1), keepdim=True)
+        target = torch.addcmul(mean * uses_mean[:, r].view(n, 1, 1, 1), grey,
+                               uses_grey[:, r].view(n, 1, 1, 1))
+        x = torch.lerp(target, x, f).clamp_(0, 1)  # f * x + (1 - f) * target; f = 1: x exactly
         if not sync_free:  # the few hue rows only; a host sync costs nothing on the CPU
-            hue_rows = is_hue.nonzero().squeeze(1)
+            hue_rows = is_hue[:, r].nonzero().squeeze(1)
             if len(hue_rows):
                 x[hue_rows] = adjust_hue(x[hue_rows], factors[hue_rows, 3])
         else:  # accelerators: every row, then select; no data-dependent shape, no sync
-            x = torch.where(is_hue.view(n, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+            x = torch.where(is_hue[:, r].view(n, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
     return x
 
 
@@ -281,7 +311,7 @@ class Augment:
             end = perspective_endpoints(draws[:, :8], size, p.perspective)
             persp = perspective_matrix(perspective_startpoints(n, size, u.device), end, size)
             apply = (draws[:, 8] < p.perspective_p).view(-1, 1, 1)
-            stages.append(torch.where(apply, persp, _eye(n, u.device)))
+            stages.append(torch.where(apply, persp, _eye(n, u.device)))  # p = 0.5 per sample
         return _merge_exact(stages)
 
     def colour(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

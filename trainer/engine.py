@@ -1,12 +1,14 @@
 """The stacked engine: one or many trials (each of K local workers) trained as ONE model.
 
-Every parameter is one tensor of R = P*K rows (P trials in the pack, K local workers per
-trial; a plain run is P = K = 1). A step draws each trial's batch by its own data order and its
-own augmentation draws, augments all R batches in one pass, runs the rows through LeNet-5 with
-`torch.func.vmap` over `functional_call` (on the CPU: a loop over the rows), backpropagates the sum of
-the rows' losses (rows are independent, so each gets its own gradient) and applies the stacked
-optimiser, whose hyperparameters are per-row tensors. Nothing in an epoch's steps reads a
-value back to the host; metrics are read once per epoch.
+All parameters are one flat (R, N) buffer of R = P*K rows (P trials in the pack, K local
+workers per trial; a plain run is P = K = 1), seen by the model as per-tensor views. Each
+epoch draws every trial's data order and augmentation uniforms from its own generator; a step
+takes each trial's batch, augments all R batches in one pass, runs the rows through LeNet-5
+with `torch.func.vmap` over `functional_call` (on the CPU: a loop over the rows),
+backpropagates the sum of the rows' losses (rows are independent, so each gets its own
+gradient) and applies the stacked optimiser to the flat buffer, its hyperparameters per-row
+tensors. Nothing in an epoch's steps reads a value back to the host; metrics are read once per
+epoch. On a GPU a step is launch-bound: benchmarks/launches.py counts its kernels.
 
 Trials join and leave only between epochs (`add`, `remove`, then the next `run_epoch`
 restacks); each trial keeps its own generator, epoch, step and round counters, schedule and
@@ -316,19 +318,20 @@ class Engine:
         members, setup, dev = self.members, self.setup, self.setup.device
         k, p_count = self.k, len(self.members)
         r_count = p_count * k
-        if resumed is not None:  # the epoch's data order again, then the generator as it was
-            now = members[0].generator.get_state()
+        if resumed is not None:  # the epoch's data order and draws again, from where they began
             members[0].generator.set_state(resumed["order_generator"])
         order = [m.generator.get_state() for m in members]
         perms = torch.stack([
             torch.stack([s[torch.randperm(len(s), generator=m.generator, device=dev)][:self.shortest]
                          for s in self.worker_idx])
             for m in members])  # (P, K, shortest)
+        # every augmentation draw of the epoch at once, per trial (P, K*shortest, width): a
+        # step slices its rows instead of launching P draws (step s: rows K*lo .. K*hi)
+        draws = torch.stack([self.augment.draw(k * self.shortest, m.generator) for m in members])
         loss_sum = torch.zeros(r_count, device=dev)
         correct = torch.zeros(r_count, device=dev, dtype=torch.long)
         first = 0
         if resumed is not None:
-            members[0].generator.set_state(now)
             first = int(resumed["at_step"])
             loss_sum += resumed["loss_sum"].to(dev)
             correct += resumed["correct"].to(dev)
@@ -338,9 +341,8 @@ class Engine:
             lo, hi = s * self.local_batch, min((s + 1) * self.local_batch, self.shortest)
             b = hi - lo
             idx = perms[:, :, lo:hi].reshape(-1)
-            draws = [self.augment.draw(k * b, m.generator) for m in members]
-            x = self.augment.apply(setup.train.x[idx], draws[0] if p_count == 1 else torch.cat(draws),
-                                   sync_free=self.accelerated)
+            u = draws[:, k * lo:k * hi].reshape(r_count * b, -1)
+            x = self.augment.apply(setup.train.x[idx], u, sync_free=self.accelerated)
             x = x.view(r_count, b, *shape)
             y = setup.train.y[idx].view(r_count, b)
             losses, logits = self._forward(x, y)
