@@ -22,6 +22,11 @@ from trainer.config import DATASETS, PRECISIONS, ConfigError, TrainConfig, optim
 State = optuna.trial.TrialState
 
 
+def pack_size(text: str) -> int | str:
+    """argparse type of --pack: `auto` or an integer >= 1."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a bad one is one line, exit 2, by cli.Parser)."""
     try:
@@ -73,8 +78,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-restarts", type=int, default=3,
                    help="a dead worker is replaced until it dies this many times in a row "
                    "without finishing a trial (default 3)")
-    p.add_argument("--pack", type=int, help="trials each worker trains together as one stacked "
-                   "model (default: the study file's, else 1)")
+    p.add_argument("--pack", type=pack_size, help="trials each worker trains together as one "
+                   "stacked model, or auto: as many as its GPU holds (at most 64 and the trials "
+                   "left), 1 on a CPU (default: the study file's, else auto)")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
@@ -195,13 +201,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     def pick(flag, key, default):
         return flag if flag is not None else options.get(key, default)
 
+    pack = pick(args.pack, "pack", "auto")
     # every bad value ends here, before a storage, a study or an MLflow run exists
     where = f"{sf.path}: " if is_study_file(args.study) and not args.space else ""
     for flag, key, value, low in (
             ("--workers", None, args.workers, 1), ("--heartbeat", None, args.heartbeat, 1),
             ("--max-retry", None, args.max_retry, 0), ("--max-restarts", None, args.max_restarts, 0),
             ("--n-trials", "n_trials", pick(args.n_trials, "n_trials", None), 0),
-            ("--pack", "pack", pick(args.pack, "pack", 1), 1),
+            ("--pack", "pack", None if pack == "auto" else pack, 1),
             ("--pruner-startup-trials", "pruner_startup_trials",
              pick(args.pruner_startup_trials, "pruner_startup_trials", 0), 0),
             ("--pruner-warmup-epochs", "pruner_warmup_epochs",
@@ -270,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed, fixed_trials=fixed, table=table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
         storage_patience=args.storage_patience, stop_within=args.stop_within,
-        keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", 1),
+        keep_checkpoints=args.keep_checkpoints, pack=pack,
         command=" ".join(["search", *map(shlex.quote, sys.argv[1:])]),
     )
     if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:

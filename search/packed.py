@@ -22,6 +22,7 @@ import sys
 import time
 
 import optuna
+import torch
 from optuna.storages._heartbeat import get_heartbeat_thread
 
 from search.errors import AttemptLost, StorageUnavailable
@@ -86,6 +87,38 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
         except optuna.exceptions.UpdateFinishedTrialError:  # taken over since its last check
             _say(slot.session.lost_line())
 
+    def narrower(engine: Engine, new_pack: int) -> int:
+        """Out of device memory: every trial of the pack goes back to the queue to resume from
+        its last checkpoint (this epoch's steps are lost), the worker packs `new_pack` on."""
+        nonlocal asked
+        numbers, in_flight = [], len(slots)
+        for member in list(engine.members):
+            slot = slots[member]
+            number = slot.session.trial.number
+            if slot.session.interrupted(f"out of device memory in a pack of {in_flight} in "
+                                        f"epoch {member.epoch + 1}; resumes from its checkpoint"):
+                finish(engine, member, State.FAIL)
+                requeue_interrupted(study, number, handler)
+                numbers.append(number)
+            else:
+                drop(engine, member, slot.session.lost_line())
+                continue
+            asked -= 1  # its retry is this worker's to run again, not a new trial
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _say(f"out of device memory with {in_flight} trials in flight: this "
+             f"worker packs at most {new_pack} from now on; trial(s) "
+             f"{', '.join(map(str, numbers))} resume from their checkpoints")
+        return new_pack
+
+    def too_big(engine: Engine, reason: str) -> None:
+        for member in list(engine.members):
+            session = slots[member].session
+            if session.failed(reason):
+                finish(engine, member, State.FAIL)
+            else:
+                drop(engine, member, session.lost_line())
+
     def drop(engine: Engine, member, line: str) -> None:
         """A lost attempt: no tell, no MLflow, no checkpoint; its share is asked again."""
         nonlocal asked
@@ -127,7 +160,15 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
                 if not engine.members:
                     del engines[key]
                     continue
-                results = engine.run_epoch(rule)
+                try:
+                    results = engine.run_epoch(rule)
+                except torch.OutOfMemoryError as exc:
+                    del engines[key]
+                    if pack == 1:  # alone and still too big: this trial fails, the worker goes on
+                        too_big(engine, f"out of device memory alone: {str(exc).splitlines()[0]}")
+                    else:
+                        pack = narrower(engine, max(1, min(pack, len(slots)) // 2))
+                    continue
                 if not results:  # stopped inside the epoch: save where it stands, then stop
                     for member in engine.members:
                         session = slots[member].session

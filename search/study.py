@@ -52,7 +52,7 @@ class RunSpec:
     max_retry: int = 3
     checkpoint_dir: str | None = None
     keep_checkpoints: bool = False
-    pack: int = 1  # trials each worker trains together as one stacked model
+    pack: int | str = "auto"  # trials each worker trains together as one model (search.packing)
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     constraints: list[str] = field(default_factory=list)  # e.g. val_acc>=0.5 (search.constraints)
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)

@@ -116,8 +116,10 @@ def load_study_file(arg: str) -> StudyFile:
         options["constraints"] = parse_constraints(doc["constraints"], f"{path}: constraints")
     if "objectives" in doc:
         options["objectives"] = parse_objectives(doc["objectives"], f"{path}: objectives")
-    if "pack" in options and not (isinstance(options["pack"], int) and options["pack"] >= 1):
-        raise SpaceError(f"{path}: pack: expected an integer >= 1, got {options['pack']!r}")
+    if "pack" in options and options["pack"] != "auto" and not (
+            isinstance(options["pack"], int) and not isinstance(options["pack"], bool)
+            and options["pack"] >= 1):
+        raise SpaceError(f"{path}: pack: expected auto or an integer >= 1, got {options['pack']!r}")
     table = doc.get("table")
     if table is not None and not (isinstance(table, dict) and {"rows", "columns"} <= set(table)):
         raise SpaceError(f"{path}: table: expected {{rows: SETTING, columns: SETTING}}")

@@ -54,6 +54,24 @@ def shares(n_trials: int | None, workers: int) -> list[int | None]:
     return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
 
 
+def resolve_auto_pack(runner: TrialRunner, n_trials: int | None) -> int:
+    """`--pack auto` on this worker's device, for the largest batch its space can draw."""
+    from search.packing import auto_pack
+    from trainer.runtime import resolve_device
+
+    fixed = {**runner.space.fixed, **runner.overrides}
+    batch = next((p for p in runner.space.params if p.name == "batch_size"), None)
+    batches = (batch.values() or [batch.high]) if batch is not None else [fixed.get("batch_size", 64)]
+    workers = next((p for p in runner.space.params if p.name == "local_workers"), None)
+    local = (max(workers.values() or [workers.high]) if workers is not None
+             else fixed.get("local_workers", 1))
+    device = str(resolve_device(str(fixed.get("device", "auto"))))
+    choice = auto_pack(device, int(max(batches)), int(local), n_trials)
+    if choice.pack > 1:  # on a CPU auto is 1, as without packing: nothing to say
+        print(f"search: {choice.line}", file=sys.stderr, flush=True)
+    return choice.pack
+
+
 def worker_device(index: int, overrides: dict) -> dict:
     """Per-worker device and threads: GPUs round-robin, else the CPU cores split."""
     out = dict(overrides)
@@ -103,7 +121,8 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
         return study
     STOP.install(signals)
     try:
-        run_trials(study, runner, spec.pack, n_trials, spec.timeout, handler, spec.stop_within)
+        pack = spec.pack if spec.pack != "auto" else resolve_auto_pack(runner, n_trials)
+        run_trials(study, runner, pack, n_trials, spec.timeout, handler, spec.stop_within)
         if STOP.raised:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:
@@ -557,8 +576,11 @@ def submit_study(spec: RunSpec, workers: int, opts) -> int:
     tracker.tag(parent, slurm.JOB_ATTR, job)
     storage = redact(spec.storage)
     where = "on its GPU" if opts.gpus_per_worker else "on its CPUs"
-    lines = [f"submitted Slurm job array {job}: {workers} tasks, each one worker with up to "
-             f"{spec.pack} trial(s) in flight {where}",
+    flight = (f"up to {spec.pack} trial(s) in flight" if spec.pack != "auto"
+              else "as many trials in flight as its GPU holds (--pack auto)"
+              if opts.gpus_per_worker else "one trial at a time (--pack auto on CPUs)")
+    lines = [f"submitted Slurm job array {job}: {workers} tasks, each one worker with "
+             f"{flight} {where}",
              f"follow it:    squeue -r -j {job}    (or: search status --storage '{storage}')",
              f"cancel it:    scancel {job}",
              f"worker logs:  slurm/{spec.study_name}/logs/worker-{job}_*.log",

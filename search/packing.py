@@ -1,0 +1,60 @@
+"""`--pack auto`: how many trials a worker trains at once as one stacked model.
+
+On a GPU a LeNet-5 step is launch-bound (benchmarks/launches.py): a pack of P trials costs
+about the launches of one, so the widest pack the device holds is the fastest. On the CPU,
+compute-bound, packing is neutral (benchmarks/pack.py), so `auto` is 1 there. On CUDA:
+
+    P = min(64, trials this worker has left to ask, (free memory / 2) / memory per trial)
+
+with memory per trial estimated from the largest batch size the space can draw (parameters,
+gradients and optimiser state of each of its K rows, activations and augmentation of a batch,
+an epoch's augmentation draws). Half the free memory is the margin for the estimate; a pack
+that still runs out of memory is halved by the worker (`search.packed`), never a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AUTO_CAP = 64  # wider packs gain little: ~5 launches per trial-step at 64 already
+MEMORY_SHARE = 0.5
+PARAMETERS = 815_332  # LeNet-5 for 100 classes (trainer.model)
+PARAMETER_COPIES = 8  # weights, gradient, its flat copy, two optimiser buffers, temporaries
+ACTIVATION_BYTES = 1_100_000  # per sample: LeNet-5's activations and their gradients, fp32
+AUGMENT_BYTES = 150_000  # per sample: the augmentation's live temporaries (3x32x32 fp32 each)
+DRAW_BYTES = 40_000 * 35 * 4  # an epoch's augmentation uniforms (CIFAR-100's 40,000 images)
+
+
+@dataclass(frozen=True)
+class AutoPack:
+    pack: int
+    line: str  # what was chosen and why, for the worker's log
+
+
+def trial_bytes(batch_size: int, local_workers: int = 1) -> int:
+    """Estimated device memory one trial holds while it trains (fp32 throughout)."""
+    per_row = PARAMETERS * 4 * PARAMETER_COPIES
+    per_batch = batch_size * (ACTIVATION_BYTES + AUGMENT_BYTES)  # K rows share the batch
+    return local_workers * per_row + per_batch + DRAW_BYTES
+
+
+def auto_pack(device: str, batch_size: int, local_workers: int, trials_left: int | None,
+              free_bytes: int | None = None) -> AutoPack:
+    """The pack `--pack auto` gives a worker on `device` (free_bytes: its free memory, read from
+    the device when None)."""
+    if not device.startswith("cuda"):
+        return AutoPack(1, f"--pack auto: 1 trial at a time on {device} (packing pays on a GPU)")
+    if free_bytes is None:
+        import torch
+
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    each = trial_bytes(batch_size, local_workers)
+    fits = max(1, int(free_bytes * MEMORY_SHARE // each))
+    limits = {"memory": fits, "cap": AUTO_CAP}
+    if trials_left is not None:
+        limits["trials left"] = max(1, trials_left)
+    pack = min(limits.values())
+    why = next(name for name, value in limits.items() if value == pack)
+    return AutoPack(pack, f"--pack auto: {pack} trials in flight on {device} "
+                          f"({free_bytes / 2**30:.1f} GiB free, ~{each / 2**30:.2f} GiB per trial "
+                          f"at batch {batch_size}; bounded by {why})")
