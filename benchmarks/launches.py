@@ -29,6 +29,7 @@ from trainer.runtime import prepare  # noqa: E402
 
 # ops that allocate or re-describe memory without a kernel
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "lift_fresh", "_reshape_alias",
+             "_unsafe_view",
              "set_", "resize_"}
 # ops that make the host wait for the device (a sync inside the steps stalls the GPU's queue)
 # (the `_ex` linalg variants return their error codes on the device instead: those are fine)
@@ -85,7 +86,8 @@ def phases(engine: Engine, counter: OpCounter):
         return run
 
     originals = {}
-    targets = [(engine.augment, "apply", "augment"), (engine.augment, "draw", "augment"),
+    targets = [(engine.augment, "apply_plan", "augment"), (engine.augment, "plan", "augment"),
+               (engine.augment, "draw", "augment"),
                (engine, "_forward", "forward"), (engine.optimizer, "step", "optimiser")]
     for obj, name, phase in targets:
         originals[(obj, name)] = getattr(obj, name)

@@ -8,7 +8,7 @@ compute-bound, packing is neutral (benchmarks/pack.py), so `auto` is 1 there. On
 
 with memory per trial estimated from the largest batch size the space can draw (parameters,
 gradients and optimiser state of each of its K rows, activations and augmentation of a batch,
-an epoch's augmentation draws). Half the free memory is the margin for the estimate; a pack
+an epoch's augmentation plan). Half the free memory is the margin for the estimate; a pack
 that still runs out of memory is halved by the worker (`search.packed`), never a crash.
 """
 
@@ -22,7 +22,7 @@ PARAMETERS = 815_332  # LeNet-5 for 100 classes (trainer.model)
 PARAMETER_COPIES = 8  # weights, gradient, its flat copy, two optimiser buffers, temporaries
 ACTIVATION_BYTES = 1_100_000  # per sample: LeNet-5's activations and their gradients, fp32
 AUGMENT_BYTES = 150_000  # per sample: the augmentation's live temporaries (3x32x32 fp32 each)
-DRAW_BYTES = 40_000 * 35 * 4  # an epoch's augmentation uniforms (CIFAR-100's 40,000 images)
+PLAN_BYTES = 40_000 * 46 * 4  # an epoch's augmentation plan (CIFAR-100's 40,000 images)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def trial_bytes(batch_size: int, local_workers: int = 1) -> int:
     """Estimated device memory one trial holds while it trains (fp32 throughout)."""
     per_row = PARAMETERS * 4 * PARAMETER_COPIES
     per_batch = batch_size * (ACTIVATION_BYTES + AUGMENT_BYTES)  # K rows share the batch
-    return local_workers * per_row + per_batch + DRAW_BYTES
+    return local_workers * per_row + per_batch + PLAN_BYTES
 
 
 def auto_pack(device: str, batch_size: int, local_workers: int, trials_left: int | None,

@@ -156,18 +156,28 @@ def warp(images: torch.Tensor, stages: torch.Tensor | list[torch.Tensor],
     `grid_sample` reads the input through their product; a point that some intermediate stage
     would have taken from outside its image is zeroed, as the op-by-op pipeline's fill does."""
     stages = [stages] if isinstance(stages, torch.Tensor) else stages
-    n, _, h, w = images.shape
-    # where each stage reads, for every output pixel: the products of the last k matrices
-    # (projective maps compose as matrices), all applied in ONE matmul to the pixel grid
+    return warp_reads(images, reads_of(stages), mode)
+
+
+def reads_of(stages: list[torch.Tensor]) -> torch.Tensor:
+    """(B, S, 3, 3): where each of S stages reads, for an output pixel: the products of the
+    last k matrices (projective maps compose as matrices; the last is the whole warp)."""
     reads = [stages[-1]]
     for m in reversed(stages[:-1]):
         reads.append(m @ reads[-1])
-    xy1 = torch.matmul(_pixel_grid(h, w, images.device), torch.stack(reads, 1).transpose(-1, -2))
+    return torch.stack(reads, 1)
+
+
+def warp_reads(images: torch.Tensor, reads: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """`warp` from its stages' products (`reads_of`), all applied in ONE matmul to the pixel
+    grid; the last one samples the image, the others only bound it."""
+    n, _, h, w = images.shape
+    xy1 = torch.matmul(_pixel_grid(h, w, images.device), reads.transpose(-1, -2))
     xy = xy1[..., :2] / xy1[..., 2:]  # (n, stages, h*w, 2), centred pixel coordinates
     half = _half_size(h, w, images.device)
     grid = (xy[:, -1] / half).reshape(n, h, w, 2).to(images.dtype)
     out = F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
-    if len(stages) > 1:  # an intermediate image: outside it there was only fill
+    if reads.shape[1] > 1:  # an intermediate image: outside it there was only fill
         inside = (xy[:, :-1].abs() <= half).all(-1).all(1)
         out = out * inside.reshape(n, 1, h, w).to(out.dtype)
     return out
@@ -244,29 +254,59 @@ def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
     per sample, as ColorJitter draws one. Round r applies op order[:, r] to each sample.
 
     Brightness, contrast and saturation are all clamp(f*x + (1-f)*G) with G = 0, the image's
-    mean grey, or the pixel's grey: one fused blend per round covers the three, with f = 1
-    (identity) for samples whose op this round is hue; every round's coefficients are taken
-    before the first. On the CPU hue runs on just its samples; `sync_free` (default: off the
-    CPU) runs it on all and selects, so no host sync happens."""
+    mean grey, or the pixel's grey: one fused blend covers the three, with f = 1 (exactly the
+    identity) for a sample whose op it is not; `jitter_plan` takes every coefficient at once.
+    On the CPU each of the four rounds blends all samples and hue-shifts just the samples whose
+    op it is (a host sync costs nothing there). `sync_free` (default: off the CPU) runs hue ONCE
+    on every sample, between the blends before it and the blends after it (three rounds each,
+    idle where a sample has none): no data-dependent shape, no sync, and a quarter of the hue
+    passes of selecting it in every round. Both give the same numbers (tests/test_augment.py)."""
     if sync_free is None:
         sync_free = x.device.type != "cpu"
-    n = len(x)
+    return jitter_by_plan(x, jitter_plan(factors, order, sync_free), sync_free)
+
+
+def jitter_plan(factors: torch.Tensor, order: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """Every coefficient `jitter_by_plan` needs, (B, 19) with `sync_free`: blend f, mean and
+    grey weights of the three rounds before hue and of the three after it, then the hue shift;
+    else (B, 17): f, mean and grey weights of each of the four rounds, hue flags, the shift."""
     is_hue = order == 3  # (n, 4) per round
     blend = torch.where(is_hue, 1.0, factors.gather(1, order.clamp(max=2)))
-    uses_mean, uses_grey = (order == 1).to(x.dtype), (order == 2).to(x.dtype)
-    for r in range(4):
-        f = blend[:, r].view(n, 1, 1, 1)
+    uses_mean, uses_grey = (order == 1).to(factors.dtype), (order == 2).to(factors.dtype)
+    shift = factors[:, 3:]
+    if not sync_free:
+        return torch.cat([blend, uses_mean, uses_grey, is_hue.to(factors.dtype), shift], 1)
+    hue_round = is_hue.to(torch.uint8).argmax(1, keepdim=True)  # (n, 1)
+    rounds = _constant("rounds", [0.0, 1, 2, 3], (1, 4), factors.device)
+    # hue is never before round 0 nor after round 3: rounds 0-2 before it, 1-3 after it
+    before, after = (rounds < hue_round)[:, :3], (rounds > hue_round)[:, 1:]
+    f_before, f_after = torch.where(before, blend[:, :3], 1.0), torch.where(after, blend[:, 1:], 1.0)
+    return torch.cat([f_before, uses_mean[:, :3] * before, uses_grey[:, :3] * before,
+                      f_after, uses_mean[:, 1:] * after, uses_grey[:, 1:] * after, shift], 1)
+
+
+def _blends(x: torch.Tensor, f: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Rounds of clamp(f*x + (1-f)*(c*mean grey + s*grey)), one per column of (n, rounds) f, c, s."""
+    n = len(x)
+    for r in range(f.shape[1]):
         grey = grey_of(x)
         mean = grey.mean(dim=(-2, -1), keepdim=True)
-        target = torch.addcmul(mean * uses_mean[:, r].view(n, 1, 1, 1), grey,
-                               uses_grey[:, r].view(n, 1, 1, 1))
-        x = torch.lerp(target, x, f).clamp_(0, 1)  # f * x + (1 - f) * target; f = 1: x exactly
-        if not sync_free:  # the few hue rows only; a host sync costs nothing on the CPU
-            hue_rows = is_hue[:, r].nonzero().squeeze(1)
-            if len(hue_rows):
-                x[hue_rows] = adjust_hue(x[hue_rows], factors[hue_rows, 3])
-        else:  # accelerators: every row, then select; no data-dependent shape, no sync
-            x = torch.where(is_hue[:, r].view(n, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+        target = torch.addcmul(mean * c[:, r].view(n, 1, 1, 1), grey, s[:, r].view(n, 1, 1, 1))
+        x = torch.lerp(target, x, f[:, r].view(n, 1, 1, 1)).clamp_(0, 1)  # f = 1: x exactly
+    return x
+
+
+def jitter_by_plan(x: torch.Tensor, plan: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """Colour jitter from `jitter_plan`'s coefficients."""
+    if sync_free:
+        x = _blends(x, plan[:, 0:3], plan[:, 3:6], plan[:, 6:9])
+        x = adjust_hue(x, plan[:, 18])
+        return _blends(x, plan[:, 9:12], plan[:, 12:15], plan[:, 15:18])
+    for r in range(4):
+        x = _blends(x, plan[:, r:r + 1], plan[:, 4 + r:5 + r], plan[:, 8 + r:9 + r])
+        hue_rows = plan[:, 12 + r].nonzero().squeeze(1)
+        if len(hue_rows):
+            x[hue_rows] = adjust_hue(x[hue_rows], plan[hue_rows, 16])
     return x
 
 
@@ -312,7 +352,7 @@ class Augment:
             persp = perspective_matrix(perspective_startpoints(n, size, u.device), end, size)
             apply = (draws[:, 8] < p.perspective_p).view(-1, 1, 1)
             stages.append(torch.where(apply, persp, _eye(n, u.device)))  # p = 0.5 per sample
-        return _merge_exact(stages)
+        return _merge_exact(stages) if p.flip else stages
 
     def colour(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(factors (n, 4): brightness, contrast, saturation, hue shift; order (n, 4))."""
@@ -322,14 +362,43 @@ class Augment:
         factors = torch.stack([draws[:, i] * (hi - lo) + lo for i, (lo, hi) in enumerate(ranges)], 1)
         return factors, torch.argsort(draws[:, 4:], dim=1)
 
+    def plan(self, u: torch.Tensor, size: int = 32, sync_free: bool | None = None) -> torch.Tensor:
+        """Everything the draws `u` decide, per sample, as one (n, D) table: the warp's reads
+        (`reads_of` its stages) and the jitter's coefficients (`jitter_plan`). The engine plans a
+        whole epoch at its start, so a step launches only the passes over its images."""
+        sync_free = u.device.type != "cpu" if sync_free is None else sync_free
+        parts = [u.new_zeros(len(u), 0)]
+        if self.preset.geometric:
+            parts.append(reads_of(self.geometry(u, size)).flatten(1))
+        if self.preset.jitter:
+            parts.append(jitter_plan(*self.colour(u), sync_free))
+        return torch.cat(parts, 1)
+
+    def apply_plan(self, images: torch.Tensor, plan: torch.Tensor,
+                   sync_free: bool | None = None) -> torch.Tensor:
+        """A uint8 batch augmented as its rows of `plan` say, normalised."""
+        sync_free = plan.device.type != "cpu" if sync_free is None else sync_free
+        x = images.float().div_(255)
+        at = 0
+        if self.preset.geometric:
+            stages = self.stages
+            x = warp_reads(x, plan[:, :stages * 9].view(len(x), stages, 3, 3))
+            at = stages * 9
+        if self.preset.jitter:
+            x = jitter_by_plan(x, plan[:, at:], sync_free)
+        return normalize(x)
+
+    @property
+    def stages(self) -> int:
+        """Matrices the warp applies in turn (a leading flip folds into the next: _merge_exact)."""
+        p = self.preset
+        count = sum(bool(v) for v in (p.flip, p.rotation, p.crop_padding, p.translate,
+                                      p.perspective))
+        return count - 1 if count > 1 and p.flip else count
+
     def apply(self, images: torch.Tensor, u: torch.Tensor, sync_free: bool | None = None
               ) -> torch.Tensor:
-        x = images.float().div_(255)
-        if self.preset.geometric:
-            x = warp(x, self.geometry(u, x.shape[-1]))
-        if self.preset.jitter:
-            x = colour_jitter(x, *self.colour(u), sync_free=sync_free)
-        return normalize(x)
+        return self.apply_plan(images, self.plan(u, images.shape[-1], sync_free), sync_free)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.apply(images, self.draw(len(images), generator))

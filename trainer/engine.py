@@ -325,9 +325,11 @@ class Engine:
             torch.stack([s[torch.randperm(len(s), generator=m.generator, device=dev)][:self.shortest]
                          for s in self.worker_idx])
             for m in members])  # (P, K, shortest)
-        # every augmentation draw of the epoch at once, per trial (P, K*shortest, width): a
-        # step slices its rows instead of launching P draws (step s: rows K*lo .. K*hi)
-        draws = torch.stack([self.augment.draw(k * self.shortest, m.generator) for m in members])
+        # the whole epoch's augmentation, drawn and planned at once per trial (P, K*shortest,
+        # D): a step slices its rows (K*lo .. K*hi) and launches only the passes over images
+        size = setup.train.x.shape[-1]
+        plans = torch.stack([self.augment.plan(self.augment.draw(k * self.shortest, m.generator),
+                                               size, self.accelerated) for m in members])
         loss_sum = torch.zeros(r_count, device=dev)
         correct = torch.zeros(r_count, device=dev, dtype=torch.long)
         first = 0
@@ -341,8 +343,8 @@ class Engine:
             lo, hi = s * self.local_batch, min((s + 1) * self.local_batch, self.shortest)
             b = hi - lo
             idx = perms[:, :, lo:hi].reshape(-1)
-            u = draws[:, k * lo:k * hi].reshape(r_count * b, -1)
-            x = self.augment.apply(setup.train.x[idx], u, sync_free=self.accelerated)
+            augment = plans[:, k * lo:k * hi].reshape(r_count * b, -1)
+            x = self.augment.apply_plan(setup.train.x[idx], augment, self.accelerated)
             x = x.view(r_count, b, *shape)
             y = setup.train.y[idx].view(r_count, b)
             losses, logits = self._forward(x, y)
