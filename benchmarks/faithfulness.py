@@ -161,8 +161,8 @@ def main() -> None:
             diff = p = math.nan
             if base is not None and variant != "plain":
                 diff, p = 100 * (mean - statistics.mean(base)), welch_p(values, base)
-            print(f"{opt:<9} {variant:<8} {mean:>12.4f} ± {sd:.4f} {diff:>+13.2f}p "
-                  f"{p:>8.3f}")
+            versus = "" if math.isnan(diff) else f"{diff:>+13.2f}p {p:>8.3f}"
+            print(f"{opt:<9} {variant:<8} {mean:>12.4f} ± {sd:.4f} {versus}")
             if variant == "alone":
                 last.append(f"{opt}_diff={diff:+.2f} p={p:.3f}")
     print("faithfulness: " + " ".join(last))

@@ -102,6 +102,73 @@ def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed:
             "trial_epochs": [len(t.intermediate_values) for t in ran]}
 
 
+def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_path: str,
+                  overrides: dict, budget: int, workdir: str) -> dict:
+    """One study of one strategy with `width` trials in flight, through the worker loop users
+    run (`search.packed.run_trials`, what `--pack width` does): asked together, reported epoch
+    by epoch, a freed slot refilled at the epoch boundary. Asking stops once the study has
+    trained `budget` epochs; trials in flight then finish, but what completes after the budget
+    is not counted. MLflow runs go to a throwaway local store."""
+    import optuna
+    import torch
+
+    from search.algorithms import make_pruner, make_sampler
+    from search.logs import quiet_libraries
+    from search.packed import run_trials
+    from search.recovery import RetryDeadTrial
+    from search.space import parse_space
+    from search.study import TrialRunner
+    from search.tracking import Tracker
+    from trainer import TrainConfig
+
+    torch.set_num_threads(1)
+    quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = parse_space(space_text, space_path)
+    epochs = int(overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
+    sampler_name, pruner_name = STRATEGIES[strategy]
+    name = f"{strategy}-w{width}-s{seed}"
+    study = optuna.create_study(direction="maximize", study_name=name,
+                                sampler=make_sampler(sampler_name, space, seed),
+                                pruner=make_pruner(pruner_name, epochs, startup_trials=3))
+    tracker = Tracker(f"sqlite:///{workdir}/mlflow-{os.getpid()}.db", name)
+    parent = tracker.parent_run(study, space.text, space.hash, True)
+    spent, curve = 0, []
+
+    class Counted(TrialRunner):
+        def begin(self, trial):
+            session = super().begin(trial)
+            report, complete, fail = session.on_epoch, session.completed, session.failed
+
+            def on_epoch(metrics, last=False):
+                nonlocal spent
+                spent += 1
+                if spent >= budget:
+                    study.stop()  # no more asking; what is in flight finishes its epochs
+                return report(metrics, last)
+
+            def completed(values, epoch, history=None):
+                if spent <= budget:
+                    curve.append((spent, values[0]))
+                return complete(values, epoch, history)
+
+            def failed(reason):  # diverged: the epoch that blew up was trained too
+                nonlocal spent
+                spent += 1
+                return fail(reason)
+
+            session.on_epoch, session.completed, session.failed = on_epoch, completed, failed
+            return session
+
+    runner = Counted(space, {**overrides, "seed": seed}, tracker, parent)
+    run_trials(study, runner, width, None, None, RetryDeadTrial(0, tracker.uri))
+    ran = [t for t in study.trials if t.state.is_finished()]
+    return {"strategy": strategy, "seed": seed, "width": width, "curve": curve,
+            "spent": spent, "trials": len(ran),
+            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in ran),
+            "epochs_per_trial": epochs, "trial_epochs": [len(t.intermediate_values) for t in ran]}
+
+
 def best_at(curve: list[tuple[int, float]], epochs: float) -> float | None:
     values = [v for e, v in curve if e <= epochs]
     return max(values) if values else None
@@ -137,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=str(ROOT / "benchmarks" / "out" / "search_efficiency.png"))
     p.add_argument("--data-root")
     p.add_argument("--json", help="also write every study's curve and counts to this file")
+    p.add_argument("--in-flight", help="comma-separated widths, e.g. 1,4,16,64: each strategy's "
+                   "studies run with that many trials in flight through the packed worker loop "
+                   "(`--pack W`), and the table compares the widths")
     args = p.parse_args(argv)
+    if args.in_flight:
+        return main_in_flight(args, p)
 
     from search.space import load_space
     from search.studyfile import load_study_file
@@ -207,6 +279,105 @@ def main(argv: list[str] | None = None) -> int:
     plot(by, args, final)
     print(verdict(final))
     return 0
+
+
+def reached(curve: list[tuple[int, float]], target: float) -> int | None:
+    """Epochs the study had trained when a completed trial first reached the target."""
+    return next((e for e, v in sorted(curve) if v >= target), None)
+
+
+def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    """`--in-flight W1,W2,...`: every strategy at every width, R repeats each."""
+    import tempfile
+
+    from search.space import load_space
+    from search.studyfile import load_study_file
+
+    space = load_space(args.space) if args.space else load_study_file(args.study).space
+    widths = [int(w) for w in args.in_flight.split(",")]
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if any(s not in STRATEGIES or s == "grid" for s in strategies):
+        p.error("--strategies with --in-flight: samplers only (not grid)")
+    overrides = {"dataset": args.dataset, "epochs": args.epochs, "augment": "none"}
+    jobs = [(s, r, w) for w in widths for r in range(args.repeats) for s in strategies]
+    print(f"search efficiency in flight: space {space.path.name} on {args.dataset}"
+          f"{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}, {args.epochs}-epoch "
+          f"trials, budget {args.budget} epochs per study, widths {args.in_flight}, "
+          f"{args.repeats} repeats, target {args.target:.2f}, {len(jobs)} studies", flush=True)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(
+            max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_in_flight, s, r, w, space.text, str(space.path), overrides,
+                               args.budget, workdir) for s, r, w in jobs]
+        results = [f.result() for f in futures]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "studies": results}, indent=1))
+    header = (f"{'strategy':<14} {'width':>5} {'best@25%':>15} {'best@50%':>15} "
+              f"{'best@100%':>15} {'epochs to ' + format(args.target, '.2f'):>18} "
+              f"{'trials (pruned)':>16}")
+    print(header)
+    print("-" * len(header))
+    to_target: dict[tuple[str, int], list[int | None]] = {}
+    for s in strategies:
+        for w in widths:
+            runs = [r for r in results if r["strategy"] == s and r["width"] == w]
+            cells = []
+            for frac in (0.25, 0.5, 1.0):
+                vals = [best_at(r["curve"], frac * args.budget) for r in runs]
+                got = [v for v in vals if v is not None]
+                m, sd = mean_sd(got) if got else (float("nan"), 0.0)
+                cells.append((f"{m:.4f} ± {sd:.4f}" if len(got) == len(vals) else
+                              f"{m:.4f} ({len(got)}/{len(vals)})" if got else "-").rjust(15))
+            reach = to_target[(s, w)] = [reached(r["curve"], args.target) for r in runs]
+            hit = [e for e in reach if e is not None]
+            epochs = (f"{statistics.fmean(hit):.0f} ± {mean_sd(hit)[1]:.0f} ({len(hit)}/{len(runs)})"
+                      if hit else f"never (0/{len(runs)})")
+            trials = (f"{statistics.fmean(r['trials'] for r in runs):.1f} "
+                      f"({statistics.fmean(r['pruned'] for r in runs):.1f})")
+            print(f"{s:<14} {w:>5} {cells[0]} {cells[1]} {cells[2]} {epochs:>18} {trials:>16}")
+    print(f"({time.time() - start:.0f} s; a study that never reached the target counts as "
+          f"{args.budget} epochs in the ratios)")
+    plot_in_flight(to_target, strategies, widths, args)
+    widest = max(widths)
+
+    def ratio(s: str) -> str:
+        if (s, 1) not in to_target or (s, widest) not in to_target:
+            return "n/a"
+        mean = [statistics.fmean(args.budget if e is None else e for e in to_target[(s, w)])
+                for w in (1, widest)]
+        return f"{mean[1] / mean[0]:.2f}"
+
+    print(f"epochs_to_target_ratio_p{widest}_vs_p1: {ratio('tpe-hyperband')} "
+          f"(random: {ratio('random')})")
+    return 0
+
+
+def plot_in_flight(to_target: dict, strategies: list[str], widths: list[int],
+                   args: argparse.Namespace) -> None:
+    """Epochs to the target against trials in flight, mean ± sd per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in strategies:
+        values = [[args.budget if e is None else e for e in to_target[(s, w)]] for w in widths]
+        means = [statistics.fmean(v) for v in values]
+        sds = [mean_sd(v)[1] for v in values]
+        ax.errorbar(widths, means, yerr=sds, marker="o", capsize=3, label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_xlabel("trials in flight (--pack)")
+    ax.set_ylabel(f"epochs until a trial reaches {args.target:.2f}")
+    ax.set_title(f"{args.dataset}{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}: "
+                 f"{args.epochs}-epoch trials, {args.repeats} repeats, mean ± sd")
+    ax.legend()
+    out = Path(args.plot).with_name(Path(args.plot).stem + "_in_flight.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"plot: {out}")
 
 
 def verdict(final: dict[str, list[float]]) -> str:
