@@ -134,27 +134,45 @@ def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_p
     tracker = Tracker(f"sqlite:///{workdir}/mlflow-{os.getpid()}.db", name)
     parent = tracker.parent_run(study, space.text, space.hash, True)
     spent, curve = 0, []
+    # A round: every trial in flight trains one epoch (each pack in turn); a trial that
+    # completes in a round is credited with the epochs trained by the round's end, as the
+    # pack's other trials trained alongside it. Refills (`begin`) happen between rounds.
+    live, seen, round_end, new_round = set(), set(), 0, True
+
+    def reported(session) -> None:
+        nonlocal spent, seen, round_end, new_round
+        if new_round or session in seen:
+            seen, round_end, new_round = set(), spent + len(live), False
+        seen.add(session)
+        spent += 1
+        if spent >= budget:
+            study.stop()  # no more asking; what is in flight finishes its epochs
 
     class Counted(TrialRunner):
         def begin(self, trial):
+            nonlocal new_round
             session = super().begin(trial)
+            live.add(session)
+            new_round = True
             report, complete, fail = session.on_epoch, session.completed, session.failed
 
             def on_epoch(metrics, last=False):
-                nonlocal spent
-                spent += 1
-                if spent >= budget:
-                    study.stop()  # no more asking; what is in flight finishes its epochs
-                return report(metrics, last)
+                reported(session)
+                try:
+                    return report(metrics, last)
+                except optuna.TrialPruned:
+                    live.discard(session)
+                    raise
 
             def completed(values, epoch, history=None):
-                if spent <= budget:
-                    curve.append((spent, values[0]))
+                live.discard(session)
+                if round_end <= budget:
+                    curve.append((round_end, values[0]))
                 return complete(values, epoch, history)
 
             def failed(reason):  # diverged: the epoch that blew up was trained too
-                nonlocal spent
-                spent += 1
+                reported(session)
+                live.discard(session)
                 return fail(reason)
 
             session.on_epoch, session.completed, session.failed = on_epoch, completed, failed
@@ -298,7 +316,9 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if any(s not in STRATEGIES or s == "grid" for s in strategies):
         p.error("--strategies with --in-flight: samplers only (not grid)")
-    overrides = {"dataset": args.dataset, "epochs": args.epochs, "augment": "none"}
+    overrides = {"dataset": args.dataset, "epochs": args.epochs}
+    if args.data_root:
+        overrides["data_root"] = args.data_root
     jobs = [(s, r, w) for w in widths for r in range(args.repeats) for s in strategies]
     print(f"search efficiency in flight: space {space.path.name} on {args.dataset}"
           f"{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}, {args.epochs}-epoch "

@@ -90,6 +90,8 @@ def _transient(exc: BaseException) -> bool:
 
 DATA_SOURCES = {"cifar100": ("url", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
                 "digits": ("code", "sklearn.datasets.load_digits (8x8 upscaled to 32x32)"),
+                "digit-pairs": ("code", "trainer.data.load_digit_pairs (pairs of scikit-learn "
+                                "digits in colour, 100 classes; not CIFAR-100)"),
                 "synthetic": ("code", "trainer.data.make_synthetic (random images)")}
 
 

@@ -64,3 +64,24 @@ def test_digits_are_real_32x32_rgb():
     assert data.train.x.shape[1:] == (3, 32, 32) and data.train.x.dtype == np.uint8
     assert len(data.train.y) + len(data.test.y) == 1797
     assert data.train.x.max() > 200  # strokes reach near-white after upscaling
+
+
+def test_digit_pairs_is_a_deterministic_100_class_stand_in_with_held_out_glyphs():
+    from search.tracking import dataset_input
+    from trainer.config import TEST_IMAGES, TRAIN_IMAGES, TrainConfig, train_split_size
+
+    a, b = load_dataset("digit-pairs"), load_dataset("digit-pairs")
+    assert a.num_classes == 100 and a.train.x.shape == (TRAIN_IMAGES["digit-pairs"], 3, 32, 32)
+    assert len(a.test.y) == TEST_IMAGES["digit-pairs"]
+    np.testing.assert_array_equal(a.train.x, b.train.x)  # the same images every time
+    assert np.bincount(a.train.y, minlength=100).tolist() == [250] * 100  # balanced
+    assert len({tuple(img) for img in a.train.x[:, 0, 16, ::4]}) > 24_000  # not repeats
+    # validation is one whole group of glyphs (folds of the 1,797 originals), of the size
+    # the batch-size checks assume
+    train, val = split_indices(a.train.y, 0.2, 0, a.groups)
+    assert len(set(a.groups[val])) == 1 and not set(a.groups[val]) & set(a.groups[train])
+    assert len(train) == train_split_size("digit-pairs", 0.2)
+    # colour images: the channels differ
+    assert np.abs(a.train.x[:, 0].astype(int) - a.train.x[:, 1]).mean() > 20
+    shown = dataset_input(TrainConfig(dataset="digit-pairs").to_dict()).dataset
+    assert shown.name == "digit-pairs" and "not CIFAR-100" in shown.source

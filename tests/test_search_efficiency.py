@@ -28,3 +28,27 @@ def test_the_benchmark_prints_its_table_and_verdict(tmp_path, capsys):
     assert any(line.startswith("grid ") for line in out)
     assert out[-1].startswith("tpe_hyperband_vs_random: n/a") and ", grid: " in out[-1]
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path, capsys):
+    sf = load_study_file("seed-adamw")
+    overrides = {"dataset": "digits", "epochs": 2, "augment": "none"}
+    r = se.run_in_flight("random", 0, 3, sf.space.text, str(sf.space.path), overrides,
+                         budget=5, workdir=str(tmp_path))
+    # three asked together: the budget stops the asking, what is in flight finishes; a trial
+    # completing in the second epoch of the pack is credited with the pack's 6 epochs, past
+    # the budget of 5, so it does not count
+    assert r["trials"] == 3 and r["spent"] == 6 and r["trial_epochs"] == [2, 2, 2]
+    assert r["curve"] == []
+    r = se.run_in_flight("random", 0, 3, sf.space.text, str(sf.space.path), overrides,
+                         budget=6, workdir=str(tmp_path))
+    assert r["trials"] == 3 and [e for e, _ in r["curve"]] == [6, 6, 6]
+    assert se.main(["--in-flight", "1,2", "--budget", "4", "--epochs", "2", "--repeats", "1",
+                    "--strategies", "random", "--jobs", "2", "--target", "0.2",
+                    "--plot", str(tmp_path / "curve.png")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("search efficiency in flight: space adamw.yaml on digits (not CIFAR-100)")
+    assert [line.split()[:2] for line in out if line.startswith("random ")] == [
+        ["random", "1"], ["random", "2"]]
+    assert out[-1].startswith("epochs_to_target_ratio_p2_vs_p1: n/a (random: ")
+    assert (tmp_path / "curve_in_flight.png").stat().st_size > 10_000

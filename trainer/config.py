@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 OPTIMIZERS = ("adamw", "sgdm", "lars", "lamb")
-DATASETS = ("cifar100", "digits", "synthetic")
+DATASETS = ("cifar100", "digits", "digit-pairs", "synthetic")
 AUGMENTS = ("none", "flip-crop", "adamw", "sgdm", "final")
 SCHEDULES = ("cosine", "constant")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -25,8 +25,8 @@ DATA_ROOT_ENV = "SEARCH_DATA_ROOT"
 
 # images in each dataset's training set (before the validation split is carved from it) and
 # in its held-out test set
-TRAIN_IMAGES = {"cifar100": 50_000, "digits": 1_437, "synthetic": 10_000}
-TEST_IMAGES = {"cifar100": 10_000, "digits": 360, "synthetic": 2_000}
+TRAIN_IMAGES = {"cifar100": 50_000, "digits": 1_437, "digit-pairs": 25_000, "synthetic": 10_000}
+TEST_IMAGES = {"cifar100": 10_000, "digits": 360, "digit-pairs": 5_000, "synthetic": 2_000}
 
 
 def train_split_size(dataset: str, val_fraction: float) -> int:

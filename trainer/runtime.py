@@ -82,7 +82,8 @@ def prepare(config: TrainConfig, holdout: str = "val") -> Setup:
         train = to_device(data.train, device)
         val = to_device(data.test, device)
     else:
-        train_idx, val_idx = split_indices(data.train.y, config.val_fraction, config.split_seed)
+        train_idx, val_idx = split_indices(data.train.y, config.val_fraction, config.split_seed,
+                                           data.groups)
         train, val = to_device(data.train, device, train_idx), to_device(data.train, device, val_idx)
     return Setup(config, device, precision, train, val, to_device(data.test, device),
                  data.num_classes)
