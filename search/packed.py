@@ -13,7 +13,9 @@ lasts. Each trial checkpoints in one format, so a retry resumes in any pack.
 Faults: a trial whose attempt was taken over while this worker was paused is dropped quietly
 (one line, nothing written) and its slot refilled, so the worker's share still runs; a storage
 silent past `--storage-patience` stops the worker like SIGTERM but without storage writes (the
-trials stay RUNNING there and are retried from their checkpoints once it is back).
+trials stay RUNNING there and are retried from their checkpoints once it is back); a pack that
+runs out of device memory is re-queued to resume from its checkpoints and the worker's pack
+halved (a trial too big alone fails, the worker goes on).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import sys
 import time
 
 import optuna
-import torch
 from optuna.storages._heartbeat import get_heartbeat_thread
 
 from search.errors import AttemptLost, StorageUnavailable
@@ -62,6 +63,8 @@ def stop_rule(stop_within: float):
 def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
                timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0) -> None:
     """Runs this worker's share (`n_trials` trials, or until `timeout`), `pack` at a time."""
+    import torch  # here, as the trainer: commands that never train start without it
+
     from trainer.engine import Engine
     from trainer.runtime import prepare
 
