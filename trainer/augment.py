@@ -311,10 +311,12 @@ def jitter_by_plan(x: torch.Tensor, plan: torch.Tensor, sync_free: bool) -> torc
 
 
 class Augment:
-    """A preset's augmentation in two parts, so that packed trials share one pass:
+    """A preset's augmentation in parts, so that packed trials share one pass:
     `draw(n, generator)` takes all random numbers of n samples from one trial's generator as an
-    (n, width) tensor of uniforms (one kernel); `apply(images, u)` turns a uint8 (B, 3, H, W)
-    batch into a normalised float batch using those draws, for any number of trials at once."""
+    (n, width) tensor of uniforms (one kernel); `plan(u)` turns them into what they decide per
+    sample (matrices, blend coefficients); `apply_plan(images, plan)` turns a uint8
+    (B, 3, H, W) batch into a normalised float batch, for any number of trials at once.
+    `apply(images, u)` is the last two together."""
 
     def __init__(self, preset: str | Preset):
         self.preset = PRESETS[preset] if isinstance(preset, str) else preset
