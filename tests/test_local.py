@@ -9,7 +9,11 @@ from trainer.local import average_workers, shards
 
 
 def _slowmo_step(params, beta, alpha, gamma, sync, u):
-    average_workers(params, params["w"].shape[0], beta, alpha, torch.tensor([gamma]), sync, u)
+    """One averaging of params["w"]; SlowMo's state kept in the sync / u dicts."""
+    new_sync, new_u = average_workers(params["w"], params["w"].shape[0], beta, alpha,
+                                      torch.tensor([gamma]), sync.get("w"), u.get("w"))
+    if new_sync is not None:
+        sync["w"], u["w"] = new_sync, new_u
 
 
 def test_averaging_by_hand():
@@ -37,8 +41,8 @@ def test_only_the_due_trials_of_a_pack_average():
     """Two packed trials of K = 2 whose H-step counters are out of phase: one averages."""
     params = {"w": torch.tensor([[1.0], [3.0], [5.0], [9.0]])}  # trial 0 rows 0-1, trial 1 rows 2-3
     sync, u = {"w": torch.tensor([[2.0], [7.0]])}, {"w": torch.zeros(2, 1)}
-    average_workers(params, 2, 0.5, 1.0, torch.tensor([0.1, 0.1]), sync, u,
-                    due=torch.tensor([False, True]))
+    sync["w"], u["w"] = average_workers(params["w"], 2, 0.5, 1.0, torch.tensor([0.1, 0.1]),
+                                        sync["w"], u["w"], due=torch.tensor([False, True]))
     torch.testing.assert_close(params["w"][:2], torch.tensor([[1.0], [3.0]]))  # untouched
     torch.testing.assert_close(params["w"][2:], torch.tensor([[7.0], [7.0]]))  # mean 7, no drift
     torch.testing.assert_close(sync["w"], torch.tensor([[2.0], [7.0]]))

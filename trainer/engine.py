@@ -354,11 +354,8 @@ class Engine:
                 p.grad = None
             self.optimizer.step(self.flat, grads)
             if self.local and plan[s] is not False:
-                # over the flat buffer: one chain of ops for the whole model
-                sync, u = ({}, {}) if self.sync is None else ({"all": self.sync}, {"all": self.u})
-                average_workers({"all": self.flat}, k, self.beta, self.alpha, inner_lr, sync, u,
-                                plan[s])
-                self.sync, self.u = sync.get("all"), u.get("all")
+                self.sync, self.u = average_workers(self.flat, k, self.beta, self.alpha, inner_lr,
+                                                    self.sync, self.u, plan[s])
             loss_sum += losses.detach() * b
             correct += (logits.detach().argmax(-1) == y).sum(-1)
             done = s + 1

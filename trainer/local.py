@@ -37,23 +37,24 @@ def plain(beta: float, alpha: float) -> bool:
 
 
 @torch.no_grad()
-def average_workers(params: dict[str, torch.Tensor], k: int, beta: float, alpha: float,
-                    inner_lr: torch.Tensor, sync: dict[str, torch.Tensor],
-                    u: dict[str, torch.Tensor], due: torch.Tensor | None = None) -> None:
-    """Averages each trial's K worker rows in place, with SlowMo's outer step unless plain.
+def average_workers(params: torch.Tensor, k: int, beta: float, alpha: float,
+                    inner_lr: torch.Tensor, sync: torch.Tensor | None, u: torch.Tensor | None,
+                    due: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Averages each trial's K worker rows of `params` (P*K, ...) in place, with SlowMo's outer
+    step unless plain; returns SlowMo's new (sync, u), (P, ...) each (as given when plain).
 
-    params: (P*K, ...) tensors; inner_lr, due: (P,); sync, u: (P, ...) per parameter, updated
-    in place of the dicts. `due` selects the trials averaging at this step (None: all)."""
-    for name, stacked in params.items():
-        view = stacked.view(-1, k, *stacked.shape[1:])
-        new = view.mean(dim=1)
-        if not plain(beta, alpha):
-            lr = rows(inner_lr, new)
-            new_u = u[name] * beta + (sync[name] - new) / lr
-            new = sync[name] - alpha * lr * new_u
-            if due is not None:
-                new_u = torch.where(rows(due, new), new_u, u[name])
-                new = torch.where(rows(due, new), new, sync[name])
-            u[name], sync[name] = new_u, new
-        spread = new.unsqueeze(1).expand_as(view)
-        view.copy_(spread if due is None else torch.where(rows(due, view), spread, view))
+    inner_lr, due: (P,). `due` selects the trials averaging at this step (None: all). The
+    engine passes its whole flat parameter buffer: one chain of ops for the model."""
+    view = params.view(-1, k, *params.shape[1:])
+    new = view.mean(dim=1)
+    if not plain(beta, alpha):
+        lr = rows(inner_lr, new)
+        new_u = u * beta + (sync - new) / lr
+        new = sync - alpha * lr * new_u
+        if due is not None:
+            new_u = torch.where(rows(due, new), new_u, u)
+            new = torch.where(rows(due, new), new, sync)
+        sync, u = new, new_u
+    spread = new.unsqueeze(1).expand_as(view)
+    view.copy_(spread if due is None else torch.where(rows(due, view), spread, view))
+    return sync, u
