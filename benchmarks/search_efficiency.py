@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 STRATEGIES = {  # name -> (sampler, pruner)
     "tpe-hyperband": ("tpe", "hyperband"),
     "tpe-median": ("tpe", "median"),
+    "tpe": ("tpe", "none"),
     "random": ("random", "none"),
     "gp": ("gp", "none"),
     "cmaes": ("cmaes", "none"),
@@ -102,6 +103,13 @@ def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed:
             "trial_epochs": [len(t.intermediate_values) for t in ran]}
 
 
+def split_ramp(strategy: str) -> tuple[str, int | None]:
+    """`tpe-hyperband+ramp10` -> ("tpe-hyperband", 10): the worker loop's ramp
+    (`search.packed.in_flight_limit`), in flight never more than max(10, trials heard from)."""
+    base, _, ramp = strategy.partition("+ramp")
+    return base, int(ramp) if ramp else None
+
+
 def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_path: str,
                   overrides: dict, budget: int, workdir: str) -> dict:
     """One study of one strategy with `width` trials in flight, through the worker loop users
@@ -126,23 +134,27 @@ def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_p
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = parse_space(space_text, space_path)
     epochs = int(overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
-    sampler_name, pruner_name = STRATEGIES[strategy]
+    base, ramp = split_ramp(strategy)
+    sampler_name, pruner_name = STRATEGIES[base]
     name = f"{strategy}-w{width}-s{seed}"
     study = optuna.create_study(direction="maximize", study_name=name,
                                 sampler=make_sampler(sampler_name, space, seed),
                                 pruner=make_pruner(pruner_name, epochs, startup_trials=3))
     tracker = Tracker(f"sqlite:///{workdir}/mlflow-{os.getpid()}.db", name)
     parent = tracker.parent_run(study, space.text, space.hash, True)
-    spent, curve = 0, []
+    spent, curve, round_curve = 0, [], []
     # A round: every trial in flight trains one epoch (each pack in turn); a trial that
     # completes in a round is credited with the epochs trained by the round's end, as the
     # pack's other trials trained alongside it. Refills (`begin`) happen between rounds.
-    live, seen, round_end, new_round = set(), set(), 0, True
+    # Rounds are the wall clock of a launch-bound GPU, where a pack's epoch costs about the
+    # same at any width (benchmarks/launches.py).
+    live, seen, round_end, new_round, rounds = set(), set(), 0, True, 0
 
     def reported(session) -> None:
-        nonlocal spent, seen, round_end, new_round
+        nonlocal spent, seen, round_end, new_round, rounds
         if new_round or session in seen:
             seen, round_end, new_round = set(), spent + len(live), False
+            rounds += 1
         seen.add(session)
         spent += 1
         if spent >= budget:
@@ -168,6 +180,7 @@ def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_p
                 live.discard(session)
                 if round_end <= budget:
                     curve.append((round_end, values[0]))
+                    round_curve.append((rounds, values[0]))
                 return complete(values, epoch, history)
 
             def failed(reason):  # diverged: the epoch that blew up was trained too
@@ -179,10 +192,10 @@ def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_p
             return session
 
     runner = Counted(space, {**overrides, "seed": seed}, tracker, parent)
-    run_trials(study, runner, width, None, None, RetryDeadTrial(0, tracker.uri))
+    run_trials(study, runner, width, None, None, RetryDeadTrial(0, tracker.uri), ramp=ramp)
     ran = [t for t in study.trials if t.state.is_finished()]
     return {"strategy": strategy, "seed": seed, "width": width, "curve": curve,
-            "spent": spent, "trials": len(ran),
+            "round_curve": round_curve, "rounds": rounds, "spent": spent, "trials": len(ran),
             "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in ran),
             "epochs_per_trial": epochs, "trial_epochs": [len(t.intermediate_values) for t in ran]}
 
@@ -225,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", help="comma-separated widths, e.g. 1,4,16,64: each strategy's "
                    "studies run with that many trials in flight through the packed worker loop "
                    "(`--pack W`), and the table compares the widths")
+    p.add_argument("--first-seed", type=int, default=0, help="repeats use seeds from this one")
+    p.add_argument("--quick", action="store_true", help="a minute or two (CI): --in-flight 1,8 "
+                   "--budget 32 --repeats 1 --strategies tpe-hyperband,random --target 0.80")
     args = p.parse_args(argv)
+    if args.quick:
+        args.in_flight, args.budget, args.repeats = "1,8", 32, 1
+        args.strategies, args.target = "tpe-hyperband,random", 0.80
     if args.in_flight:
         return main_in_flight(args, p)
 
@@ -314,16 +333,19 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     space = load_space(args.space) if args.space else load_study_file(args.study).space
     widths = [int(w) for w in args.in_flight.split(",")]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    if any(s not in STRATEGIES or s == "grid" for s in strategies):
-        p.error("--strategies with --in-flight: samplers only (not grid)")
+    if any(split_ramp(s)[0] not in STRATEGIES or s == "grid" for s in strategies):
+        p.error("--strategies with --in-flight: samplers only (not grid), each optionally "
+                "with +rampN (e.g. tpe-hyperband+ramp10)")
     overrides = {"dataset": args.dataset, "epochs": args.epochs}
     if args.data_root:
         overrides["data_root"] = args.data_root
-    jobs = [(s, r, w) for w in widths for r in range(args.repeats) for s in strategies]
+    seeds = range(args.first_seed, args.first_seed + args.repeats)
+    jobs = [(s, r, w) for w in widths for r in seeds for s in strategies]
     print(f"search efficiency in flight: space {space.path.name} on {args.dataset}"
           f"{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}, {args.epochs}-epoch "
           f"trials, budget {args.budget} epochs per study, widths {args.in_flight}, "
-          f"{args.repeats} repeats, target {args.target:.2f}, {len(jobs)} studies", flush=True)
+          f"{args.repeats} repeats (seeds {seeds.start}..{seeds.stop - 1}), target "
+          f"{args.target:.2f}, {len(jobs)} studies", flush=True)
     start = time.time()
     with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(
             max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
@@ -332,12 +354,14 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         results = [f.result() for f in futures]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "studies": results}, indent=1))
-    header = (f"{'strategy':<14} {'width':>5} {'best@25%':>15} {'best@50%':>15} "
-              f"{'best@100%':>15} {'epochs to ' + format(args.target, '.2f'):>18} "
+    target = format(args.target, ".2f")
+    header = (f"{'strategy':<22} {'width':>5} {'best@25%':>15} {'best@50%':>15} "
+              f"{'best@100%':>15} {'epochs to ' + target:>20} {'rounds to ' + target:>17} "
               f"{'trials (pruned)':>16}")
     print(header)
     print("-" * len(header))
-    to_target: dict[tuple[str, int], list[int | None]] = {}
+    # a study that never reaches the target counts as its whole budget (epochs) / run (rounds)
+    to_target: dict[tuple[str, int], list[float]] = {}
     for s in strategies:
         for w in widths:
             runs = [r for r in results if r["strategy"] == s and r["width"] == w]
@@ -348,27 +372,30 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                 m, sd = mean_sd(got) if got else (float("nan"), 0.0)
                 cells.append((f"{m:.4f} ± {sd:.4f}" if len(got) == len(vals) else
                               f"{m:.4f} ({len(got)}/{len(vals)})" if got else "-").rjust(15))
-            reach = to_target[(s, w)] = [reached(r["curve"], args.target) for r in runs]
-            hit = [e for e in reach if e is not None]
-            epochs = (f"{statistics.fmean(hit):.0f} ± {mean_sd(hit)[1]:.0f} ({len(hit)}/{len(runs)})"
-                      if hit else f"never (0/{len(runs)})")
+            reach = [reached(r["curve"], args.target) for r in runs]
+            hits = sum(e is not None for e in reach)
+            epochs = to_target[(s, w)] = [args.budget if e is None else e for e in reach]
+            rounds = [r["rounds"] if e is None else e for r, e in
+                      ((r, reached(r["round_curve"], args.target)) for r in runs)]
             trials = (f"{statistics.fmean(r['trials'] for r in runs):.1f} "
                       f"({statistics.fmean(r['pruned'] for r in runs):.1f})")
-            print(f"{s:<14} {w:>5} {cells[0]} {cells[1]} {cells[2]} {epochs:>18} {trials:>16}")
-    print(f"({time.time() - start:.0f} s; a study that never reached the target counts as "
-          f"{args.budget} epochs in the ratios)")
+            (me, se), (mr, sr) = mean_sd(epochs), mean_sd(rounds)
+            print(f"{s:<22} {w:>5} {cells[0]} {cells[1]} {cells[2]} "
+                  f"{f'{me:.0f} ± {se:.0f} ({hits}/{len(runs)})':>20} "
+                  f"{f'{mr:.0f} ± {sr:.0f}':>17} {trials:>16}")
+    print(f"({time.time() - start:.0f} s; a study that never reaches the target counts as "
+          f"{args.budget} epochs, and its rounds as all it ran; (k/n): studies that reached it. "
+          f"A round: every trial in flight trains one epoch)")
     plot_in_flight(to_target, strategies, widths, args)
     widest = max(widths)
 
     def ratio(s: str) -> str:
         if (s, 1) not in to_target or (s, widest) not in to_target:
             return "n/a"
-        mean = [statistics.fmean(args.budget if e is None else e for e in to_target[(s, w)])
-                for w in (1, widest)]
-        return f"{mean[1] / mean[0]:.2f}"
+        return f"{statistics.fmean(to_target[(s, widest)]) / statistics.fmean(to_target[(s, 1)]):.2f}"
 
-    print(f"epochs_to_target_ratio_p{widest}_vs_p1: {ratio('tpe-hyperband')} "
-          f"(random: {ratio('random')})")
+    best = next((s for s in strategies if s.startswith("tpe-hyperband")), "tpe-hyperband")
+    print(f"epochs_to_target_ratio_p{widest}_vs_p1: {ratio(best)} (random: {ratio('random')})")
     return 0
 
 
@@ -382,7 +409,7 @@ def plot_in_flight(to_target: dict, strategies: list[str], widths: list[int],
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in strategies:
-        values = [[args.budget if e is None else e for e in to_target[(s, w)]] for w in widths]
+        values = [to_target[(s, w)] for w in widths]
         means = [statistics.fmean(v) for v in values]
         sds = [mean_sd(v)[1] for v in values]
         ax.errorbar(widths, means, yerr=sds, marker="o", capsize=3, label=s)

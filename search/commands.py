@@ -15,6 +15,7 @@ from search.algorithms import PRUNERS, SAMPLERS
 from search.errors import UserError
 from search.logs import quiet_libraries
 from search.objectives import epochs_run, pareto_numbers, primary, study_objectives
+from search.packing import DEFAULT_RAMP
 from search.space import load_space
 from search.storage import open_storage, redact, storage_url
 from trainer.config import DATASETS, PRECISIONS, ConfigError, TrainConfig, optimiser_steps
@@ -25,6 +26,11 @@ State = optuna.trial.TrialState
 def pack_size(text: str) -> int | str:
     """argparse type of --pack: `auto` or an integer >= 1."""
     return "auto" if text == "auto" else positive_int(text)
+
+
+def ramp_size(text: str) -> int | None:
+    """argparse type of --ramp: `off` or an integer >= 1."""
+    return None if text == "off" else positive_int(text)
 
 
 def positive_int(text: str) -> int:
@@ -81,6 +87,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--pack", type=pack_size, help="trials each worker trains together as one "
                    "stacked model, or auto: as many as its GPU holds (at most 64 and the trials "
                    "left), 1 on a CPU (default: the study file's, else auto)")
+    p.add_argument("--ramp", type=ramp_size, help="never more trials in flight than N or the "
+                   "trials the study has heard from, whichever is more, so a wide pack is not "
+                   f"proposed blind; off: always the whole pack (default {DEFAULT_RAMP})")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
@@ -202,6 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return flag if flag is not None else options.get(key, default)
 
     pack = pick(args.pack, "pack", "auto")
+    ramp = pick(args.ramp, "ramp", DEFAULT_RAMP)
+    ramp = None if ramp == "off" else ramp
     # every bad value ends here, before a storage, a study or an MLflow run exists
     where = f"{sf.path}: " if is_study_file(args.study) and not args.space else ""
     for flag, key, value, low in (
@@ -209,6 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ("--max-retry", None, args.max_retry, 0), ("--max-restarts", None, args.max_restarts, 0),
             ("--n-trials", "n_trials", pick(args.n_trials, "n_trials", None), 0),
             ("--pack", "pack", None if pack == "auto" else pack, 1),
+            ("--ramp", "ramp", ramp, 1),
             ("--pruner-startup-trials", "pruner_startup_trials",
              pick(args.pruner_startup_trials, "pruner_startup_trials", 0), 0),
             ("--pruner-warmup-epochs", "pruner_warmup_epochs",
@@ -277,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed, fixed_trials=fixed, table=table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
         storage_patience=args.storage_patience, stop_within=args.stop_within,
-        keep_checkpoints=args.keep_checkpoints, pack=pack,
+        keep_checkpoints=args.keep_checkpoints, pack=pack, ramp=ramp,
         command=" ".join(["search", *map(shlex.quote, sys.argv[1:])]),
     )
     if spec.sampler not in SAMPLERS or spec.pruner not in PRUNERS:

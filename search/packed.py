@@ -27,6 +27,7 @@ import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
 
 from search.errors import AttemptLost, StorageUnavailable
+from search.packing import in_flight_limit
 from search.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study import TrialRunner, TrialSession
 from trainer.config import ConfigError, pack_key
@@ -61,8 +62,10 @@ def stop_rule(stop_within: float):
 
 
 def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
-               timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0) -> None:
-    """Runs this worker's share (`n_trials` trials, or until `timeout`), `pack` at a time."""
+               timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0,
+               ramp: int | None = None) -> None:
+    """Runs this worker's share (`n_trials` trials, or until `timeout`), `pack` at a time
+    (with a `ramp`, fewer until the study has heard from as many: `in_flight_limit`)."""
     import torch  # here, as the trainer: commands that never train start without it
 
     from trainer.engine import Engine
@@ -134,7 +137,8 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
     study._thread_local.in_optimize_loop, study._stop_flag = True, False
     try:
         while True:
-            while len(slots) < pack and budget_left():
+            width = in_flight_limit(study, pack, ramp, len(slots))
+            while len(slots) < width and budget_left():
                 optuna.storages.fail_stale_trials(study)
                 trial = study.ask()
                 asked += 1

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import optuna
+
 AUTO_CAP = 64  # wider packs gain little: ~5 launches per trial-step at 64 already
 MEMORY_SHARE = 0.5
 PARAMETERS = 815_332  # LeNet-5 for 100 classes (trainer.model)
@@ -23,6 +25,24 @@ PARAMETER_COPIES = 8  # weights, gradient, its flat copy, two optimiser buffers,
 ACTIVATION_BYTES = 1_100_000  # per sample: LeNet-5's activations and their gradients, fp32
 AUGMENT_BYTES = 150_000  # per sample: the augmentation's live temporaries (3x32x32 fp32 each)
 PLAN_BYTES = 40_000 * 46 * 4  # an epoch's augmentation plan (CIFAR-100's 40,000 images)
+
+
+DEFAULT_RAMP = 10  # Optuna's TPE and GP sample their first 10 trials at random anyway
+
+
+def in_flight_limit(study: optuna.Study, pack: int, ramp: int | None, mine: int) -> int:
+    """How many trials a worker holding `mine` may have in flight now: `pack`, or with a ramp
+    never more than the study may -- max(ramp, trials it has heard from), less those other
+    workers train, yet at least one. The width doubles as results come in, so a wide pack is
+    never proposed blind (`--ramp`)."""
+    if ramp is None or ramp >= pack:
+        return pack
+    state = optuna.trial.TrialState
+    trials = study._storage.get_all_trials(study._study_id, deepcopy=False,
+                                           states=(state.COMPLETE, state.PRUNED, state.RUNNING))
+    running = sum(t.state == state.RUNNING for t in trials)
+    allowed = max(ramp, len(trials) - running) - (running - mine)
+    return min(pack, max(1, allowed))
 
 
 @dataclass(frozen=True)

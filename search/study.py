@@ -21,6 +21,7 @@ from search.constraints import violations
 from search.errors import AttemptLost, UserError
 from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.objectives import directions, objective_values, study_objectives
+from search.packing import DEFAULT_RAMP
 from search.recovery import RetryDeadTrial, chain_root, mark_worker
 from search.space import Space, parse_space
 from search.storage import StorageBusy, no_waiting, open_storage, redact, wait_for_attr
@@ -53,6 +54,7 @@ class RunSpec:
     checkpoint_dir: str | None = None
     keep_checkpoints: bool = False
     pack: int | str = "auto"  # trials each worker trains together as one model (search.packing)
+    ramp: int | None = DEFAULT_RAMP  # in flight <= max(ramp, trials heard from) (search.packed)
     objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     constraints: list[str] = field(default_factory=list)  # e.g. val_acc>=0.5 (search.constraints)
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)
@@ -66,6 +68,7 @@ class RunSpec:
                                "constraints": ",".join(self.constraints) or None,
                                "n_trials": self.n_trials,
                                "timeout": self.timeout, "workers": workers, "pack": self.pack,
+                               "ramp": "off" if self.ramp is None else self.ramp,
                                "seed": self.seed, "storage": redact(self.storage),
                                "space": self.space_path}
         if self.pruner == "median":

@@ -6,6 +6,7 @@
     pruner: median               # median hyperband sha none
     n_trials: 10                 # this command's budget, fixed trials included
     pack: 4                      # trials trained together per worker (as `--pack`)
+    ramp: 10                     # in flight <= max(10, trials heard from) (as `--ramp`; off)
     overrides: {epochs: 150}     # settings forced on every trial
     fixed_trials:                # enqueued once, before the sampler takes over
       - {label: L1, params: {batch_size: 64, lr: 5.0e-4}, reported: 0.4921}
@@ -29,7 +30,7 @@ from trainer.config import field_types
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
-        "pruner_warmup_epochs", "n_trials", "timeout", "pack", "overrides", "fixed_trials", "table",
+        "pruner_warmup_epochs", "n_trials", "timeout", "pack", "ramp", "overrides", "fixed_trials", "table",
         "objectives", "slurm", "constraints"}
 
 
@@ -104,7 +105,8 @@ def load_study_file(arg: str) -> StudyFile:
     if len(set(labels)) != len(labels):
         raise SpaceError(f"{path}: fixed_trials: duplicate labels")
     options = {k: doc[k] for k in ("sampler", "pruner", "pruner_startup_trials",
-                                   "pruner_warmup_epochs", "n_trials", "timeout", "pack") if k in doc}
+                                   "pruner_warmup_epochs", "n_trials", "timeout", "pack",
+                                   "ramp") if k in doc}
     if "slurm" in doc:  # checked key by key with the --slurm flags (commands.slurm_options)
         if not isinstance(doc["slurm"], dict):
             raise SpaceError(f"{path}: slurm: expected a mapping (partition, time, "
@@ -120,6 +122,12 @@ def load_study_file(arg: str) -> StudyFile:
             isinstance(options["pack"], int) and not isinstance(options["pack"], bool)
             and options["pack"] >= 1):
         raise SpaceError(f"{path}: pack: expected auto or an integer >= 1, got {options['pack']!r}")
+    if options.get("ramp") is False:  # YAML reads a bare `off` as false
+        options["ramp"] = "off"
+    if "ramp" in options and options["ramp"] != "off" and not (
+            isinstance(options["ramp"], int) and not isinstance(options["ramp"], bool)
+            and options["ramp"] >= 1):
+        raise SpaceError(f"{path}: ramp: expected off or an integer >= 1, got {options['ramp']!r}")
     table = doc.get("table")
     if table is not None and not (isinstance(table, dict) and {"rows", "columns"} <= set(table)):
         raise SpaceError(f"{path}: table: expected {{rows: SETTING, columns: SETTING}}")

@@ -122,7 +122,8 @@ def run_worker(spec: RunSpec, index: int, n_trials: int | None, threads: int | N
     STOP.install(signals)
     try:
         pack = spec.pack if spec.pack != "auto" else resolve_auto_pack(runner, n_trials)
-        run_trials(study, runner, pack, n_trials, spec.timeout, handler, spec.stop_within)
+        run_trials(study, runner, pack, n_trials, spec.timeout, handler, spec.stop_within,
+                   spec.ramp)
         if STOP.raised:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:

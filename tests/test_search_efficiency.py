@@ -1,8 +1,15 @@
 """benchmarks/search_efficiency.py in miniature: studies stop at their epoch budget (at most one
 trial over), pruned trials cost only the epochs they ran, and the table and verdict line print."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 from benchmarks import search_efficiency as se
 from search.studyfile import load_study_file
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_study_spends_its_budget_counting_the_epochs_actually_run():
@@ -30,7 +37,7 @@ def test_the_benchmark_prints_its_table_and_verdict(tmp_path, capsys):
     assert (tmp_path / "curve.png").stat().st_size > 10_000
 
 
-def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path, capsys):
+def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path):
     sf = load_study_file("seed-adamw")
     overrides = {"dataset": "digits", "epochs": 2, "augment": "none"}
     r = se.run_in_flight("random", 0, 3, sf.space.text, str(sf.space.path), overrides,
@@ -43,12 +50,26 @@ def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path, capsys):
     r = se.run_in_flight("random", 0, 3, sf.space.text, str(sf.space.path), overrides,
                          budget=6, workdir=str(tmp_path))
     assert r["trials"] == 3 and [e for e, _ in r["curve"]] == [6, 6, 6]
-    assert se.main(["--in-flight", "1,2", "--budget", "4", "--epochs", "2", "--repeats", "1",
-                    "--strategies", "random", "--jobs", "2", "--target", "0.2",
-                    "--plot", str(tmp_path / "curve.png")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("search efficiency in flight: space adamw.yaml on digits (not CIFAR-100)")
-    assert [line.split()[:2] for line in out if line.startswith("random ")] == [
-        ["random", "1"], ["random", "2"]]
-    assert out[-1].startswith("epochs_to_target_ratio_p2_vs_p1: n/a (random: ")
+    assert r["rounds"] == 2 and [n for n, _ in r["round_curve"]] == [2, 2, 2]
+    # ramped: two in flight until two are heard from (max(2, 2) stays two), so the same
+    # first trials complete two epochs earlier; two more trials cost two more rounds
+    ramped = se.run_in_flight("random+ramp2", 0, 3, sf.space.text, str(sf.space.path),
+                              overrides, budget=6, workdir=str(tmp_path))
+    assert ramped["trials"] == 4 and ramped["rounds"] == 4 and ramped["spent"] == 8
+    assert ramped["curve"] == [(4, v) for _, v in r["curve"][:2]]
+
+
+def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
+    """`--quick`: widths 1 and 8, TPE + Hyperband and random search, a 32-epoch budget."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"),
+                        "--quick", "--plot", str(tmp_path / "curve.png")],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.strip().splitlines()
+    assert out[0].startswith("search efficiency in flight: space adamw.yaml on digits (not "
+                             "CIFAR-100), 2-epoch trials, budget 32 epochs")
+    rows = [line.split()[:2] for line in out if line.split()[:1] in (["random"], ["tpe-hyperband"])]
+    assert rows == [["tpe-hyperband", "1"], ["tpe-hyperband", "8"], ["random", "1"], ["random", "8"]]
+    assert re.fullmatch(r"epochs_to_target_ratio_p8_vs_p1: \d+\.\d\d \(random: \d+\.\d\d\)",
+                        out[-1]), out[-1]
     assert (tmp_path / "curve_in_flight.png").stat().st_size > 10_000
