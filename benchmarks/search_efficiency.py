@@ -104,10 +104,13 @@ def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed:
 
 
 def split_ramp(strategy: str) -> tuple[str, int | None]:
-    """`tpe-hyperband+ramp10` -> ("tpe-hyperband", 10): the worker loop's ramp
-    (`search.packed.in_flight_limit`), in flight never more than max(10, trials heard from)."""
+    """The worker loop's ramp (`search.packing.in_flight_limit`) a strategy runs with:
+    `tpe-hyperband` -> the default (`--ramp`'s), `tpe-hyperband+ramp4` -> 4 (in flight never
+    more than max(4, trials heard from)), `tpe-hyperband+rampoff` -> None (the whole pack)."""
+    from search.packing import DEFAULT_RAMP
+
     base, _, ramp = strategy.partition("+ramp")
-    return base, int(ramp) if ramp else None
+    return base, DEFAULT_RAMP if not ramp else None if ramp == "off" else int(ramp)
 
 
 def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_path: str,
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                    "studies run with that many trials in flight through the packed worker loop "
                    "(`--pack W`), and the table compares the widths")
     p.add_argument("--first-seed", type=int, default=0, help="repeats use seeds from this one")
+    p.add_argument("--tabulate", help="with --in-flight: no new studies; the table, plot and "
+                   "last line of earlier runs' --json files (comma-separated), together")
     p.add_argument("--quick", action="store_true", help="a minute or two (CI): --in-flight 1,8 "
                    "--budget 32 --repeats 1 --strategies tpe-hyperband,random --target 0.80")
     args = p.parse_args(argv)
@@ -330,30 +335,44 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from search.space import load_space
     from search.studyfile import load_study_file
 
+    if args.tabulate:  # studies run before (their --json files): tabulate them together
+        results = [study for f in args.tabulate.split(",")
+                   for study in json.loads(Path(f).read_text())["studies"]]
+        strategies = list(dict.fromkeys(r["strategy"] for r in results))
+        tabulate_in_flight(results, strategies, sorted({r["width"] for r in results}), args)
+        return 0
     space = load_space(args.space) if args.space else load_study_file(args.study).space
     widths = [int(w) for w in args.in_flight.split(",")]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if any(split_ramp(s)[0] not in STRATEGIES or s == "grid" for s in strategies):
         p.error("--strategies with --in-flight: samplers only (not grid), each optionally "
-                "with +rampN (e.g. tpe-hyperband+ramp10)")
+                "with +rampN or +rampoff (e.g. tpe-hyperband+rampoff)")
     overrides = {"dataset": args.dataset, "epochs": args.epochs}
     if args.data_root:
         overrides["data_root"] = args.data_root
     seeds = range(args.first_seed, args.first_seed + args.repeats)
+    start = time.time()
     jobs = [(s, r, w) for w in widths for r in seeds for s in strategies]
     print(f"search efficiency in flight: space {space.path.name} on {args.dataset}"
           f"{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}, {args.epochs}-epoch "
           f"trials, budget {args.budget} epochs per study, widths {args.in_flight}, "
           f"{args.repeats} repeats (seeds {seeds.start}..{seeds.stop - 1}), target "
           f"{args.target:.2f}, {len(jobs)} studies", flush=True)
-    start = time.time()
     with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(
             max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_in_flight, s, r, w, space.text, str(space.path), overrides,
-                               args.budget, workdir) for s, r, w in jobs]
+        futures = [pool.submit(run_in_flight, s, r, w, space.text, str(space.path),
+                               overrides, args.budget, workdir) for s, r, w in jobs]
         results = [f.result() for f in futures]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "studies": results}, indent=1))
+    print(f"({time.time() - start:.0f} s)")
+    tabulate_in_flight(results, strategies, widths, args)
+    return 0
+
+
+def tabulate_in_flight(results: list[dict], strategies: list[str], widths: list[int],
+                       args: argparse.Namespace) -> None:
+    """The width table, the plot and the last line, from the studies' results."""
     target = format(args.target, ".2f")
     header = (f"{'strategy':<22} {'width':>5} {'best@25%':>15} {'best@50%':>15} "
               f"{'best@100%':>15} {'epochs to ' + target:>20} {'rounds to ' + target:>17} "
@@ -365,6 +384,8 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     for s in strategies:
         for w in widths:
             runs = [r for r in results if r["strategy"] == s and r["width"] == w]
+            if not runs:
+                continue
             cells = []
             for frac in (0.25, 0.5, 1.0):
                 vals = [best_at(r["curve"], frac * args.budget) for r in runs]
@@ -375,17 +396,16 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             reach = [reached(r["curve"], args.target) for r in runs]
             hits = sum(e is not None for e in reach)
             epochs = to_target[(s, w)] = [args.budget if e is None else e for e in reach]
-            rounds = [r["rounds"] if e is None else e for r, e in
-                      ((r, reached(r["round_curve"], args.target)) for r in runs)]
+            rounds = [e for e in (reached(r["round_curve"], args.target) for r in runs) if e]
             trials = (f"{statistics.fmean(r['trials'] for r in runs):.1f} "
                       f"({statistics.fmean(r['pruned'] for r in runs):.1f})")
-            (me, se), (mr, sr) = mean_sd(epochs), mean_sd(rounds)
+            (me, se), (mr, sr) = mean_sd(epochs), mean_sd(rounds) if rounds else (0, 0)
             print(f"{s:<22} {w:>5} {cells[0]} {cells[1]} {cells[2]} "
                   f"{f'{me:.0f} ± {se:.0f} ({hits}/{len(runs)})':>20} "
-                  f"{f'{mr:.0f} ± {sr:.0f}':>17} {trials:>16}")
-    print(f"({time.time() - start:.0f} s; a study that never reaches the target counts as "
-          f"{args.budget} epochs, and its rounds as all it ran; (k/n): studies that reached it. "
-          f"A round: every trial in flight trains one epoch)")
+                  f"{f'{mr:.0f} ± {sr:.0f}' if rounds else '-':>17} {trials:>16}")
+    print(f"(a study that never reaches the target counts as {args.budget} epochs; (k/n): "
+          "studies that reached it; rounds: of those that did. A round: every trial in flight "
+          "trains one epoch -- a launch-bound GPU's time)")
     plot_in_flight(to_target, strategies, widths, args)
     widest = max(widths)
 
@@ -394,9 +414,8 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             return "n/a"
         return f"{statistics.fmean(to_target[(s, widest)]) / statistics.fmean(to_target[(s, 1)]):.2f}"
 
-    best = next((s for s in strategies if s.startswith("tpe-hyperband")), "tpe-hyperband")
-    print(f"epochs_to_target_ratio_p{widest}_vs_p1: {ratio(best)} (random: {ratio('random')})")
-    return 0
+    print(f"epochs_to_target_ratio_p{widest}_vs_p1: {ratio('tpe-hyperband')} "
+          f"(random: {ratio('random')})")
 
 
 def plot_in_flight(to_target: dict, strategies: list[str], widths: list[int],
@@ -409,16 +428,18 @@ def plot_in_flight(to_target: dict, strategies: list[str], widths: list[int],
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in strategies:
-        values = [to_target[(s, w)] for w in widths]
+        ws = [w for w in widths if (s, w) in to_target]
+        values = [to_target[(s, w)] for w in ws]
         means = [statistics.fmean(v) for v in values]
         sds = [mean_sd(v)[1] for v in values]
-        ax.errorbar(widths, means, yerr=sds, marker="o", capsize=3, label=s)
+        ax.errorbar(ws, means, yerr=sds, marker="o", capsize=3, label=s)
     ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.set_xlabel("trials in flight (--pack)")
     ax.set_ylabel(f"epochs until a trial reaches {args.target:.2f}")
     ax.set_title(f"{args.dataset}{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}: "
-                 f"{args.epochs}-epoch trials, {args.repeats} repeats, mean ± sd")
+                 f"{args.epochs}-epoch trials, "
+                 f"{max(len(v) for v in to_target.values())} repeats, mean ± sd")
     ax.legend()
     out = Path(args.plot).with_name(Path(args.plot).stem + "_in_flight.png")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ Trials are asked from Optuna (ask/tell), so any sampler works. A trial's shape s
 (`trainer.config.pack_key`: batch size, optimiser, augmentation, dataset, epochs, local-method
 settings, precision, ...) choose its pack; continuous settings (lr, betas, weight decay, T_max,
 warm-up, seed, ...) differ freely inside one. The worker holds one engine per shape key, all
-its in-flight trials together never more than P, and runs one epoch of each engine in turn.
+its in-flight trials together never more than P (fewer while the study has heard from few:
+`--ramp`, `search.packing.in_flight_limit`), and runs one epoch of each engine in turn.
 Between epochs every trial is reported, pruned, failed or completed on its own
 (TrialSession), and the freed slots are refilled with newly asked trials while the budget
 lasts. Each trial checkpoints in one format, so a retry resumes in any pack.

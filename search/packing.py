@@ -1,4 +1,4 @@
-"""`--pack auto`: how many trials a worker trains at once as one stacked model.
+"""How many trials a worker trains at once as one stacked model: `--pack auto` and `--ramp`.
 
 On a GPU a LeNet-5 step is launch-bound (benchmarks/launches.py): a pack of P trials costs
 about the launches of one, so the widest pack the device holds is the fastest. On the CPU,
@@ -10,6 +10,11 @@ with memory per trial estimated from the largest batch size the space can draw (
 gradients and optimiser state of each of its K rows, activations and augmentation of a batch,
 an epoch's augmentation plan). Half the free memory is the margin for the estimate; a pack
 that still runs out of memory is halved by the worker (`search.packed`), never a crash.
+
+`--ramp R` (default 10) bounds the pack while the study knows little: never more trials in
+flight than max(R, trials the study has heard from), less those other workers train, so a
+sampler does not propose a wide pack before it has heard from any trial (measured in
+benchmarks/search_efficiency.py --in-flight; README "Many trials in flight").
 """
 
 from __future__ import annotations
