@@ -18,6 +18,14 @@ Prints one table (best val accuracy, mean ± sd over repeats, at 25 %, 50 % and 
 budget; epochs to reach the target; trials run and pruned) and, last,
 `tpe_hyperband_vs_random: +X.X points at equal budget, grid: Y.Y` (Y.Y: the grid's best, %).
 A difference smaller than the spread across repeats is reported as no difference.
+
+Many trials in flight: `--in-flight 1,16,64` runs each strategy's studies with W trials in
+flight through the worker loop users run (`search.packed.run_trials`, `--pack W`), with the
+default `--ramp` unless the strategy says `+rampN` or `+rampoff` (e.g. `tpe-hyperband+rampoff`);
+the table adds rounds to the target (a launch-bound GPU's time) and the last line is
+`epochs_to_target_ratio_pW_vs_p1: X (random: Y)`. `--quick` (CI: widths 1 and 8, a 32-epoch
+budget); `--first-seed` and `--json` to add repeats later, `--tabulate A.json,B.json` to print
+them together.
 """
 
 from __future__ import annotations
