@@ -138,7 +138,8 @@ def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: in
     study._thread_local.in_optimize_loop, study._stop_flag = True, False
     try:
         while True:
-            width = in_flight_limit(study, pack, ramp, len(slots))
+            # one storage read, and only when a slot is free (no more than an ask reads)
+            width = in_flight_limit(study, pack, ramp, len(slots)) if len(slots) < pack else pack
             while len(slots) < width and budget_left():
                 optuna.storages.fail_stale_trials(study)
                 trial = study.ask()
