@@ -404,7 +404,8 @@ def tabulate_in_flight(results: list[dict], strategies: list[str], widths: list[
             reach = [reached(r["curve"], args.target) for r in runs]
             hits = sum(e is not None for e in reach)
             epochs = to_target[(s, w)] = [args.budget if e is None else e for e in reach]
-            rounds = [e for e in (reached(r["round_curve"], args.target) for r in runs) if e]
+            rounds = [e for e in (reached(r["round_curve"], args.target) for r in runs)
+                      if e is not None]
             trials = (f"{statistics.fmean(r['trials'] for r in runs):.1f} "
                       f"({statistics.fmean(r['pruned'] for r in runs):.1f})")
             (me, se), (mr, sr) = mean_sd(epochs), mean_sd(rounds) if rounds else (0, 0)

@@ -118,16 +118,13 @@ def load_study_file(arg: str) -> StudyFile:
         options["constraints"] = parse_constraints(doc["constraints"], f"{path}: constraints")
     if "objectives" in doc:
         options["objectives"] = parse_objectives(doc["objectives"], f"{path}: objectives")
-    if "pack" in options and options["pack"] != "auto" and not (
-            isinstance(options["pack"], int) and not isinstance(options["pack"], bool)
-            and options["pack"] >= 1):
-        raise SpaceError(f"{path}: pack: expected auto or an integer >= 1, got {options['pack']!r}")
     if options.get("ramp") is False:  # YAML reads a bare `off` as false
         options["ramp"] = "off"
-    if "ramp" in options and options["ramp"] != "off" and not (
-            isinstance(options["ramp"], int) and not isinstance(options["ramp"], bool)
-            and options["ramp"] >= 1):
-        raise SpaceError(f"{path}: ramp: expected off or an integer >= 1, got {options['ramp']!r}")
+    for key, word in (("pack", "auto"), ("ramp", "off")):
+        value = options.get(key, word)
+        if value != word and not (isinstance(value, int) and not isinstance(value, bool)
+                                  and value >= 1):
+            raise SpaceError(f"{path}: {key}: expected {word} or an integer >= 1, got {value!r}")
     table = doc.get("table")
     if table is not None and not (isinstance(table, dict) and {"rows", "columns"} <= set(table)):
         raise SpaceError(f"{path}: table: expected {{rows: SETTING, columns: SETTING}}")
