@@ -179,7 +179,10 @@ class Tracker:
     """MLflow runs of one study."""
 
     def __init__(self, uri: str | None, study_name: str, command: str | None = None):
-        raw = MlflowClient(tracking_uri=uri)
+        try:  # a file store is refused by MLflow 3 when the client is made, not when used
+            raw = MlflowClient(tracking_uri=uri)
+        except MlflowException as exc:
+            raise UserError(f"MLflow at {uri}: {str(exc).splitlines()[0]}") from None
         self.command = command
         self.client = _RetryingClient(raw)
         self.patient = _RetryingClient(raw, seconds=600.0)  # for a trial's run, see above
