@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         spent = f"{max(r['spent'] for r in runs)}"
         print(f"{s:<14} {cells[0]} {cells[1]} {cells[2]} {to_target:>18} {trials:>16} {spent:>7}")
     print(f"({time.time() - start:.0f} s; 'epochs' is the most any study of the strategy trained; "
-          f"digits is not CIFAR-100)" if args.dataset == "digits" else
+          f"{args.dataset} is not CIFAR-100)" if args.dataset != "cifar100" else
           f"({time.time() - start:.0f} s)")
     plot(by, args, final)
     print(verdict(final))
@@ -344,8 +344,18 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     from search.studyfile import load_study_file
 
     if args.tabulate:  # studies run before (their --json files): tabulate them together
-        results = [study for f in args.tabulate.split(",")
-                   for study in json.loads(Path(f).read_text())["studies"]]
+        runs = [json.loads(Path(f).read_text()) for f in args.tabulate.split(",")]
+        # what the studies trained on comes from their files, not from this command's defaults
+        for key in ("dataset", "epochs"):
+            seen = {run["args"][key] for run in runs}
+            if len(seen) > 1:
+                p.error(f"--tabulate: the files' studies differ in --{key}: {sorted(seen)}")
+            setattr(args, key, seen.pop())
+        results = [study for run in runs for study in run["studies"]]
+        print(f"search efficiency in flight, tabulated: {len(results)} studies from "
+              f"{args.tabulate} on {args.dataset}"
+              f"{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}, {args.epochs}-epoch "
+              f"trials, budget {args.budget} epochs per study, target {args.target:.2f}")
         strategies = list(dict.fromkeys(r["strategy"] for r in results))
         tabulate_in_flight(results, strategies, sorted({r["width"] for r in results}), args)
         return 0
@@ -500,7 +510,7 @@ def plot(by: dict[str, list[dict]], args: argparse.Namespace, final) -> None:
     ax.set_xlabel("epochs trained (all trials of the study)")
     ax.set_ylabel("best validation accuracy so far")
     ax.set_title(f"{args.dataset}: {args.epochs}-epoch trials, {args.repeats} repeats, "
-                 f"mean ± sd" + (" (not CIFAR-100)" if args.dataset == "digits" else ""))
+                 f"mean ± sd" + (" (not CIFAR-100)" if args.dataset != "cifar100" else ""))
     ax.legend()
     out = Path(args.plot)
     out.parent.mkdir(parents=True, exist_ok=True)

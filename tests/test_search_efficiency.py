@@ -62,7 +62,8 @@ def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path):
 def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
     """`--quick`: widths 1 and 8, TPE + Hyperband and random search, a 32-epoch budget."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"),
-                        "--quick", "--plot", str(tmp_path / "curve.png")],
+                        "--quick", "--plot", str(tmp_path / "curve.png"), "--json",
+                        str(tmp_path / "quick.json")],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout.strip().splitlines()
@@ -73,3 +74,15 @@ def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
     assert re.fullmatch(r"epochs_to_target_ratio_p8_vs_p1: \d+\.\d\d \(random: \d+\.\d\d\)",
                         out[-1]), out[-1]
     assert (tmp_path / "curve_in_flight.png").stat().st_size > 10_000
+    # the same table again from its file, as repeats run apart are put together; what the
+    # studies trained on comes from the file (digits here), not from this command's defaults
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"),
+                            "--in-flight", "1,8", "--budget", "32", "--target", "0.80",
+                            "--dataset", "cifar100", "--tabulate", str(tmp_path / "quick.json"),
+                            "--plot", str(tmp_path / "again.png")],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = again.stdout.strip().splitlines()
+    assert lines[0].startswith("search efficiency in flight, tabulated: 4 studies from ")
+    assert "on digits (not CIFAR-100), 2-epoch trials, budget 32 epochs" in lines[0]
+    assert lines[-1] == out[-1]
