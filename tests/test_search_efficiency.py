@@ -86,3 +86,19 @@ def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
     assert lines[0].startswith("search efficiency in flight, tabulated: 4 studies from ")
     assert "on digits (not CIFAR-100), 2-epoch trials, budget 32 epochs" in lines[0]
     assert lines[-1] == out[-1]
+
+
+def test_the_readme_in_flight_figures_reprint_from_their_results(tmp_path):
+    """The README's 64-in-flight verdict line is what `--tabulate` makes of the studies kept in
+    benchmarks/results (so the published table can be checked and extended, not retyped)."""
+    results = ROOT / "benchmarks" / "results"
+    files = ",".join(str(results / f"digits-64-{n}.json")
+                     for n in ("seeds0-2", "seeds3-5", "rampoff-seeds3-5"))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"),
+                        "--in-flight", "1,64", "--budget", "192", "--target", "0.85",
+                        "--tabulate", files, "--plot", str(tmp_path / "p.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last == "epochs_to_target_ratio_p64_vs_p1: 1.36 (random: 1.09)"
+    assert f"`{last}`" in (ROOT / "README.md").read_text()
