@@ -460,6 +460,11 @@ def open_run(spec: RunSpec, workers: int) -> tuple[optuna.Study, Tracker, str, i
     from trainer.config import TrainConfig
 
     data = {**TrainConfig().to_dict(), **space.fixed, **spec.overrides}
+    if created:  # the dashboard shows what the trials learn from, and says when it is a stand-in
+        searched = next((p.choices for p in space.params if p.name == "dataset"), None)
+        names = searched if searched and "dataset" not in spec.overrides else [data["dataset"]]
+        study.set_user_attr("dataset", ", ".join(names) + (
+            "" if set(names) == {"cifar100"} else " (not CIFAR-100)"))
     parent = tracker.parent_run(study, space.text, space.hash, created, settings,
                                 describe_study(spec), data)
     if tracker.run_url() and created:

@@ -56,6 +56,7 @@ def test_trials_land_in_the_embedded_storage(study_dir):
     assert "space_yaml" not in study.user_attrs  # the text is the parent run's space.yaml
     assert study.metric_names == ["val_acc"]  # the dashboard's axis is named
     assert "sampler=tpe pruner=median" in study.user_attrs["settings"]
+    assert study.user_attrs["dataset"] == "digits (not CIFAR-100)"
     # only what differs from the defaults: a short attribute in the dashboard
     assert study.trials[0].user_attrs["config"]["dataset"] == "digits"
     assert "momentum" not in study.trials[0].user_attrs["config"]
