@@ -25,7 +25,11 @@ default `--ramp` unless the strategy says `+rampN` or `+rampoff` (e.g. `tpe-hype
 the table adds rounds to the target (a launch-bound GPU's time) and the last line is
 `epochs_to_target_ratio_pW_vs_p1: X (random: Y)`. `--quick` (CI: widths 1 and 8, a 32-epoch
 budget); `--first-seed` and `--json` to add repeats later, `--tabulate A.json,B.json` to print
-them together.
+them together (what they trained on is read from the files).
+
+The harder stand-in: `--study digit-pairs-adamw --dataset digit-pairs --epochs 3 --target 0.50`
+(the notes' AdamW space on digit-pairs, not CIFAR-100; ~10 s a trial-epoch on a 2-core CPU, so
+wide tables there are a GPU's job). digits stays the default: it runs in minutes on a CPU.
 """
 
 from __future__ import annotations
