@@ -59,12 +59,25 @@ for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
     os.environ.setdefault(_key, _value)
 
 
+def open_client(uri: str | None) -> MlflowClient:
+    """MLflow's client, or one line naming the URI when MLflow refuses it as the client is made
+    (MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set)."""
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except MlflowException as exc:
+        raise UserError(f"MLflow at {uri}: {str(exc).splitlines()[0]}") from None
+
+
 def check_tracking_uri(uri: str | None, seconds: float = 10.0) -> None:
     """Raises UserError (one line naming the URI) unless an http(s) tracking server answers
-    within `seconds`. Local stores (a path, sqlite) need no server."""
+    within `seconds`, or a file store MLflow refuses. A database store (sqlite) needs no check."""
     import mlflow
 
     resolved = uri or mlflow.get_tracking_uri()
+    if resolved.startswith("file:") or "://" not in resolved:
+        # a file store: MLflow 3 refuses it (unless MLFLOW_ALLOW_FILE_STORE) when its client is
+        # made -- say so before the study exists
+        open_client(resolved)
     if not resolved.startswith(("http://", "https://")):
         return
     deadline, reason = time.monotonic() + seconds, ""
@@ -179,10 +192,7 @@ class Tracker:
     """MLflow runs of one study."""
 
     def __init__(self, uri: str | None, study_name: str, command: str | None = None):
-        try:  # a file store is refused by MLflow 3 when the client is made, not when used
-            raw = MlflowClient(tracking_uri=uri)
-        except MlflowException as exc:
-            raise UserError(f"MLflow at {uri}: {str(exc).splitlines()[0]}") from None
+        raw = open_client(uri)
         self.command = command
         self.client = _RetryingClient(raw)
         self.patient = _RetryingClient(raw, seconds=600.0)  # for a trial's run, see above

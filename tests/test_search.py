@@ -206,13 +206,15 @@ def test_missing_dataset_stops_before_the_study_starts(cli, tmp_path):
 
 
 def test_a_tracking_uri_mlflow_refuses_is_one_line(cli, tmp_path):
-    # MLflow 3 refuses a file store when its client is made: one line naming the URI
+    # MLflow 3 refuses a file store when its client is made: one line naming the URI,
+    # before anything exists
     (tmp_path / "digits.yaml").write_text(SPACE)
     uri = f"file://{tmp_path}/mlruns"
     r = cli("run", "--space", "digits.yaml", "--n-trials", "1", "--mlflow-uri", uri)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert lines[0].startswith(f"search run: error: MLflow at {uri}: ")
+    assert not (tmp_path / "search-journal.log").exists()  # said before the study exists
 
 
 def test_table_shows_the_epochs_a_pruned_trial_ran(study_dir):
