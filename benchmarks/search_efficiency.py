@@ -220,6 +220,12 @@ def best_at(curve: list[tuple[int, float]], epochs: float) -> float | None:
     return max(values) if values else None
 
 
+def trained_on(args: argparse.Namespace) -> str:
+    """What the studies trained on, for every first line and plot title: a stand-in says so."""
+    label = "" if args.dataset == "cifar100" else " (not CIFAR-100)"
+    return f"{args.dataset}{label}, {args.epochs}-epoch trials"
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -357,9 +363,8 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             setattr(args, key, seen.pop())
         results = [study for run in runs for study in run["studies"]]
         print(f"search efficiency in flight, tabulated: {len(results)} studies from "
-              f"{args.tabulate} on {args.dataset}"
-              f"{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}, {args.epochs}-epoch "
-              f"trials, budget {args.budget} epochs per study, target {args.target:.2f}")
+              f"{args.tabulate} on {trained_on(args)}, budget {args.budget} epochs per study, "
+              f"target {args.target:.2f}")
         strategies = list(dict.fromkeys(r["strategy"] for r in results))
         tabulate_in_flight(results, strategies, sorted({r["width"] for r in results}), args)
         return 0
@@ -375,9 +380,8 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     seeds = range(args.first_seed, args.first_seed + args.repeats)
     start = time.time()
     jobs = [(s, r, w) for w in widths for r in seeds for s in strategies]
-    print(f"search efficiency in flight: space {space.path.name} on {args.dataset}"
-          f"{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}, {args.epochs}-epoch "
-          f"trials, budget {args.budget} epochs per study, widths {args.in_flight}, "
+    print(f"search efficiency in flight: space {space.path.name} on {trained_on(args)}, "
+          f"budget {args.budget} epochs per study, widths {args.in_flight}, "
           f"{args.repeats} repeats (seeds {seeds.start}..{seeds.stop - 1}), target "
           f"{args.target:.2f}, {len(jobs)} studies", flush=True)
     with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(
@@ -460,8 +464,7 @@ def plot_in_flight(to_target: dict, strategies: list[str], widths: list[int],
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.set_xlabel("trials in flight (--pack)")
     ax.set_ylabel(f"epochs until a trial reaches {args.target:.2f}")
-    ax.set_title(f"{args.dataset}{' (not CIFAR-100)' if args.dataset != 'cifar100' else ''}: "
-                 f"{args.epochs}-epoch trials, "
+    ax.set_title(f"{trained_on(args)}, "
                  f"{max(len(v) for v in to_target.values())} repeats, mean ± sd")
     ax.legend()
     out = Path(args.plot).with_name(Path(args.plot).stem + "_in_flight.png")
@@ -513,8 +516,7 @@ def plot(by: dict[str, list[dict]], args: argparse.Namespace, final) -> None:
     ax.axvline(args.budget, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("epochs trained (all trials of the study)")
     ax.set_ylabel("best validation accuracy so far")
-    ax.set_title(f"{args.dataset}: {args.epochs}-epoch trials, {args.repeats} repeats, "
-                 f"mean ± sd" + (" (not CIFAR-100)" if args.dataset != "cifar100" else ""))
+    ax.set_title(f"{trained_on(args)}, {args.repeats} repeats, mean ± sd")
     ax.legend()
     out = Path(args.plot)
     out.parent.mkdir(parents=True, exist_ok=True)
