@@ -20,7 +20,7 @@ budget; epochs to reach the target; trials run and pruned) and, last,
 A difference smaller than the spread across repeats is reported as no difference.
 
 Many trials in flight: `--in-flight 1,16,64` runs each strategy's studies with W trials in
-flight through the worker loop users run (`search.packed.run_trials`, `--pack W`), with the
+flight through the worker loop users run (`search.worker.loop.run_trials`, `--pack W`), with the
 default `--ramp` unless the strategy says `+rampN` or `+rampoff` (e.g. `tpe-hyperband+rampoff`);
 the table adds rounds to the target (a launch-bound GPU's time) and the last line is
 `epochs_to_target_ratio_pW_vs_p1: X (random: Y)`. `--quick` (CI: widths 1 and 8, a 32-epoch
@@ -65,8 +65,8 @@ def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed:
     import optuna
     import torch
 
-    from search.algorithms import make_pruner, make_sampler
-    from search.space import parse_space
+    from search.inputs.algorithms import make_pruner, make_sampler
+    from search.inputs.space import parse_space
     from trainer import Diverged, TrainConfig, train
 
     torch.set_num_threads(1)
@@ -116,10 +116,10 @@ def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed:
 
 
 def split_ramp(strategy: str) -> tuple[str, int | None]:
-    """The worker loop's ramp (`search.packing.in_flight_limit`) a strategy runs with:
+    """The worker loop's ramp (`search.worker.sizing.in_flight_limit`) a strategy runs with:
     `tpe-hyperband` -> the default (`--ramp`'s), `tpe-hyperband+ramp4` -> 4 (in flight never
     more than max(4, trials heard from)), `tpe-hyperband+rampoff` -> None (the whole pack)."""
-    from search.packing import DEFAULT_RAMP
+    from search.inputs.settings import DEFAULT_RAMP
 
     base, _, ramp = strategy.partition("+ramp")
     return base, DEFAULT_RAMP if not ramp else None if ramp == "off" else int(ramp)
@@ -128,20 +128,20 @@ def split_ramp(strategy: str) -> tuple[str, int | None]:
 def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_path: str,
                   overrides: dict, budget: int, workdir: str) -> dict:
     """One study of one strategy with `width` trials in flight, through the worker loop users
-    run (`search.packed.run_trials`, what `--pack width` does): asked together, reported epoch
+    run (`search.worker.loop.run_trials`, what `--pack width` does): asked together, reported epoch
     by epoch, a freed slot refilled at the epoch boundary. Asking stops once the study has
     trained `budget` epochs; trials in flight then finish, but what completes after the budget
     is not counted. MLflow runs go to a throwaway local store."""
     import optuna
     import torch
 
-    from search.algorithms import make_pruner, make_sampler
+    from search.inputs.algorithms import make_pruner, make_sampler
+    from search.inputs.space import parse_space
     from search.logs import quiet_libraries
-    from search.packed import run_trials
-    from search.recovery import RetryDeadTrial
-    from search.space import parse_space
-    from search.study import TrialRunner
-    from search.tracking import Tracker
+    from search.study.recovery import RetryDeadTrial
+    from search.study.session import TrialRunner
+    from search.tracking.client import Tracker
+    from search.worker.loop import run_trials
     from trainer import TrainConfig
 
     torch.set_num_threads(1)
@@ -156,7 +156,7 @@ def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_p
                                 sampler=make_sampler(sampler_name, space, seed),
                                 pruner=make_pruner(pruner_name, epochs, startup_trials=3))
     tracker = Tracker(f"sqlite:///{workdir}/mlflow-{os.getpid()}.db", name)
-    parent = tracker.parent_run(study, space.text, space.hash, True)
+    parent = tracker.parent_run(None, study.study_name, space.text, space.hash)
     spent, curve, round_curve = 0, [], []
     # A round: every trial in flight trains one epoch (each pack in turn); a trial that
     # completes in a round is credited with the epochs trained by the round's end, as the
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_flight:
         return main_in_flight(args, p)
 
-    from search.space import load_space
-    from search.studyfile import load_study_file
+    from search.inputs.space import load_space
+    from search.inputs.studyfile import load_study_file
 
     if args.space:
         space, fixed = load_space(args.space), []
@@ -350,8 +350,8 @@ def main_in_flight(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     """`--in-flight W1,W2,...`: every strategy at every width, R repeats each."""
     import tempfile
 
-    from search.space import load_space
-    from search.studyfile import load_study_file
+    from search.inputs.space import load_space
+    from search.inputs.studyfile import load_study_file
 
     if args.tabulate:  # studies run before (their --json files): tabulate them together
         runs = [json.loads(Path(f).read_text()) for f in args.tabulate.split(",")]

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.pg import PostgresServer, pg_bin  # noqa: E402
-from search.recovery import retried_numbers  # noqa: E402
+from search.study.recovery import retried_numbers  # noqa: E402
 
 STUDY = """
 name: soak
@@ -318,8 +318,8 @@ def stale_writes(trials: dict, work: Path) -> int:
     (kept with --keep-checkpoints; each attempt writes its own file)."""
     import datetime
 
-    from search.checkpoints import CheckpointStore
-    from search.recovery import chain_root
+    from search.study.checkpoints import CheckpointStore
+    from search.study.recovery import chain_root
 
     store = CheckpointStore(work / "checkpoints", "soak")
     count = 0

@@ -1,9 +1,15 @@
 """search: Optuna studies over the trainer, tracked in MLflow, inspected in optuna-dashboard.
 
-Owns the CLI (`search ...`), YAML search spaces (schema, validation, sampling), study building
-(storage, sampler, pruner, objectives, constraints), MLflow tracking, the worker and its two
-launchers (local supervised processes, Slurm job arrays), the faults a cluster has (fenced
-trial attempts, storage outages, unreadable or unwritable checkpoints) and reports. It drives
-the trainer's engine through its per-epoch results (and a stop rule for signals) and never
-reaches into the training loop.
+It drives the trainer's engine through its per-epoch results (and a stop rule for signals) and
+never reaches into the training loop. One folder per concern; a module imports only from its
+own folder or the layers below it (tests/test_structure.py checks this):
+
+    cli/       the `search` command: flags and one `cmd_*` per subcommand
+    launch/    where workers run: local supervised processes, Slurm job arrays (one interface)
+    worker/    one worker: its share of trials, the loop that keeps P in flight, pack sizing
+    ui/        the progress bar and trial lines, the table and the HTML report
+    study/     storage, a study's life and parent run, a trial attempt, checkpoints, recovery
+    tracking/  MLflow runs, datasets, logged models
+    inputs/    spaces, study files, objectives, constraints, samplers and pruners, settings
+    errors, logs, optuna_seam   one-line failures, stderr messages, Optuna's private internals
 """

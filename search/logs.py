@@ -1,13 +1,24 @@
-"""Quiet library logging: our bars and one-line messages replace Optuna's and MLflow's chatter."""
+"""What a command says on stderr: `say` for our one-line messages, and quiet libraries (our bars
+and lines replace Optuna's and MLflow's chatter)."""
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import optuna
 
 from search.errors import Interrupted, UserError
+
+
+def say(line: str, who: str = "search") -> None:
+    """One line on stderr, `search: ...` (or `search run: ...`), written at once; above a tqdm
+    bar when one is drawn, so the bar is not torn."""
+    from tqdm import tqdm
+
+    tqdm.write(f"{who}: {line}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 class _NoExpectedTracebacks:

@@ -5,12 +5,11 @@ Tolerances: integer shifts and flips are exact (1e-6); rotation with nearest sam
 the neighbouring pixel where a source point lands on a pixel boundary, so at most 1 % of values
 differ; perspective and the colour ops agree within 1e-4 (float rounding only)."""
 
+import augment_reference as A
 import pytest
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
-
-from trainer import augment as A
 
 torch.manual_seed(0)
 IMAGES = torch.rand(6, 3, 32, 32)

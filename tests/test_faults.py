@@ -15,8 +15,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.checkpoints import CheckpointStore
-from search.recovery import retried_numbers
+from search.study.checkpoints import CheckpointStore
+from search.study.recovery import retried_numbers
 from tests.conftest import IN_CI, run_cli
 
 State = optuna.trial.TrialState

@@ -8,7 +8,7 @@ import textwrap
 import optuna
 import pytest
 
-from search.packing import AUTO_CAP, MEMORY_SHARE, auto_pack, trial_bytes
+from search.worker.sizing import AUTO_CAP, MEMORY_SHARE, auto_pack, trial_bytes
 
 GiB = 2**30
 State = optuna.trial.TrialState

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.checkpoints import CheckpointStore
+from search.study.checkpoints import CheckpointStore
 
 State = optuna.trial.TrialState
 SPACE = """

@@ -8,7 +8,7 @@ import json
 import optuna
 from mlflow.tracking import MlflowClient
 
-from search.studyfile import load_study_file
+from search.inputs.studyfile import load_study_file
 
 SPACE = """
 fixed: {optimizer: sgdm, epochs: 2, dataset: digits, augment: none, batch_size: 64, local_workers: 2}

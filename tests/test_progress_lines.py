@@ -5,8 +5,8 @@ from pathlib import Path
 
 import optuna
 
-from search.space import load_space
-from search.workers import finished_line
+from search.inputs.space import load_space
+from search.ui.progress import finished_line
 
 SPACES = sorted(Path(__file__).resolve().parent.parent.joinpath("spaces").glob("*.yaml"))
 

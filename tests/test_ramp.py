@@ -5,7 +5,7 @@ start and end times show the width growing only as results come in."""
 
 import optuna
 
-from search.packing import in_flight_limit
+from search.worker.sizing import in_flight_limit
 
 State = optuna.trial.TrialState
 SPACE = """

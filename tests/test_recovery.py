@@ -12,7 +12,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.checkpoints import CheckpointStore
+from search.study.checkpoints import CheckpointStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = """

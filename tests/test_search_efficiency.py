@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import search_efficiency as se
-from search.studyfile import load_study_file
+from search.inputs.studyfile import load_study_file
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.checkpoints import CheckpointStore
-from search.recovery import chain_root, retried_numbers
+from search.study.checkpoints import CheckpointStore
+from search.study.recovery import chain_root, retried_numbers
 from tests.conftest import run_cli
 
 State = optuna.trial.TrialState

@@ -5,7 +5,7 @@ import optuna
 import pytest
 
 from search.cli import main
-from search.space import SPACES_DIR, load_space, parse_space
+from search.inputs.space import SPACES_DIR, load_space, parse_space
 
 GOOD = """
 fixed: {optimizer: sgdm, epochs: 3, dataset: digits, schedule: cosine}

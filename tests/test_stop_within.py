@@ -11,7 +11,7 @@ import optuna
 import torch
 from mlflow.tracking import MlflowClient
 
-from search.checkpoints import CheckpointStore
+from search.study.checkpoints import CheckpointStore
 from tests.conftest import run_cli
 
 State = optuna.trial.TrialState

@@ -8,7 +8,7 @@ import sys
 import optuna
 import pytest
 
-from search.studyfile import STUDIES_DIR, load_study_file
+from search.inputs.studyfile import STUDIES_DIR, load_study_file
 
 STUDY = """
 name: mini

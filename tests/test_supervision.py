@@ -14,7 +14,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search.checkpoints import CheckpointStore
+from search.study.checkpoints import CheckpointStore
 from tests.conftest import free_port
 
 State = optuna.trial.TrialState

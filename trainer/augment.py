@@ -148,17 +148,6 @@ def _merge_exact(stages: list[torch.Tensor]) -> list[torch.Tensor]:
     return stages
 
 
-def warp(images: torch.Tensor, stages: torch.Tensor | list[torch.Tensor],
-         mode: str = "bilinear") -> torch.Tensor:
-    """Samples each image through its matrices, zeros outside.
-
-    `stages` is one (B, 3, 3) matrix or a list of them in the order the ops apply. One
-    `grid_sample` reads the input through their product; a point that some intermediate stage
-    would have taken from outside its image is zeroed, as the op-by-op pipeline's fill does."""
-    stages = [stages] if isinstance(stages, torch.Tensor) else stages
-    return warp_reads(images, reads_of(stages), mode)
-
-
 def reads_of(stages: list[torch.Tensor]) -> torch.Tensor:
     """(B, S, 3, 3): where each of S stages reads, for an output pixel: the products of the
     last k matrices (projective maps compose as matrices; the last is the whole warp)."""
@@ -205,24 +194,6 @@ def _half_size(h: int, w: int, device) -> torch.Tensor:
 
 # --- colour: torchvision's definitions with one factor per sample ---
 
-def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (f * a + (1 - f) * b).clamp_(0, 1)
-
-
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grey_of(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(x, mean, factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grey_of(x), factor)
-
-
 def grey_of(x: torch.Tensor) -> torch.Tensor:
     """TF.rgb_to_grayscale's luma (0.2989 r + 0.587 g + 0.114 b), (B, 1, H, W), in two passes."""
     weights = _constant("luma", [0.2989, 0.587, 0.114], (1, 3, 1, 1), x.device)
@@ -248,22 +219,19 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return maxc - span * weight
 
 
-def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                  sync_free: bool | None = None) -> torch.Tensor:
-    """`factors` (B, 4): brightness, contrast, saturation, hue shift; `order` (B, 4) a permutation
-    per sample, as ColorJitter draws one. Round r applies op order[:, r] to each sample.
+# The columns of `jitter_plan`'s table. With `sync_free`: blend f, mean and grey weights of the
+# three rounds before hue, the same for the three rounds after it, then the hue shift.
+SYNC_FREE_COLUMNS = {"f_before": slice(0, 3), "mean_before": slice(3, 6), "grey_before": slice(6, 9),
+                     "f_after": slice(9, 12), "mean_after": slice(12, 15),
+                     "grey_after": slice(15, 18), "shift": 18}
+# Without: f, mean and grey weights of each of the four rounds, which round is hue, the shift.
+ROUND_COLUMNS = {"f": 0, "mean": 4, "grey": 8, "hue": 12, "shift": 16}
+WARP_COLUMNS = 9  # per warp stage: its 3x3 read matrix, flattened
 
-    Brightness, contrast and saturation are all clamp(f*x + (1-f)*G) with G = 0, the image's
-    mean grey, or the pixel's grey: one fused blend covers the three, with f = 1 (exactly the
-    identity) for a sample whose op it is not; `jitter_plan` takes every coefficient at once.
-    On the CPU each of the four rounds blends all samples and hue-shifts just the samples whose
-    op it is (a host sync costs nothing there). `sync_free` (default: off the CPU) runs hue ONCE
-    on every sample, between the blends before it and the blends after it (three rounds each,
-    idle where a sample has none): no data-dependent shape, no sync, and a quarter of the hue
-    passes of selecting it in every round. Both give the same numbers (tests/test_augment.py)."""
-    if sync_free is None:
-        sync_free = x.device.type != "cpu"
-    return jitter_by_plan(x, jitter_plan(factors, order, sync_free), sync_free)
+
+def jitter_width(sync_free: bool) -> int:
+    """Columns of `jitter_plan`'s table."""
+    return SYNC_FREE_COLUMNS["shift"] + 1 if sync_free else ROUND_COLUMNS["shift"] + 1
 
 
 def jitter_plan(factors: torch.Tensor, order: torch.Tensor, sync_free: bool) -> torch.Tensor:
@@ -299,14 +267,17 @@ def _blends(x: torch.Tensor, f: torch.Tensor, c: torch.Tensor, s: torch.Tensor) 
 def jitter_by_plan(x: torch.Tensor, plan: torch.Tensor, sync_free: bool) -> torch.Tensor:
     """Colour jitter from `jitter_plan`'s coefficients."""
     if sync_free:
-        x = _blends(x, plan[:, 0:3], plan[:, 3:6], plan[:, 6:9])
-        x = adjust_hue(x, plan[:, 18])
-        return _blends(x, plan[:, 9:12], plan[:, 12:15], plan[:, 15:18])
+        c = SYNC_FREE_COLUMNS
+        x = _blends(x, plan[:, c["f_before"]], plan[:, c["mean_before"]], plan[:, c["grey_before"]])
+        x = adjust_hue(x, plan[:, c["shift"]])
+        return _blends(x, plan[:, c["f_after"]], plan[:, c["mean_after"]], plan[:, c["grey_after"]])
+    c = ROUND_COLUMNS
     for r in range(4):
-        x = _blends(x, plan[:, r:r + 1], plan[:, 4 + r:5 + r], plan[:, 8 + r:9 + r])
-        hue_rows = plan[:, 12 + r].nonzero().squeeze(1)
+        x = _blends(x, plan[:, c["f"] + r:c["f"] + r + 1], plan[:, c["mean"] + r:c["mean"] + r + 1],
+                    plan[:, c["grey"] + r:c["grey"] + r + 1])
+        hue_rows = plan[:, c["hue"] + r].nonzero().squeeze(1)
         if len(hue_rows):
-            x[hue_rows] = adjust_hue(x[hue_rows], plan[hue_rows, 16])
+            x[hue_rows] = adjust_hue(x[hue_rows], plan[hue_rows, c["shift"]])
     return x
 
 
@@ -384,11 +355,16 @@ class Augment:
         at = 0
         if self.preset.geometric:
             stages = self.stages
-            x = warp_reads(x, plan[:, :stages * 9].view(len(x), stages, 3, 3))
-            at = stages * 9
+            x = warp_reads(x, plan[:, :stages * WARP_COLUMNS].view(len(x), stages, 3, 3))
+            at = stages * WARP_COLUMNS
         if self.preset.jitter:
             x = jitter_by_plan(x, plan[:, at:], sync_free)
         return normalize(x)
+
+    def plan_width(self, sync_free: bool) -> int:
+        """Columns of `plan`'s table: the warp's reads, then the jitter's coefficients."""
+        return (self.stages * WARP_COLUMNS if self.preset.geometric else 0) + (
+            jitter_width(sync_free) if self.preset.jitter else 0)
 
     @property
     def stages(self) -> int:
@@ -415,4 +391,4 @@ def prepare_eval(images: torch.Tensor) -> torch.Tensor:
     return normalize(images.float().div_(255))
 
 
-__all__ = ["PRESETS", "Augment", "Preset", "prepare_eval", "warp"]
+__all__ = ["PRESETS", "Augment", "Preset", "prepare_eval"]

@@ -27,6 +27,19 @@ DATA_ROOT_ENV = "SEARCH_DATA_ROOT"
 # in its held-out test set
 TRAIN_IMAGES = {"cifar100": 50_000, "digits": 1_437, "digit-pairs": 25_000, "synthetic": 10_000}
 TEST_IMAGES = {"cifar100": 10_000, "digits": 360, "digit-pairs": 5_000, "synthetic": 2_000}
+CLASSES = {"cifar100": 100, "digits": 10, "digit-pairs": 100, "synthetic": 100}
+# where each dataset comes from, as MLflow's dataset source records it: (kind, where)
+SOURCES = {"cifar100": ("url", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+           "digits": ("code", "sklearn.datasets.load_digits (8x8 upscaled to 32x32)"),
+           "digit-pairs": ("code", "trainer.data.load_digit_pairs (pairs of scikit-learn "
+                           "digits in colour, 100 classes; not CIFAR-100)"),
+           "synthetic": ("code", "trainer.data.make_synthetic (random images)")}
+
+# the layout of a checkpoint (trainer.engine writes it, search.study.checkpoints checks it);
+# raised whenever the layout changes, so an older file is refused instead of misread
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_KEYS = ("format", "epoch", "step", "rounds", "history", "params", "optimizer",
+                   "generator")
 
 
 def train_split_size(dataset: str, val_fraction: float) -> int:
@@ -41,6 +54,13 @@ def optimiser_steps(config: TrainConfig) -> int:
     shard = train_split_size(config.dataset, config.val_fraction) // config.local_workers
     local_batch = max(1, config.batch_size // config.local_workers)
     return config.epochs * math.ceil(shard / local_batch)
+
+
+def never_averages(config: TrainConfig) -> int | None:
+    """The ~optimiser steps a run takes when its local method's workers would never average
+    (H longer than the whole run), else None."""
+    steps = optimiser_steps(config)
+    return steps if config.local_steps > steps else None
 
 
 def default_data_root() -> Path:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from trainer.augment import Augment, prepare_eval
-from trainer.config import TrainConfig, pack_key
+from trainer.config import CHECKPOINT_FORMAT, TrainConfig, pack_key
 from trainer.local import average_workers, plain, shards
 from trainer.model import LeNet5
 from trainer.runtime import Setup, autocast
@@ -38,7 +38,6 @@ from trainer.schedule import lr_at
 from trainer.stacked_optim import HYPER, Layout, StackedOptimizer
 
 EVAL_BATCH = 1024
-CHECKPOINT_FORMAT = 2
 # stop(steps run, steps left in the epoch, seconds so far) -> stop now?
 StopRule = Callable[[int, int, float], bool]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer.augment import prepare_eval
+
 
 class LeNet5(nn.Module):
     def __init__(self, num_classes: int = 100):
@@ -33,7 +35,7 @@ class ImageClassifier(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images.float() / 255 - 0.5) / 0.5)  # as trainer.augment.normalize
+        return self.net(prepare_eval(images))
 
 
 def from_checkpoint(state: dict, num_classes: int) -> ImageClassifier:

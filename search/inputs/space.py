@@ -28,11 +28,11 @@ from typing import Any
 import yaml
 
 from search.errors import UserError
-from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
-from search.objectives import parse_objectives
+from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
+from search.inputs.objectives import parse_objectives
 from trainer.config import ConfigError, TrainConfig, field_types
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 TOP_KEYS = {"name", "description", "fixed", "params", "objectives", "constraints"}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
@@ -194,7 +194,7 @@ def _check_setting(where: str, key: str, value: Any, fixed: dict[str, Any]) -> N
         raise SpaceError(f"{where}: {exc}") from None
 
 
-def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
+def _parse_param(file: Path, name: str, entry: Any, fixed: dict[str, Any],
                  known: dict[str, list[Any] | None]) -> Param:
     where = f"{file}: params.{name}"
     if name not in field_types():
@@ -202,20 +202,20 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
                          f"{', '.join(sorted(field_types()))}")
     if name in fixed:
         raise SpaceError(f"{where}: also set under fixed; a setting is either fixed or searched")
-    if not isinstance(spec, dict):
+    if not isinstance(entry, dict):
         raise SpaceError(f"{where}: expected a mapping with a type (float, int, categorical)")
-    _string_keys(f"{where}.", spec)
-    kind = spec.get("type")
+    _string_keys(f"{where}.", entry)
+    kind = entry.get("type")
     if kind not in PARAM_KEYS:
         raise SpaceError(f"{where}.type: expected float, int or categorical, got {kind!r}")
-    extra = sorted(set(spec) - PARAM_KEYS[kind])
+    extra = sorted(set(entry) - PARAM_KEYS[kind])
     if extra:
         raise SpaceError(f"{where}.{extra[0]}: not a key of a {kind} parameter; expected "
                          f"{', '.join(sorted(PARAM_KEYS[kind]))}")
     p = Param(name, kind)
     number = "an integer" if kind == "int" else "a number"
     if kind == "categorical":
-        choices = spec.get("choices")
+        choices = entry.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{where}.choices: expected a non-empty list")
         p.choices = [_coerce(c) for c in choices]
@@ -227,23 +227,23 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
             raise SpaceError(f"{where}.choices: duplicate values")
     else:
         for bound in ("low", "high"):
-            if bound not in spec:
+            if bound not in entry:
                 raise SpaceError(f"{where}.{bound}: missing; a {kind} parameter needs low and high")
-            value = _coerce(spec[bound])
+            value = _coerce(entry[bound])
             ok = isinstance(value, int) if kind == "int" else _is_number(value)
             if not ok or isinstance(value, bool) or not math.isfinite(value):
                 noun = "integer" if kind == "int" else "number"
-                raise SpaceError(f"{where}.{bound}: expected a finite {noun}, got {spec[bound]!r}")
+                raise SpaceError(f"{where}.{bound}: expected a finite {noun}, got {entry[bound]!r}")
             setattr(p, bound, value)
         if p.low > p.high:
             raise SpaceError(f"{where}: low {p.low} > high {p.high}; expected low <= high")
-        p.log = spec.get("log", False)
+        p.log = entry.get("log", False)
         if not isinstance(p.log, bool):
             raise SpaceError(f"{where}.log: expected true or false, got {p.log!r}")
-        if "step" in spec:
-            p.step = _coerce(spec["step"])
+        if "step" in entry:
+            p.step = _coerce(entry["step"])
             if not _is_number(p.step) or p.step <= 0 or (kind == "int" and not isinstance(p.step, int)):
-                raise SpaceError(f"{where}.step: expected {number} > 0, got {spec['step']!r}")
+                raise SpaceError(f"{where}.step: expected {number} > 0, got {entry['step']!r}")
             if p.log:
                 raise SpaceError(f"{where}: step and log cannot be combined (Optuna's rule)")
         if p.log and p.low <= 0:
@@ -252,7 +252,7 @@ def _parse_param(file: Path, name: str, spec: Any, fixed: dict[str, Any],
             raise SpaceError(f"{where}.type: {name} is an integer setting; use type int")
         for bound in ("low", "high"):
             _check_setting(f"{where}.{bound}", name, getattr(p, bound), fixed)
-    when = spec.get("when", {"": None}) if "when" in spec else {}
+    when = entry.get("when", {"": None}) if "when" in entry else {}
     if not isinstance(when, dict) or "" in when:
         raise SpaceError(f"{where}.when: expected a mapping of an earlier setting to its value(s)")
     for key, allowed in when.items():
@@ -305,8 +305,8 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
     _string_keys(f"{path}: params.", params_doc)
     known: dict[str, list[Any] | None] = {k: [v] for k, v in fixed.items()}
     params = []
-    for name, spec in params_doc.items():
-        p = _parse_param(path, str(name), spec, fixed, known)
+    for name, entry in params_doc.items():
+        p = _parse_param(path, str(name), entry, fixed, known)
         known[p.name] = p.values()
         params.append(p)
     name = doc.get("name") or path.stem
@@ -314,7 +314,7 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
         raise SpaceError(f"{path}: name: expected a string, got {name!r}")
     objectives = (parse_objectives(doc["objectives"], f"{path}: objectives")
                   if "objectives" in doc else list(DEFAULT_OBJECTIVES))
-    from search.constraints import parse_constraints
+    from search.inputs.constraints import parse_constraints
 
     constraints = (parse_constraints(doc["constraints"], f"{path}: constraints")
                    if "constraints" in doc else [])

@@ -9,7 +9,7 @@ compute-bound, packing is neutral (benchmarks/pack.py), so `auto` is 1 there. On
 with memory per trial estimated from the largest batch size the space can draw (parameters,
 gradients and optimiser state of each of its K rows, activations and augmentation of a batch,
 an epoch's augmentation plan). Half the free memory is the margin for the estimate; a pack
-that still runs out of memory is halved by the worker (`search.packed`), never a crash.
+that still runs out of memory is halved by the worker (`search.worker.loop`), never a crash.
 
 `--ramp R` (default 10) bounds the pack while the study knows little: never more trials in
 flight than max(R, trials the study has heard from), less those other workers train, so a
@@ -19,20 +19,31 @@ benchmarks/search_efficiency.py --in-flight; README "Many trials in flight").
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import optuna
 
+from trainer.config import CLASSES, TrainConfig, train_split_size
+
 AUTO_CAP = 64  # wider packs gain little: ~5 launches per trial-step at 64 already
 MEMORY_SHARE = 0.5
-PARAMETERS = 815_332  # LeNet-5 for 100 classes (trainer.model)
 PARAMETER_COPIES = 8  # weights, gradient, its flat copy, two optimiser buffers, temporaries
 ACTIVATION_BYTES = 1_100_000  # per sample: LeNet-5's activations and their gradients, fp32
 AUGMENT_BYTES = 150_000  # per sample: the augmentation's live temporaries (3x32x32 fp32 each)
-PLAN_BYTES = 40_000 * 46 * 4  # an epoch's augmentation plan (CIFAR-100's 40,000 images)
 
 
-DEFAULT_RAMP = 10  # Optuna's TPE and GP sample their first 10 trials at random anyway
+@functools.cache
+def _model_and_plan_bytes() -> tuple[int, int]:
+    """(LeNet-5's parameters for CIFAR-100's classes, an epoch's augmentation plan in bytes: the
+    widest preset's columns over CIFAR-100's training split), from the trainer itself."""
+    from trainer.augment import PRESETS, Augment
+    from trainer.model import LeNet5
+
+    parameters = sum(p.numel() for p in LeNet5(CLASSES["cifar100"]).parameters())
+    columns = max(Augment(name).plan_width(sync_free=True) for name in PRESETS)
+    images = train_split_size("cifar100", TrainConfig.val_fraction)
+    return parameters, images * columns * 4
 
 
 def in_flight_limit(study: optuna.Study, pack: int, ramp: int | None, mine: int) -> int:
@@ -43,8 +54,7 @@ def in_flight_limit(study: optuna.Study, pack: int, ramp: int | None, mine: int)
     if ramp is None or ramp >= pack:
         return pack
     state = optuna.trial.TrialState
-    trials = study._storage.get_all_trials(study._study_id, deepcopy=False,
-                                           states=(state.COMPLETE, state.PRUNED, state.RUNNING))
+    trials = study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING))
     running = sum(t.state == state.RUNNING for t in trials)
     allowed = max(ramp, len(trials) - running) - (running - mine)
     return min(pack, max(1, allowed))
@@ -58,9 +68,10 @@ class AutoPack:
 
 def trial_bytes(batch_size: int, local_workers: int = 1) -> int:
     """Estimated device memory one trial holds while it trains (fp32 throughout)."""
-    per_row = PARAMETERS * 4 * PARAMETER_COPIES
+    parameters, plan = _model_and_plan_bytes()
+    per_row = parameters * 4 * PARAMETER_COPIES
     per_batch = batch_size * (ACTIVATION_BYTES + AUGMENT_BYTES)  # K rows share the batch
-    return local_workers * per_row + per_batch + PLAN_BYTES
+    return local_workers * per_row + per_batch + plan
 
 
 def auto_pack(device: str, batch_size: int, local_workers: int, trials_left: int | None,

@@ -1,4 +1,4 @@
-"""Reading a finished (or running) study back: `search table`, `search report`, `search retrain`.
+"""Reading a study back: `search table` (the notes' format, Markdown) and `search report` (HTML).
 
 The table follows the notes' format, measured beside reported values, with each trial's state
 ("pruned at epoch 12", "failed: diverged at epoch 3"); a study with a `table: {rows, columns}`
@@ -16,8 +16,9 @@ from typing import Any
 
 import optuna
 
-from search.constraints import feasible
-from search.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
+from search.inputs.constraints import feasible
+from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
+from search.tracking.client import RUN_ATTR
 
 State = optuna.trial.TrialState
 COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "learning_rate",
@@ -83,17 +84,13 @@ def table(study: optuna.Study) -> tuple[list[str], list[list[str]], list[optuna.
             _results(t, names), _pct(t.user_attrs.get("reported")),
             describe_state(t) + (" · Pareto" if t.number in front else "")
             + ("" if feasible(t) else " · infeasible"),
-            *[_short(t.params.get(k, "")) for k in extra],
+            *[_cell(t.params.get(k, "")) for k in extra],
         ])
     return header, rows, labelled + others
 
 
-def _short(v: Any) -> str:
+def _cell(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def table_rows(study: optuna.Study) -> list[list[str]]:
-    return table(study)[1]
 
 
 def markdown(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
@@ -219,11 +216,9 @@ def run_links(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> li
     uri = str(info.get("uri", ""))
     if not uri.startswith(("http://", "https://")):
         return [None] * len(trials)
-    return [f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{t.user_attrs[RUN]}"
-            "?workflowType=machine_learning" if RUN in t.user_attrs else None for t in trials]
+    return [f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{t.user_attrs[RUN_ATTR]}"
+            "?workflowType=machine_learning" if RUN_ATTR in t.user_attrs else None for t in trials]
 
-
-RUN = "mlflow_run_id"
 
 
 def settings_html(study: optuna.Study) -> str:

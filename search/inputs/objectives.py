@@ -43,6 +43,20 @@ def parse_objectives(value: Any, where: str) -> list[str]:
     return sorted(out, key=lambda n: n != "val_acc")
 
 
+def pruner_for(pruner: str, objectives: list[str], announce: bool = False) -> str:
+    """The pruner a study runs: Optuna prunes single-objective studies only, so several
+    objectives run unpruned (`announce`: say so, when the user asked for a pruner)."""
+    if len(objectives) == 1 or pruner == "none":
+        return pruner
+    if announce:
+        from search.logs import say
+
+        say(f"Optuna prunes single-objective studies only; this {len(objectives)}-objective "
+            f"study ({', '.join(objectives)}) runs unpruned (pruner {pruner} not used)",
+            "search run")
+    return "none"
+
+
 def directions(names: list[str]) -> list[str]:
     return [DIRECTIONS[n] for n in names]
 

@@ -20,15 +20,33 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from search import optuna_seam
 from search.errors import StorageUnavailable, UserError
 
 DEFAULT_STORAGE = "search-journal.log"
 STORAGE_ENV = "SEARCH_STORAGE"
 
 
+def is_file(url: str) -> bool:
+    """A journal file path, not a URL: one machine's processes share it through file locks."""
+    return "://" not in url
+
+
+def has_heartbeat(url: str) -> bool:
+    """A database URL: Optuna's heartbeat finds dead workers' trials. The journal file and the
+    gRPC proxy have none (a worker reaps dead local processes' trials instead)."""
+    return not is_file(url) and not url.startswith("grpc://")
+
+
+def shared_across_machines(url: str) -> bool:
+    """A server many nodes reach safely (PostgreSQL, MySQL, the gRPC proxy); a file -- a
+    journal or SQLite -- would be shared through file locks, which corrupt it over NFS."""
+    return not is_file(url) and not url.startswith("sqlite")
+
+
 def redact(url: str) -> str:
     """The URL with any password masked, for messages and logs."""
-    if "://" not in url:
+    if is_file(url):
         return url
     try:
         from sqlalchemy.engine import make_url
@@ -42,12 +60,12 @@ def storage_url(url: str | None) -> str:
     return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
-_TRANSIENT = ("server closed the connection", "connection refused", "could not connect",
+_CONNECTION_LOST = ("server closed the connection", "connection refused", "could not connect",
               "terminating connection", "connection already closed", "the database system is",
               "ssl connection has been closed", "connection reset", "no connection to the server")
 
 
-def _transient(exc: BaseException | None) -> bool:
+def _connection_lost(exc: BaseException | None) -> bool:
     """A lost or refused database connection (a restart, a network blip), worth retrying;
     Optuna wraps such errors (StorageInternalError), so the cause chain is searched."""
     from sqlalchemy import exc as sa_exc
@@ -58,7 +76,7 @@ def _transient(exc: BaseException | None) -> bool:
             return True
         text = str(exc).lower()
         if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) and any(
-                t in text for t in _TRANSIENT):
+                t in text for t in _CONNECTION_LOST):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
@@ -129,8 +147,8 @@ def no_waiting(storage: optuna.storages.BaseStorage):
     """Storage calls in this block fail at once with StorageBusy during an outage (instead of
     retrying for up to the patience): a trial trains on and sends what it owes later. Past
     the patience they raise StorageUnavailable as always. A no-op for other storages."""
-    backend = getattr(storage, "_backend", storage)
-    if not isinstance(backend, ResilientRDBStorage):
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    if not getattr(backend, "rides_out_outages", False):
         yield
         return
     _LOCAL.no_waiting = True
@@ -145,9 +163,11 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     with backoff for up to `patience` seconds of silence, then raise StorageUnavailable (one
     line, no traceback). Heartbeats never raise (a missed beat is retried at the next one), and
     no trial is found stale until its workers have had a grace period to beat again after an
-    outage: a paused database must not look like dead workers."""
+    outage: a paused database must not look like dead workers. Made by `resilient_storage`,
+    which wraps every storage call in the retry."""
 
     patience = 600.0
+    rides_out_outages = True  # for `no_waiting`
 
     def __init__(self, url: str, *args, patience: float | None = None, **kwargs) -> None:
         self.url, self.outage = url, _OUTAGES.setdefault(url, Outage())
@@ -159,13 +179,13 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         try:
             super().record_heartbeat(trial_id)
         except Exception as exc:  # runs in Optuna's heartbeat thread: never a traceback there
-            if _transient(exc):
+            if _connection_lost(exc):
                 self.outage.failed(self.url, exc, self.patience)
             return
         self.outage.answered(self.url)
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = _with_retry(optuna.storages.RDBStorage._get_stale_trial_ids)(self, study_id)
+    def stale_trial_ids(self, stale: list[int]) -> list[int]:
+        """The stale trials RDBStorage found, or none right after an outage."""
         back = self.outage.back_at
         settle = 2 * (self.grace_period or 0) + 10  # every worker's next beat, and some
         if back is not None and time.monotonic() - back < settle:
@@ -181,7 +201,7 @@ def _with_retry(method):
             try:
                 result = method(self, *args, **kwargs)
             except Exception as exc:
-                if not _transient(exc):
+                if not _connection_lost(exc):
                     raise
                 silent = self.outage.failed(self.url, exc, self.patience)
                 if getattr(_LOCAL, "no_waiting", False) and silent < self.patience:
@@ -200,12 +220,23 @@ def _with_retry(method):
     return call
 
 
-# the public API, and the private calls Optuna's own _CachedStorage makes on its backend
-_CACHED_STORAGE_CALLS = ("_create_new_trial", "_get_best_trial_id", "_get_trials", "_set_trial_param")
-for _name, _member in vars(optuna.storages.RDBStorage).items():
-    if (inspect.isfunction(_member) and (not _name.startswith("_") or _name in _CACHED_STORAGE_CALLS)
-            and _name not in vars(ResilientRDBStorage)):
-        setattr(ResilientRDBStorage, _name, _with_retry(_member))
+@functools.cache
+def resilient_storage() -> type[ResilientRDBStorage]:
+    """ResilientRDBStorage, its RDBStorage calls wrapped in the retry on first use (importing
+    this module changes nothing): the public API, the private calls Optuna's own cache makes on
+    its backend, and the stale-trial query, filtered by `stale_trial_ids` (`optuna_seam`)."""
+    cls, base = ResilientRDBStorage, optuna.storages.RDBStorage
+    for name, member in vars(base).items():
+        if (inspect.isfunction(member) and name not in vars(cls)
+                and (not name.startswith("_") or name in optuna_seam.CACHED_STORAGE_CALLS)):
+            setattr(cls, name, _with_retry(member))
+    stale_query = _with_retry(getattr(base, optuna_seam.STALE_TRIALS_QUERY))
+
+    def stale(self, study_id: int) -> list[int]:
+        return self.stale_trial_ids(stale_query(self, study_id))
+
+    setattr(cls, optuna_seam.STALE_TRIALS_QUERY, stale)
+    return cls
 
 
 def open_storage(url: str | None = None, heartbeat: int | None = None,
@@ -213,7 +244,7 @@ def open_storage(url: str | None = None, heartbeat: int | None = None,
                  patience: float | None = None) -> optuna.storages.BaseStorage:
     """Journal file for a plain path, RDBStorage (heartbeats, retries) for a SQLAlchemy URL."""
     url = storage_url(url)
-    if "://" not in url:
+    if is_file(url):
         return JournalStorage(JournalFileBackend(url))
     if url.startswith("grpc://"):
         # Optuna's gRPC storage proxy (`search storage-proxy`) in front of one database, for
@@ -228,7 +259,7 @@ def open_storage(url: str | None = None, heartbeat: int | None = None,
                       heartbeat_stale_trial_callback=stale_callback)
     for attempt in range(6):
         try:
-            return ResilientRDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+            return resilient_storage()(url, engine_kwargs={"pool_pre_ping": True},
                                        patience=patience, **kwargs)
         except Exception as exc:
             reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]

@@ -7,7 +7,7 @@ import warnings
 import optuna
 
 from search.errors import UserError
-from search.space import Space
+from search.inputs.space import Space
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2")
 PRUNERS = ("median", "hyperband", "sha", "none")

@@ -15,33 +15,23 @@ ends). Optuna's storage stays the record of every trial either way.
 from __future__ import annotations
 
 import collections
-import functools
-import getpass
-import hashlib
-import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
-    MLFLOW_GIT_COMMIT,
     MLFLOW_PARENT_RUN_ID,
     MLFLOW_RUN_NAME,
-    MLFLOW_SOURCE_NAME,
-    MLFLOW_SOURCE_TYPE,
-    MLFLOW_USER,
 )
 
 from search.errors import UserError
-from search.storage import wait_for_attr
+from search.tracking.datasets import dataset_input, system_tags
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                  "seconds", "comm_rounds")
@@ -51,17 +41,19 @@ RUN_ATTR = "mlflow_run_id"
 
 # MLflow's own HTTP retries default to 7 with exponential backoff and a 120 s timeout (minutes
 # per call against a dead server); ours are shorter, and our callers decide what to wait for.
-for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
-                     ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
-                     # MLflow prints two "View run" lines per run end: our log says enough
-                     ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
-    os.environ.setdefault(_key, _value)
+# MLflow reads these at each request; they are set (unless the user set them) when a client is
+# made, not when this module is imported.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                 # MLflow prints two "View run" lines per run end: our log says enough
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def open_client(uri: str | None) -> MlflowClient:
     """MLflow's client, or one line naming the URI when MLflow refuses it as the client is made
     (MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     try:
         return MlflowClient(tracking_uri=uri)
     except MlflowException as exc:
@@ -95,70 +87,10 @@ def check_tracking_uri(uri: str | None, seconds: float = 10.0) -> None:
         time.sleep(1.0)
 
 
-def _transient(exc: BaseException) -> bool:
+def _server_busy(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(t in text for t in ("locked", "connection", "timed out", "temporarily", "503",
                                    "502", "max retries", "read timeout"))
-
-
-DATA_SOURCES = {"cifar100": ("url", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-                "digits": ("code", "sklearn.datasets.load_digits (8x8 upscaled to 32x32)"),
-                "digit-pairs": ("code", "trainer.data.load_digit_pairs (pairs of scikit-learn "
-                                "digits in colour, 100 classes; not CIFAR-100)"),
-                "synthetic": ("code", "trainer.data.make_synthetic (random images)")}
-
-
-def dataset_input(config: dict[str, Any], retrain: bool = False) -> DatasetInput:
-    """The run's training data as MLflow's Datasets column shows it: name, digest, source and
-    the split sizes (the digest names the split: dataset, sizes, split seed). A retrain trains
-    on train+val (`DIGITS train+val`) and tests on the test split."""
-    from trainer.config import TEST_IMAGES, TRAIN_IMAGES, train_split_size
-
-    name = config["dataset"]
-    train = train_split_size(name, config["val_fraction"])
-    profile = {"train": train, "val": TRAIN_IMAGES[name] - train, "test": TEST_IMAGES[name],
-               "split_seed": config["split_seed"], "classes": 100 if name != "digits" else 10}
-    if retrain:
-        profile = {"train+val": TRAIN_IMAGES[name], "test": TEST_IMAGES[name],
-                   "classes": profile["classes"]}
-    digest = hashlib.sha256(json.dumps([name, profile], sort_keys=True).encode()).hexdigest()[:8]
-    kind, where = DATA_SOURCES[name]
-    source = json.dumps({"url": where} if kind == "url" else {"code": where})
-    schema = json.dumps({"mlflow_tensorspec": {"features": json.dumps(
-        [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, 3, 32, 32]}}]),
-        "targets": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "int64",
-                                                                 "shape": [-1]}}])}})
-    shown = f"{name} train+val" if retrain else name
-    return DatasetInput(Dataset(shown, digest, kind, source, schema, json.dumps(profile)),
-                        tags=[InputTag("mlflow.data.context", "training")])
-
-
-def system_tags(command: str | None) -> dict[str, str]:
-    """MLflow's own source/user/commit tags, so the UI's Source, User and commit columns fill."""
-    # the UI shows a source name after its last "/": a short name, the full line as a tag
-    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_SOURCE_NAME: "search run"}
-    if command:
-        tags["command"] = command[:5000]
-    if git_commit():
-        tags[MLFLOW_GIT_COMMIT] = git_commit()
-    return tags
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry (containers)
-        return str(os.getuid())
-
-
-@functools.cache
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 class _RetryingClient:
@@ -179,7 +111,7 @@ class _RetryingClient:
                 try:
                     return method(*args, **kwargs)
                 except Exception as exc:
-                    if not _transient(exc) or waited >= self._seconds:
+                    if not _server_busy(exc) or waited >= self._seconds:
                         raise
                     time.sleep(delay)
                     waited += delay
@@ -229,27 +161,24 @@ class Tracker:
         return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}{page}"
                 "?workflowType=machine_learning")
 
-    def parent_run(self, study, space_text: str, space_hash: str, created: bool,
+    def parent_run(self, run_id: str | None, study_name: str, space_text: str, space_hash: str,
                    settings: dict[str, Any] | None = None, description: str = "",
                    data: dict[str, Any] | None = None) -> str:
-        """The study's parent run, marked RUNNING. The process that created the study creates
-        it (settings as params, a description) and stores its id on the study; the others wait
-        for that id."""
-        run_id = study.user_attrs.get(PARENT_ATTR) if created else wait_for_attr(study, PARENT_ATTR)
-        if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={
-                "study": study.study_name, "space_hash": space_hash, "kind": "study",
-                "mlflow.note.content": description, **system_tags(self.command)})
-            run_id = run.info.run_id
-            if settings:
-                self.client.log_batch(run_id, params=[Param(k, str(v)[:6000])
-                                                      for k, v in settings.items()])
-            if data is not None:
-                self.client.log_inputs(run_id, datasets=[dataset_input(data)])
-            self.client.log_text(run_id, space_text, "space.yaml")
-            study.set_user_attr(PARENT_ATTR, run_id)
-        else:
+        """The study's parent run, marked RUNNING: `run_id` reopened, or (None) created with
+        the settings as params, a description, the dataset and the space; returns its id."""
+        if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=study_name, tags={
+            "study": study_name, "space_hash": space_hash, "kind": "study",
+            "mlflow.note.content": description, **system_tags(self.command)})
+        run_id = run.info.run_id
+        if settings:
+            self.client.log_batch(run_id, params=[Param(k, str(v)[:6000])
+                                                  for k, v in settings.items()])
+        if data is not None:
+            self.client.log_inputs(run_id, datasets=[dataset_input(data)])
+        self.client.log_text(run_id, space_text, "space.yaml")
         return run_id
 
     def finish_parent(self, run_id: str, summary: dict[str, Any],
@@ -317,7 +246,7 @@ class Tracker:
             try:
                 getattr(self.quick, method)(*args, **kwargs)
             except Exception as exc:
-                if not _transient(exc):  # refused for good (a deleted run): not worth holding
+                if not _server_busy(exc):  # refused for good (a deleted run): not worth holding
                     print(f"search: MLflow {method} dropped: {str(exc).splitlines()[0]}",
                           file=sys.stderr)
                 elif not self.outage:

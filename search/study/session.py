@@ -1,152 +1,31 @@
-"""Study building: create-or-resume on a storage, and the trial side of the objective.
-
-The space's text and hash live on the study as user attributes; resuming with a different
-space is refused.
+"""One trial attempt: `TrialRunner.begin(trial)` samples an asked trial, finds its checkpoint and
+opens (or reopens) its MLflow run; the `TrialSession` it returns reports each epoch (report ->
+should_prune -> TrialPruned), checkpoints, and ends the trial's run. Fenced: a session whose
+attempt was taken over while its worker was unresponsive writes nothing more.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 
-from search.algorithms import make_pruner, make_sampler
-from search.checkpoints import CheckpointStore
-from search.constraints import violations
-from search.errors import AttemptLost, UserError
-from search.objectives import DEFAULT as DEFAULT_OBJECTIVES
-from search.objectives import directions, objective_values, study_objectives
-from search.packing import DEFAULT_RAMP
-from search.recovery import RetryDeadTrial, chain_root, mark_worker
-from search.space import Space, parse_space
-from search.storage import StorageBusy, no_waiting, open_storage, redact, wait_for_attr
-from search.tracking import RUN_ATTR, Tracker
+from search import optuna_seam
+from search.errors import AttemptLost
+from search.inputs.constraints import violations
+from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
+from search.inputs.objectives import objective_values
+from search.inputs.space import Space
+from search.logs import say
+from search.study.checkpoints import CheckpointStore
+from search.study.recovery import chain_root, mark_worker
+from search.study.storage import StorageBusy, no_waiting
+from search.tracking.client import RUN_ATTR, Tracker
 from trainer import TrainConfig
-from trainer.config import ConfigError, optimiser_steps
-
-
-@dataclass
-class RunSpec:
-    """Everything a worker process needs to join a study; plain data, so it pickles."""
-
-    space_text: str
-    space_path: str  # where the space came from, for messages
-    study_name: str
-    storage: str
-    sampler: str = "tpe"
-    pruner: str = "median"
-    pruner_startup_trials: int = 5
-    pruner_warmup_epochs: int = 0
-    n_trials: int | None = None
-    timeout: float | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    mlflow_uri: str | None = None
-    seed: int | None = None
-    heartbeat: int = 10  # seconds, on RDB storages; a trial silent for 3x this is stale
-    storage_patience: float = 600.0  # seconds a database may be silent before the command stops
-    stop_within: float = 20.0  # seconds a signalled worker may take to stop (mid-epoch)
-    max_retry: int = 3
-    checkpoint_dir: str | None = None
-    keep_checkpoints: bool = False
-    pack: int | str = "auto"  # trials each worker trains together as one model (search.packing)
-    ramp: int | None = DEFAULT_RAMP  # in flight <= max(ramp, trials heard from) (search.packed)
-    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
-    constraints: list[str] = field(default_factory=list)  # e.g. val_acc>=0.5 (search.constraints)
-    fixed_trials: list[dict[str, Any]] = field(default_factory=list)
-    table: dict[str, str] | None = None
-    command: str | None = None  # the command line, as MLflow's run source
-
-    def settings(self, workers: int) -> dict[str, Any]:
-        """The study's settings as the parent run's params and the study's attributes."""
-        out: dict[str, Any] = {"sampler": self.sampler, "pruner": self.pruner,
-                               "objectives": ",".join(self.objectives),
-                               "constraints": ",".join(self.constraints) or None,
-                               "n_trials": self.n_trials,
-                               "timeout": self.timeout, "workers": workers, "pack": self.pack,
-                               "ramp": "off" if self.ramp is None else self.ramp,
-                               "seed": self.seed, "storage": redact(self.storage),
-                               "space": self.space_path}
-        if self.pruner == "median":
-            out.update(pruner_startup_trials=self.pruner_startup_trials,
-                       pruner_warmup_epochs=self.pruner_warmup_epochs)
-        out.update({f"override.{k}": v for k, v in self.overrides.items()})
-        return {k: v for k, v in out.items() if v is not None}
-
-    def load_space(self) -> Space:
-        return parse_space(self.space_text, self.space_path)
-
-
-def enqueue_fixed_trials(study: optuna.Study, fixed: list[dict[str, Any]], created: bool) -> int:
-    """Enqueues the labelled trials no trial carries yet; returns how many were enqueued.
-
-    The creating process enqueues them all, then marks the study; others wait for that mark so
-    two commands starting together cannot both enqueue."""
-    if not fixed:
-        return 0
-    if not created:
-        wait_for_attr(study, "fixed_enqueued")
-    have = {t.user_attrs.get("label") for t in study.get_trials(deepcopy=False)}
-    count = 0
-    for row in fixed:
-        if row["label"] not in have:
-            study.enqueue_trial(row["params"], user_attrs={
-                "label": row["label"], "reported": row.get("reported")})
-            count += 1
-    if created:
-        study.set_user_attr("fixed_enqueued", True)
-    return count
-
-
-def check_space(study: optuna.Study, space: Space, created: bool) -> None:
-    """Stores the space on a new study; refuses a study built from a different space."""
-    attrs = study.user_attrs if created else {"space_hash": wait_for_attr(study, "space_hash"),
-                                              **study.user_attrs}
-    if attrs.get("space_hash") is None:
-        # the space's text is the parent MLflow run's space.yaml; the study keeps short attrs
-        study.set_user_attr("space_hash", space.hash)
-        study.set_user_attr("space_path", str(space.path))
-    elif attrs["space_hash"] != space.hash:
-        raise UserError(
-            f"study {study.study_name!r} was created from a different space "
-            f"(hash {attrs['space_hash']}, {attrs.get('space_path', '?')}); {space.path} has hash "
-            f"{space.hash}. Use --study NEW_NAME to start a new study"
-        )
-
-
-def open_study(spec: RunSpec, space: Space, worker: int = 0) -> tuple[optuna.Study, bool]:
-    """Creates the study, or loads it when it exists; returns (study, created_here). Exactly
-    one process creates it, so one-time set-up (space attributes, MLflow parent) happens once."""
-    storage = open_storage(spec.storage, spec.heartbeat,
-                           RetryDeadTrial(spec.max_retry, spec.mlflow_uri), spec.storage_patience)
-    epochs = int(spec.overrides.get("epochs", space.fixed.get("epochs", TrainConfig.epochs)))
-    seed = None if spec.seed is None else spec.seed + worker
-    sampler = make_sampler(spec.sampler, space, seed)
-    pruner = make_pruner(spec.pruner if len(spec.objectives) == 1 else "none", epochs,
-                         spec.pruner_startup_trials, spec.pruner_warmup_epochs)
-    try:
-        study = optuna.create_study(storage=storage, study_name=spec.study_name,
-                                    directions=directions(spec.objectives), sampler=sampler,
-                                    pruner=pruner)
-        study.set_metric_names(spec.objectives)  # the dashboard's axis names
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
-                                  pruner=pruner)
-        created = False
-        deadline = time.monotonic() + 60  # its creator names the objectives right after
-        while len(study.directions) > 1 and not study.metric_names and time.monotonic() < deadline:
-            time.sleep(0.2)
-    have = study_objectives(study) if study.metric_names or len(study.directions) == 1 else None
-    if have != spec.objectives:
-        raise UserError(f"study {spec.study_name!r} optimises {', '.join(have or ['?'])}, not "
-                        f"{', '.join(spec.objectives)}; use --study NEW_NAME for a new study")
-    check_space(study, space, created)
-    return study, created
+from trainer.config import ConfigError, never_averages
 
 
 def compact_config(config: TrainConfig) -> dict[str, Any]:
@@ -182,11 +61,10 @@ class TrialRunner:
         except ConfigError as exc:
             trial.set_user_attr("fail_reason", f"invalid configuration: {exc}")
             raise
-        if config.local_steps > optimiser_steps(config):  # H longer than the whole run
-            print(f"search: trial {trial.number} averages every {config.local_steps} local steps "
-                  f"but runs only about {optimiser_steps(config)}: its workers never average "
-                  "(0 communication rounds)", file=sys.stderr, flush=True)
-        root = chain_root(trial.study._storage.get_trial(trial._trial_id))
+        if (steps := never_averages(config)) is not None:  # H longer than the whole run
+            say(f"trial {trial.number} averages every {config.local_steps} local steps but runs "
+                f"only about {steps}: its workers never average (0 communication rounds)")
+        root = chain_root(optuna_seam.get_trial(trial.study, trial))
         resume = self.checkpoints.load(root) if self.checkpoints else None
         discarded = self.checkpoints.discarded.pop(root, None) if self.checkpoints else None
         run_id = (resume or {}).get("mlflow_run_id") or trial.user_attrs.get(RUN_ATTR)
@@ -209,8 +87,7 @@ class TrialRunner:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
         if discarded is not None:  # said once by the store; the run and the trial say it too
             start = f"epoch {int(resume['epoch'])}" if resume else "epoch 0"
-            print(f"search: trial {trial.number} (retry of trial {root}) starts again from "
-                  f"{start}", file=sys.stderr, flush=True)
+            say(f"trial {trial.number} (retry of trial {root}) starts again from {start}")
             trial.set_user_attr("checkpoint_discarded", discarded)
             self.tracker.tag(run_id, "checkpoint_discarded", f"{discarded}; restarted from {start}")
         if root == trial.number:
@@ -254,7 +131,7 @@ class TrialSession:
 
     def owned(self) -> bool:
         """True while this attempt is still the trial's RUNNING attempt in the storage."""
-        state = self.trial.study._storage.get_trial(self.trial._trial_id).state
+        state = optuna_seam.get_trial(self.trial.study, self.trial).state
         if state == optuna.trial.TrialState.RUNNING:
             self.contact = time.monotonic()
             return True
@@ -277,7 +154,7 @@ class TrialSession:
         waits for the storage: the trial cannot end without it."""
         self.owed.append(metrics)
         try:
-            with no_waiting(self.trial.study._storage) if not last else contextlib.nullcontext():
+            with no_waiting(optuna_seam.storage_of(self.trial.study)) if not last else contextlib.nullcontext():
                 self._send_owed()
                 # the last epoch never prunes: a trial that ran its whole budget has a value
                 prune = (not last and len(self.runner.objectives) == 1

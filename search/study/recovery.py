@@ -26,8 +26,9 @@ from typing import Any
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+from search import optuna_seam
 from search.errors import Interrupted
-from search.tracking import RUN_ATTR
+from search.tracking.client import RUN_ATTR
 
 __all__ = ["STOP", "Interrupted", "RetryDeadTrial", "chain_root", "mark_worker",
            "reap_dead_local_trials", "reap_worker", "requeue_interrupted", "retried_numbers"]
@@ -41,7 +42,7 @@ class StopFlag:
     KeyboardInterrupt at once. `signum` is the first signal, for the exit status."""
 
     def __init__(self) -> None:
-        self.raised = False
+        self.requested = False  # a stop was asked for: finish the epoch (or step), then stop
         self.signum: int | None = None
 
     def install(self, signals=(signal.SIGINT, signal.SIGTERM)) -> StopFlag:
@@ -50,12 +51,12 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.raised:
+        if self.requested:
             raise KeyboardInterrupt
-        self.raise_(signum)
+        self.request(signum)
 
-    def raise_(self, signum: int) -> None:
-        self.raised = True
+    def request(self, signum: int) -> None:
+        self.requested = True
         self.signum = self.signum or signum
 
     @property
@@ -67,11 +68,11 @@ class StopFlag:
         gone (re-parented: even a SIGKILLed parent leaves no orphan training on)."""
 
         def watch() -> None:
-            while not self.raised:
+            while not self.requested:
                 if parent_stop.wait(interval):
-                    self.raise_(signal.SIGTERM)
+                    self.request(signal.SIGTERM)
                 elif os.getppid() != parent_pid:
-                    self.raise_(signal.SIGTERM)
+                    self.request(signal.SIGTERM)
 
         thread = threading.Thread(target=watch, daemon=True, name="parent-watch")
         thread.start()
@@ -111,7 +112,7 @@ class RetryDeadTrial:
         run_id = trial.user_attrs.get(RUN_ATTR)
         if run_id:
             try:
-                from search.tracking import Tracker
+                from search.tracking.client import Tracker
 
                 tracker = Tracker(self.mlflow_uri, study.study_name)
                 if tracker.client.get_run(run_id).info.status == "RUNNING":
@@ -137,12 +138,9 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial,
                     handler: RetryDeadTrial, *why: str) -> bool:
     """Fails a RUNNING trial whose process is gone and re-queues it; False when someone else
     (a heartbeat, another worker) failed it first: the storage locks the row, one side wins."""
-    try:
-        won = study._storage.set_trial_state_values(trial._trial_id, state=State.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
+    won = optuna_seam.fail_if_running(study, trial)
     if won:
-        handler(study, study._storage.get_trial(trial._trial_id), *why)
+        handler(study, optuna_seam.get_trial(study, trial), *why)
     return won
 
 

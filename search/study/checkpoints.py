@@ -19,21 +19,19 @@ from __future__ import annotations
 import io
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from search.logs import say
+from trainer.config import CHECKPOINT_FORMAT, CHECKPOINT_KEYS
+
 DEFAULT_DIR = "checkpoints"
-CHECKPOINT_FORMAT = 2  # trainer.engine.CHECKPOINT_FORMAT (not imported: keeps torch lazy here)
-REQUIRED = ("format", "epoch", "step", "rounds", "history", "params", "optimizer", "generator")
-
-
-def _say(line: str) -> None:
-    print(f"search: {line}", file=sys.stderr, flush=True)
 
 
 class CheckpointStore:
+    """A study's checkpoint folder: one file per trial attempt, keyed by its retry chain."""
+
     def __init__(self, root: str | Path | None, study_name: str, keep: bool = False):
         self.dir = Path(root or DEFAULT_DIR) / study_name
         self.keep = keep
@@ -76,12 +74,12 @@ class CheckpointStore:
                 Path(tmp).unlink(missing_ok=True)
             error = f"{exc.strerror or exc}, errno {exc.errno}"
             if self.write_error != error:
-                _say(f"cannot write checkpoint {target.absolute()} ({error}); trial {chain_root} trains on "
+                say(f"cannot write checkpoint {target.absolute()} ({error}); trial {chain_root} trains on "
                      "without crash safety until a write succeeds")
             self.write_error = error
             return False
         if self.write_error is not None:
-            _say(f"checkpoints are written again ({target})")
+            say(f"checkpoints are written again ({target})")
             self.write_error = None
         return True
 
@@ -98,7 +96,7 @@ class CheckpointStore:
                 where = f"moved aside to {aside.name}"
             except OSError as exc:
                 where = f"could not be moved aside ({exc.strerror})"
-            _say(f"checkpoint {path.absolute()} cannot be used ({problem}); {where}")
+            say(f"checkpoint {path.absolute()} cannot be used ({problem}); {where}")
             self.discarded[chain_root] = f"{path.name}: {problem}"
         return None
 
@@ -126,7 +124,7 @@ def _read(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, text[:200]
     if not isinstance(state, dict):
         return None, f"holds a {type(state).__name__}, not a checkpoint"
-    missing = [k for k in REQUIRED if k not in state]
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         return None, f"incomplete: no {', '.join(missing)}"
     if state["format"] != CHECKPOINT_FORMAT:  # an older trainer's layout cannot be continued

@@ -24,11 +24,12 @@ from typing import Any
 
 import yaml
 
-from search.objectives import parse_objectives
-from search.space import Space, SpaceError, find_file, load_space, parse_space
+from search.inputs.objectives import parse_objectives
+from search.inputs.space import Space, SpaceError, find_file, load_space, parse_space
+from search.inputs.values import pack_value, ramp_value
 from trainer.config import field_types
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
         "pruner_warmup_epochs", "n_trials", "timeout", "pack", "ramp", "overrides", "fixed_trials", "table",
         "objectives", "slurm", "constraints"}
@@ -72,12 +73,12 @@ def load_study_file(arg: str) -> StudyFile:
     extra = sorted(set(doc) - KEYS)
     if extra:
         raise SpaceError(f"{path}: {extra[0]}: unknown key; expected one of {', '.join(sorted(KEYS))}")
-    spec = doc.get("space")
-    if isinstance(spec, dict):
-        space = parse_space(yaml.safe_dump(spec, sort_keys=False), path)
-    elif isinstance(spec, str):
-        space = load_space(spec if Path(spec).is_file() or "/" not in spec
-                           else path.parent / spec)
+    source = doc.get("space")
+    if isinstance(source, dict):
+        space = parse_space(yaml.safe_dump(source, sort_keys=False), path)
+    elif isinstance(source, str):
+        space = load_space(source if Path(source).is_file() or "/" not in source
+                           else path.parent / source)
     else:
         raise SpaceError(f"{path}: space: expected a space name or an inline mapping")
     name = doc.get("name") or path.stem
@@ -107,24 +108,23 @@ def load_study_file(arg: str) -> StudyFile:
     options = {k: doc[k] for k in ("sampler", "pruner", "pruner_startup_trials",
                                    "pruner_warmup_epochs", "n_trials", "timeout", "pack",
                                    "ramp") if k in doc}
-    if "slurm" in doc:  # checked key by key with the --slurm flags (commands.slurm_options)
+    if "slurm" in doc:  # checked key by key with the --slurm flags (launch.slurm.slurm_options)
         if not isinstance(doc["slurm"], dict):
             raise SpaceError(f"{path}: slurm: expected a mapping (partition, time, "
                              "gpus_per_worker, ...)")
         options["slurm"] = doc["slurm"]
     if "constraints" in doc:
-        from search.constraints import parse_constraints
+        from search.inputs.constraints import parse_constraints
 
         options["constraints"] = parse_constraints(doc["constraints"], f"{path}: constraints")
     if "objectives" in doc:
         options["objectives"] = parse_objectives(doc["objectives"], f"{path}: objectives")
-    if options.get("ramp") is False:  # YAML reads a bare `off` as false
-        options["ramp"] = "off"
-    for key, word in (("pack", "auto"), ("ramp", "off")):
-        value = options.get(key, word)
-        if value != word and not (isinstance(value, int) and not isinstance(value, bool)
-                                  and value >= 1):
-            raise SpaceError(f"{path}: {key}: expected {word} or an integer >= 1, got {value!r}")
+    for key, check in (("pack", pack_value), ("ramp", ramp_value)):
+        if key in options:
+            try:
+                options[key] = check(options[key])
+            except ValueError as exc:
+                raise SpaceError(f"{path}: {key}: {exc}") from None
     table = doc.get("table")
     if table is not None and not (isinstance(table, dict) and {"rows", "columns"} <= set(table)):
         raise SpaceError(f"{path}: table: expected {{rows: SETTING, columns: SETTING}}")

@@ -2,7 +2,7 @@
 
 Given as `--constraint "val_acc>=0.5"` (comma-separated for several), or `constraints:` (a
 list of such strings) in a space or study file. Each is read from the same per-epoch history as
-the objectives (`search.objectives`) and set on the finished trial with Optuna's own
+the objectives (`search.inputs.objectives`) and set on the finished trial with Optuna's own
 `Trial.set_constraint` (value <= 0: satisfied), so Optuna's samplers steer away from
 infeasible regions and `best_trial` / `best_trials` — the Pareto front in the table, status,
 report, optuna-dashboard and the parent run's `pareto_trials` — leave infeasible trials out.
@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from search.errors import UserError
-from search.objectives import DIRECTIONS, objective_values
+from search.inputs.objectives import DIRECTIONS, objective_values
 
 _FORM = re.compile(r"^\s*([a-z_]+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*$")
 

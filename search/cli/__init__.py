@@ -1,0 +1,47 @@
+"""The `search` command line. Each subcommand's module holds its flags and its `cmd_*`:
+`run` (run, worker), `inspect` (validate, status, export, table, report, dashboard,
+storage-proxy), `retrain`, `train`; `args` the flag types they share. Every expected failure
+ends as one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from search.cli.args import Parser
+from search.errors import UserError
+from trainer.config import ConfigError
+
+
+def build_parser() -> Parser:
+    from search.cli import inspect, retrain, run, train
+
+    parser = Parser(prog="search", description="Hyperparameter search for PyTorch training: "
+                    "Optuna studies, MLflow tracking, optuna-dashboard.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train.add_parser(sub)
+    run.add_parsers(sub)
+    inspect.add_parsers(sub)
+    retrain.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from trainer.data import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (UserError, ConfigError, DataError) as exc:
+        print(f"search {args.command}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        from search.study.recovery import STOP
+
+        print(f"search {args.command}: interrupted", file=sys.stderr)
+        return STOP.exit_code  # 130 for SIGINT / Ctrl-C, 143 for SIGTERM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""What every subcommand's flags share: argparse that reports a bad flag as one line, and the
+types that check a value as it is parsed."""
+
+from __future__ import annotations
+
+import argparse
+
+from search.inputs.values import pack_value, ramp_value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag or value as one line (no usage block), exit 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad one is one line, exit 2, by Parser)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _word_or_int(text: str, check) -> int | str | None:
+    try:
+        return check(int(text) if text.lstrip("-").isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def pack_size(text: str) -> int | str:
+    """argparse type of --pack: `auto` or an integer >= 1."""
+    return _word_or_int(text, pack_value)
+
+
+def ramp_size(text: str) -> int | None:
+    """argparse type of --ramp: `off` or an integer >= 1."""
+    return _word_or_int(text, ramp_value)
+
+
+def storage_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="SQLAlchemy URL or journal file "
+                   "(default $SEARCH_STORAGE, else search-journal.log)")

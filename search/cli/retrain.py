@@ -1,0 +1,108 @@
+"""`search retrain`: a trial (the best, or one chosen) trained again on train+val and tested
+once on the test split; its run, test accuracy and logged model in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+
+import optuna
+
+from search.cli.args import positive_int, storage_flag
+from search.cli.inspect import load_existing_study
+from search.errors import UserError
+from search.inputs.objectives import pareto_numbers, primary, study_objectives
+from search.logs import quiet_libraries
+from trainer.config import DATASETS
+
+State = optuna.trial.TrialState
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("retrain", help="retrain the best trial on train+val, test once")
+    p.add_argument("--study", required=True, help="the study's name")
+    storage_flag(p)
+    p.add_argument("--epochs", type=positive_int, help="override the trial's epochs")
+    p.add_argument("--trial", type=int, help="retrain this trial instead of the best one "
+                   "(a multi-objective study: one of its Pareto front)")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="data to retrain and test on (default: the trial's own dataset)")
+    p.add_argument("--data-root", help="folder holding cifar-100-python/ (default: the "
+                   "trial's, else $SEARCH_DATA_ROOT)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI for the retrain run (default "
+                   "$MLFLOW_TRACKING_URI, else MLflow's default ./mlflow.db)")
+    p.set_defaults(func=cmd_retrain)
+
+
+def chosen_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    """Complete trial `number`, else the best one; a multi-objective study must name one."""
+    if number is not None:
+        best = next((t for t in study.get_trials(deepcopy=False, states=(State.COMPLETE,))
+                     if t.number == number), None)
+        if best is None:
+            raise UserError(f"--trial {number}: no complete trial {number} in study "
+                            f"{study.study_name!r}")
+        return best
+    if len(study.directions) > 1:
+        raise UserError(f"study {study.study_name!r} trades {', '.join(study_objectives(study))}: "
+                        f"pick a trial of its Pareto front {sorted(pareto_numbers(study))} "
+                        "with --trial N")
+    try:
+        return study.best_trial
+    except ValueError:
+        raise UserError(f"study {study.study_name!r} has no complete trial to retrain") from None
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from search.tracking.client import PARENT_ATTR, RUN_ATTR, Tracker
+    from search.tracking.datasets import dataset_input
+    from search.tracking.models import log_model
+    from trainer import TrainConfig, train
+
+    quiet_libraries()
+    study = load_existing_study(args.study, args.storage)
+    best = chosen_trial(study, args.trial)
+    values = {**best.user_attrs.get("config", {}), **best.params}
+    values.update({k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
+                                     "data_root": args.data_root}.items() if v is not None})
+    config = TrainConfig.from_dict(values)
+    recorded = str((study.user_attrs.get("mlflow") or {}).get("uri", ""))
+    uri = args.mlflow_uri or (recorded if recorded and "***" not in recorded else None)
+    tracker = Tracker(uri, study.study_name)
+    # told apart from the trials: its own name and kind, train+val as its data, no val_acc
+    # (its held-out split is the test set: that number is test_acc, logged once at the end)
+    run_id = tracker.start_trial(study.user_attrs.get(PARENT_ATTR, ""), best.number,
+                                 config.to_dict(), {"kind": "retrain",
+                                                    "retrain_of_trial": str(best.number)}, "",
+                                 run_name=f"retrain · trial-{best.number}", retrain=True)
+    final: dict = {}
+
+    def on_epoch(m: dict) -> None:
+        tracker.log_epoch(run_id, {k: v for k, v in m.items() if not k.startswith("val_")})
+
+    try:
+        result = train(config, on_epoch, holdout="test",
+                       on_checkpoint=lambda state: final.update(state=state))
+    except BaseException as exc:
+        tracker.end_trial(run_id, "FAIL", str(exc) or type(exc).__name__)
+        raise
+    test_acc = result.val_acc  # with holdout="test" the held-out split is the test set
+    model = log_model(tracker, run_id, final["state"], config,
+                      name=f"{study.study_name}-trial-{best.number}")
+    data = dataset_input(config.to_dict(), retrain=True).dataset
+    # on the run and on the logged model (its Metrics), measured after training on train+val
+    tracker.client.log_metric(run_id, "test_acc", test_acc, step=result.epochs,
+                              model_id=model.model_id, dataset_name=data.name,
+                              dataset_digest=data.digest)
+    tracker.end_trial(run_id, "COMPLETE")
+    tracker.flush()
+    study.set_user_attr("retrain", {"trial": best.number, "test_acc": test_acc,
+                                    "epochs": result.epochs, RUN_ATTR: run_id,
+                                    "dataset": config.dataset, "model_uri": model.model_uri})
+    epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
+    print(f"study {study.study_name}: trial {best.number} (val {primary(best):.4f}) retrained on "
+          f"train+val for {epochs}: test accuracy {test_acc:.4f}; model {model.model_uri}"
+          + (f"; run {tracker.run_url(run_id)}" if tracker.run_url() else
+             f"; MLflow run {run_id} in {tracker.uri}"))
+    return 0
+
+

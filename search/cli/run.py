@@ -1,0 +1,134 @@
+"""`search run` (create or resume a study, launch its workers) and `search worker` (one task of
+a `--slurm` study). `cmd_run` reads linearly: the sources, their checks, the preflight, the
+settings, then the launcher."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from search.cli.args import pack_size, positive_float, positive_int, ramp_size, storage_flag
+from search.inputs.algorithms import PRUNERS, SAMPLERS
+from search.inputs.settings import DEFAULT_RAMP, check_numbers, check_trials, read_sources, resolve
+from search.launch.base import Launcher
+from search.logs import quiet_libraries
+from search.study.storage import storage_url
+from trainer.config import DATASETS, PRECISIONS
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("run", help="create or resume a study and run trials")
+    p.add_argument("--space", help="space YAML file, or a name in spaces/")
+    p.add_argument("--study", help="a study file (studies/NAME.yaml, or a bare name in "
+                   "studies/), or with --space the study's name (default: the space's name)")
+    storage_flag(p)
+    p.add_argument("--n-trials", type=int, help="trials in total for this command")
+    p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the study file's, else tpe")
+    p.add_argument("--pruner", choices=PRUNERS, help="default: the study file's, else median")
+    p.add_argument("--objective", help="what the study optimises, comma-separated: val_acc "
+                   "(default), seconds, comm_rounds, epochs; several make a Pareto front "
+                   "(default: the study file's, else the space's)")
+    p.add_argument("--constraint", help="what a trial must reach to count, comma-separated: "
+                   "METRIC>=X or METRIC<=X, e.g. \"val_acc>=0.5\" (infeasible trials stay off "
+                   "the best trial and the Pareto front; default: the study file's, else the "
+                   "space's)")
+    p.add_argument("--pruner-startup-trials", type=int,
+                   help="median pruner: trials finished before pruning starts (default 5)")
+    p.add_argument("--pruner-warmup-epochs", type=int,
+                   help="median pruner: epochs of a trial before it can be pruned (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="a dead worker is replaced until it dies this many times in a row "
+                   "without finishing a trial (default 3)")
+    p.add_argument("--pack", type=pack_size, help="trials each worker trains together as one "
+                   "stacked model, or auto: as many as its GPU holds (at most 64 and the trials "
+                   "left), 1 on a CPU (default: the study file's, else auto)")
+    p.add_argument("--ramp", type=ramp_size, help="never more trials in flight than N or the "
+                   "trials the study has heard from, whichever is more, so a wide pack is not "
+                   f"proposed blind; off: always the whole pack (default {DEFAULT_RAMP})")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-root")
+    p.add_argument("--seed", type=int, help="training seed, and the sampler's seed")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
+                   "else MLflow's default ./mlflow.db)")
+    p.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between trial heartbeats on a database storage (default 10)")
+    p.add_argument("--storage-patience", type=positive_float, default=600.0,
+                   help="seconds a database storage may stay silent (a restart, a failover) "
+                   "before the command stops, its trials left to resume (default 600)")
+    p.add_argument("--stop-within", type=positive_float, default=20.0,
+                   help="seconds a signalled worker may take to stop: it saves a mid-epoch "
+                   "checkpoint at the next step unless its epoch ends sooner (default 20)")
+    p.add_argument("--max-retry", type=int, default=3,
+                   help="times a trial whose worker died or was stopped is re-queued (default 3)")
+    p.add_argument("--checkpoint-dir", help="per-epoch trial checkpoints, shared by all workers "
+                   "(default ./checkpoints)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep checkpoints after trials end")
+    g = p.add_argument_group("Slurm", "submit the --workers as one Slurm job array and return "
+                             "(needs a database --storage and an MLflow server every node reaches)")
+    g.add_argument("--slurm", action="store_true", help="run the workers as Slurm array tasks")
+    g.add_argument("--slurm-partition", help="sbatch --partition")
+    g.add_argument("--slurm-time", help="sbatch --time per task, e.g. 04:00:00; SIGTERM comes "
+                   "60 s before it and the task requeues itself")
+    g.add_argument("--slurm-gpus-per-worker", type=int, default=None,
+                   help="GPUs per array task (default 0: CPUs only; 1 on a GPU partition)")
+    g.add_argument("--slurm-cpus-per-worker", type=positive_int, help="sbatch --cpus-per-task")
+    g.add_argument("--slurm-mem", help="sbatch --mem per task, e.g. 16G")
+    g.add_argument("--slurm-account", help="sbatch --account")
+    g.add_argument("--slurm-qos", help="sbatch --qos")
+    g.add_argument("--slurm-extra", help='more sbatch options, e.g. "--constraint=a100"')
+    g.add_argument("--slurm-wait", action="store_true", help="follow the study until the array "
+                   "ends (Ctrl-C cancels the array)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="one worker of a --slurm study (what its array tasks run)")
+    p.add_argument("--spec", required=True, help="the JSON settings `search run --slurm` wrote")
+    p.set_defaults(func=cmd_worker)
+
+
+def launcher_for(args: argparse.Namespace, slurm_block: dict | None, where: str) -> Launcher:
+    """Slurm when `--slurm` (or an enabled `slurm:` block in the study file), else local."""
+    from search.launch.slurm import SlurmLauncher, slurm_options
+
+    opts = slurm_options(args, slurm_block, where)
+    if opts is not None:
+        return SlurmLauncher(opts)
+    from search.launch.local import LocalLauncher
+
+    return LocalLauncher(args.max_restarts)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    sources = read_sources(args)
+    # every bad value ends here, before a storage, a study or an MLflow run exists
+    check_numbers(args, sources)
+    check_trials(args, sources)
+    preflight(args.mlflow_uri, sources)
+    settings = resolve(args, sources, storage_url(args.storage),
+                       " ".join(["search", *map(shlex.quote, sys.argv[1:])]))
+    launcher = launcher_for(args, sources.options.get("slurm"), sources.where)
+    launcher.check(settings)
+    return launcher.launch(settings, args.workers)
+
+
+def preflight(mlflow_uri: str | None, sources) -> None:
+    """A silent tracking server or a missing dataset is one line before the study starts."""
+    from search.tracking.client import check_tracking_uri
+    from trainer.data import ensure_available
+
+    check_tracking_uri(mlflow_uri)
+    fixed = {**sources.space.fixed, **sources.overrides}
+    ensure_available(fixed.get("dataset", "cifar100"), fixed.get("data_root"))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from search.launch.slurm import run_slurm_task
+
+    return run_slurm_task(args.spec)

@@ -1,0 +1,83 @@
+"""`search train`: one training run with the given settings, no study; its defaults are
+`trainer.TrainConfig`'s (the notes' baseline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from search.cli.args import positive_float, positive_int
+from trainer.config import AUGMENTS, DATASETS, LR_SCALINGS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+
+# (flag, TrainConfig field, argparse keywords); each default is the field's own
+FLAGS = (
+    ("--optimizer", "optimizer", {"choices": OPTIMIZERS}),
+    ("--lr", "lr", {"type": positive_float, "help": "base lr (default: per optimiser)"}),
+    ("--batch-size", "batch_size", {"type": positive_int}),
+    ("--momentum", "momentum", {"type": float, "help": "momentum / beta1"}),
+    ("--weight-decay", "weight_decay", {"type": float}),
+    ("--t-max", "t_max", {"type": positive_int, "help": "cosine period in epochs (default epochs)"}),
+    ("--warmup-epochs", "warmup_epochs", {"type": int}),
+    ("--lr-scaling", "lr_scaling", {"choices": LR_SCALINGS}),
+    ("--schedule", "schedule", {"choices": SCHEDULES}),
+    ("--trust-coefficient", "trust_coefficient", {"type": positive_float}),
+    ("--epochs", "epochs", {"type": positive_int}),
+    ("--augment", "augment", {"choices": AUGMENTS}),
+    ("--dataset", "dataset", {"choices": DATASETS}),
+    ("--data-root", "data_root", {"help": "folder holding cifar-100-python/ ($SEARCH_DATA_ROOT)"}),
+    ("--seed", "seed", {"type": int}),
+    ("--device", "device", {}),
+    ("--precision", "precision", {"choices": PRECISIONS}),
+    ("--local-workers", "local_workers", {"type": positive_int,
+                                          "help": "K simulated workers (local SGD)"}),
+    ("--local-steps", "local_steps", {"type": positive_int,
+                                      "help": "H local steps between parameter averages"}),
+    ("--slowmo-beta", "slowmo_beta", {"type": float}),
+    ("--slowmo-lr", "slowmo_lr", {"type": positive_float}),
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="one training run with the given settings")
+    for flag, field, kwargs in FLAGS:
+        p.add_argument(flag, dest=field, default=getattr(TrainConfig, field), **kwargs)
+    p.add_argument("--test", action="store_true",
+                   help="train on train+val and report test accuracy (final evaluation)")
+    p.add_argument("--json", action="store_true", help="print one JSON result as the last line")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from trainer import Diverged, train
+
+    config = TrainConfig(**{field: getattr(args, field) for _, field, _ in FLAGS})
+    bar = tqdm(total=config.epochs, desc="train", unit="epoch", file=sys.stderr)
+
+    def on_epoch(m: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m['val_acc']:.4f}",
+                        img_s=f"{m['images_per_s']:.0f}")
+
+    try:
+        result = train(config, on_epoch, holdout="test" if args.test else "val")
+    except Diverged as exc:
+        bar.close()
+        print(f"search train: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"diverged": True, "epoch": exc.epoch}))
+        return 1
+    bar.close()
+    out = result.to_dict()
+    if args.test:
+        out["test_acc"] = result.val_acc
+    out["config"] = config.to_dict()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        label = "test_acc" if args.test else "val_acc"
+        print(f"{label} {result.val_acc:.4f} after {result.epochs} epochs "
+              f"(best val {result.best_val_acc:.4f})")
+    return 0

@@ -1,0 +1,215 @@
+"""The local launcher: `--workers N` processes on this machine, supervised.
+
+Each worker is spawned (a clean torch per process), opens the storage itself and runs its share
+of `--n-trials`; with several GPUs they are assigned round-robin, on the CPU the cores are
+split. The parent supervises them (`Supervisor`: a dead worker is replaced, its trials re-queued
+at once, signals relayed), watches the storage and draws the progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+
+import optuna
+
+from search.errors import StorageUnavailable, UserError
+from search.inputs.settings import RunSettings
+from search.launch.base import WorkersGaveUp, leave
+from search.logs import say
+from search.study.lifecycle import open_run
+from search.study.recovery import STOP, RetryDeadTrial, reap_worker
+from search.ui.progress import Progress, print_summary
+from search.worker.run import STORAGE_GONE, finished_by, run_worker, shares
+from trainer.config import ConfigError
+from trainer.data import DataError
+
+
+def _worker_entry(settings: RunSettings, index: int, n_trials: int | None, threads: int | None,
+                  timeout: float | None, stop, parent_pid: int) -> None:
+    """A spawned worker. Ctrl-C reaches the parent, which relays it as `stop`; SIGTERM to the
+    worker itself, its parent's stop, or its parent gone all stop it after the epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    STOP.follow(stop, parent_pid)
+    settings = dataclasses.replace(settings, timeout=timeout)
+    try:
+        run_worker(settings, index, n_trials, threads, signals=(signal.SIGTERM,))
+    except StorageUnavailable as exc:
+        print(f"search run: worker {index}: {exc}", file=sys.stderr)
+        sys.exit(STORAGE_GONE)
+    except (UserError, ConfigError, DataError) as exc:
+        print(f"search run: worker {index}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(STOP.exit_code)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+@dataclasses.dataclass
+class WorkerPlace:
+    """One of the N worker places: its share of trials and the processes that held it."""
+
+    index: int
+    share: int | None
+    proc: mp.process.BaseProcess | None = None
+    pids: set[int] = dataclasses.field(default_factory=set)
+    strikes: int = 0  # deaths in a row without a trial finished in between
+    finished: int = 0
+    ended: bool = False
+    problem: str | None = None  # why this slot gave up, for the final message
+
+
+class Supervisor:
+    """`--workers N`: starts N spawned workers and keeps them going. A worker that dies is
+    reported on stderr, its trials failed and re-queued at once, and a replacement takes over
+    the rest of its share, up to `max_restarts` deaths in a row without a finished trial.
+    SIGINT/SIGTERM to the parent stop every worker after its epoch; a second one stops at once."""
+
+    def __init__(self, settings: RunSettings, study: optuna.Study, workers: int, max_restarts: int,
+                 pids: set[int] | None = None):
+        self.settings, self.study, self.max_restarts = settings, study, max_restarts
+        self.pids = pids if pids is not None else set()  # every worker process it started
+        self.handler = RetryDeadTrial(settings.max_retry, settings.mlflow_uri)
+        self.ctx = mp.get_context("spawn")
+        self.stop = self.ctx.Event()
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.start_time = time.monotonic()
+        self.slots = [WorkerPlace(i, n) for i, n in enumerate(shares(settings.n_trials, workers))]
+
+    def _launch(self, slot: WorkerPlace, n_trials: int | None) -> None:
+        timeout = self.settings.timeout
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - self.start_time))
+        slot.proc = self.ctx.Process(target=_worker_entry, name=f"search-worker-{slot.index}",
+                                     args=(self.settings, slot.index, n_trials, self.threads,
+                                           timeout, self.stop, os.getpid()))
+        slot.proc.start()
+        slot.pids.add(slot.proc.pid)
+        self.pids.add(slot.proc.pid)
+
+    def _on_exit(self, slot: WorkerPlace) -> None:
+        proc = slot.proc
+        code = proc.exitcode
+        if code == 0 or (STOP.requested and code in (130, 143)):
+            slot.ended = True
+            return
+        if code == STORAGE_GONE:  # it said why; no storage to reap with, nothing to replace
+            slot.ended, slot.problem = True, f"worker {slot.index} lost the storage"
+            return
+        reaped = reap_worker(self.study, proc.pid, self.handler)
+        if STOP.requested:  # it died while stopping: its trials are re-queued, nothing to replace
+            slot.ended = True
+            return
+        if code == 2:  # it printed its error: a bad setting fails every replacement alike
+            slot.ended, slot.problem = True, f"worker {slot.index} stopped on an error"
+            return
+        done = finished_by(self.study, slot.pids)
+        slot.strikes = 1 if done > slot.finished else slot.strikes + 1
+        slot.finished = done
+        left = None if slot.share is None else slot.share - done
+        trials = (f"trial {', '.join(map(str, reaped))} re-queued" if reaped
+                  else "no trial in flight")
+        what = f"worker {slot.index} (pid {proc.pid}) {describe_exit(code)}; {trials}"
+        timed_out = (self.settings.timeout is not None
+                     and time.monotonic() - self.start_time >= self.settings.timeout)
+        if left == 0 or timed_out:
+            say(f"{what}; its share is done", "search run")
+            slot.ended = True
+        elif slot.strikes > self.max_restarts:
+            say(f"{what}; not replaced: {slot.strikes} deaths in a row without a "
+                "finished trial", "search run")
+            slot.ended = True
+            slot.problem = (f"worker {slot.index} died {slot.strikes} times in a row without "
+                            f"finishing a trial (last: {describe_exit(code)})")
+        else:
+            say(f"{what}; starting a replacement ({slot.strikes} of "
+                f"{self.max_restarts} in a row)", "search run")
+            self._launch(slot, left)
+
+    def run(self) -> None:
+        for slot in self.slots:
+            self._launch(slot, slot.share)
+        try:
+            while not all(s.ended for s in self.slots):
+                time.sleep(0.5)
+                if STOP.requested:
+                    self.stop.set()
+                for slot in self.slots:
+                    if not slot.ended and not slot.proc.is_alive():
+                        slot.proc.join()
+                        self._on_exit(slot)
+        except KeyboardInterrupt:  # a second signal: stop now, keep what the checkpoints hold
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            started = [s for s in self.slots if s.proc is not None]
+            for slot in started:
+                if slot.proc.is_alive():
+                    slot.proc.kill()
+            for slot in started:
+                slot.proc.join()
+                reap_worker(self.study, slot.proc.pid, self.handler,
+                            "stopped at once by a second signal; resumes from its last "
+                            "checkpoint", "KILLED")
+            raise
+        if STOP.requested:
+            raise KeyboardInterrupt
+        problems = [s for s in self.slots if s.problem]
+        if problems:
+            missing = sum(max(0, s.share - s.finished) for s in problems if s.share is not None)
+            count = (f"{missing} of {self.settings.n_trials} trials did not run"
+                     if self.settings.n_trials is not None else "the study ended early")
+            raise WorkersGaveUp(f"{count}: {'; '.join(s.problem for s in problems)}")
+
+
+def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) -> optuna.Study:
+    """Creates or resumes the study, then runs `workers` workers on it until their shares of
+    `settings.n_trials` (or the timeout) are spent. Returns the study."""
+    study, tracker, parent, epochs = open_run(settings, workers)
+    pids = {os.getpid()}  # the Supervisor adds its workers'
+    progress = Progress(study, settings.n_trials, epochs, pids=pids)
+    progress.watch()
+    status = "FAILED"
+    try:
+        if workers == 1:
+            run_worker(settings, 0, settings.n_trials, None)
+        else:
+            # like a worker's: first signal stops after the epoch, a second stops at once;
+            # a SIGINT ignored by whoever started us (`cmd &` in a script) stays ignored
+            ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            STOP.install((signal.SIGTERM,) if ignored else (signal.SIGINT, signal.SIGTERM))
+            Supervisor(settings, study, workers, max_restarts, pids).run()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        leave(study, tracker, parent, progress, status)
+    return study
+
+
+
+
+class LocalLauncher:
+    """`search run` without `--slurm`: the workers are processes on this machine."""
+
+    def __init__(self, max_restarts: int = 3):
+        self.max_restarts = max_restarts
+
+    def check(self, settings: RunSettings) -> None:
+        """Anything a local run needs was checked with the settings."""
+
+    def launch(self, settings: RunSettings, workers: int) -> int:
+        print_summary(run_study(settings, workers, self.max_restarts))
+        return 0

@@ -1,0 +1,289 @@
+"""Slurm: a study's workers as ONE job array, submitted with plain `sbatch --array`.
+
+`search run ... --slurm` creates (or resumes) the study and its parent MLflow run exactly as a
+local run does, writes the run's settings to `slurm/STUDY/spec-*.json` under the working
+directory (which every node must share, like the checkpoints), and submits an array of
+`--workers` tasks; each task is one worker (`search worker --spec FILE`: the same `run_worker`
+that local worker processes run), with its `--pack` trials on its GPU or its CPUs.
+
+Why plain sbatch and not submitit: the array task must be a shell script a Slurm user can read
+and re-submit by hand (`slurm/STUDY/job.sh`), its requeue on a signal is ours anyway (the worker
+stops at a safe point, re-queues its trials in Optuna, then `scontrol requeue`s its own task),
+and nothing needs pickling across nodes: the task reads a JSON file of plain settings.
+
+Preemption and time limits: Slurm sends SIGTERM (preemption, `scancel --signal=TERM`, and
+`--signal=B:TERM@` before the time limit); the worker stops after the running epoch, its trials
+are failed and re-queued from their checkpoints, and the task requeues itself, so it runs again
+when the node (or another) is free and runs the rest of its share. A task that dies without a
+signal (a node failure) is covered by Optuna's heartbeat: its trials go stale and are retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from search.errors import UserError
+from search.inputs.settings import RunSettings
+from search.launch.base import WorkersGaveUp, leave
+from search.logs import quiet_libraries
+from search.study.checkpoints import DEFAULT_DIR
+from search.study.lifecycle import open_run
+from search.study.recovery import HOST, STOP
+from search.study.storage import redact, shared_across_machines
+from search.tracking.client import PARENT_ATTR, Tracker
+from search.ui.progress import Progress
+from search.worker.run import finished_by, run_worker, shares
+
+JOB_ATTR = "slurm_job_id"
+
+
+@dataclasses.dataclass
+class SlurmOptions:
+    partition: str | None = None
+    time: str | None = None  # HH:MM:SS (or any sbatch --time form)
+    gpus_per_worker: int = 0
+    cpus_per_worker: int | None = None
+    mem: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    extra: list[str] = dataclasses.field(default_factory=list)
+    wait: bool = False
+    stop_grace: int = 60  # seconds before the time limit that Slurm sends SIGTERM
+
+
+def task_id() -> str | None:
+    """This process's array task (`JOB_TASK`), or None outside a Slurm array."""
+    job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{job}_{task}" if job and task else None
+
+
+def check_can_submit(storage: str, mlflow_uri: str | None) -> None:
+    """Refuses what cannot work across nodes, before anything exists: one line each."""
+    if shutil.which("sbatch") is None:
+        raise UserError("--slurm: `sbatch` is not on PATH; run this on a Slurm login node "
+                        "(or load the Slurm module)")
+    if not shared_across_machines(storage):
+        raise UserError(
+            f"--slurm: storage {redact(storage)} is a file; workers on many nodes would share it "
+            "through file locks, which corrupt it over NFS. Pass --storage "
+            "postgresql://USER@HOST/DB (or grpc://HOST:PORT of `search storage-proxy`)")
+    import mlflow
+
+    uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise UserError(
+            f"--slurm: MLflow tracking URI {uri} is local to this machine (or a file every node "
+            "would lock); pass --mlflow-uri http://HOST:PORT of an `mlflow server`")
+
+
+def _sbatch_lines(opts: SlurmOptions, workers: int, name: str, logs: Path) -> list[str]:
+    lines = [f"--job-name=search-{name}", f"--array=0-{workers - 1}",
+             f"--output={logs}/worker-%A_%a.log", "--open-mode=append", "--requeue",
+             "--ntasks=1", f"--signal=B:TERM@{opts.stop_grace}"]
+    if opts.cpus_per_worker:
+        lines.append(f"--cpus-per-task={opts.cpus_per_worker}")
+    if opts.gpus_per_worker:
+        lines.append(f"--gpus-per-task={opts.gpus_per_worker}")
+    for flag, value in (("partition", opts.partition), ("time", opts.time), ("mem", opts.mem),
+                        ("account", opts.account), ("qos", opts.qos)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    return lines + list(opts.extra)
+
+
+def job_script(spec_file: Path, workdir: Path, sbatch: list[str]) -> str:
+    """The array task: one worker, started in the shared working directory. `exec`: the worker
+    is the batch step's process, so Slurm's signals reach it directly."""
+    head = "\n".join(f"#SBATCH {line}" for line in sbatch)
+    return (f"#!/bin/bash\n{head}\n# one worker of a search study; written by `search run --slurm`\n"
+            f"cd {shlex.quote(str(workdir))}\n"
+            f"exec {shlex.quote(sys.executable)} -m search worker --spec "
+            f"{shlex.quote(str(spec_file))}\n")
+
+
+def submit(settings: RunSettings, workers: int, opts: SlurmOptions) -> str:
+    """Writes the settings file and the job script, submits the array; returns the job id."""
+    workdir = Path.cwd()
+    folder = workdir / "slurm" / settings.study_name
+    logs = folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    spec_file = folder / f"spec-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    spec_file.write_text(json.dumps({"spec": dataclasses.asdict(settings), "workers": workers},
+                                    indent=1))
+    script = folder / "job.sh"
+    script.write_text(job_script(spec_file, workdir,
+                                 _sbatch_lines(opts, workers, settings.study_name, logs)))
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        why = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise UserError(f"--slurm: sbatch refused the job ({why[-1] if why else 'no reason'}); "
+                        f"the script is {script}")
+    return out.stdout.strip().split(";")[0]
+
+
+def array_tasks(job: str) -> dict[str, int]:
+    """States of the array's tasks that Slurm still lists: {state: count}."""
+    if shutil.which("squeue") is None:
+        return {}
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"], capture_output=True,
+                         text=True)
+    counts: dict[str, int] = {}
+    for state in out.stdout.split():
+        counts[state.lower()] = counts.get(state.lower(), 0) + 1
+    return counts
+
+
+def requeue_self() -> bool:
+    """Asks Slurm to run this array task again (after a signal stopped it mid-share)."""
+    task = task_id()
+    if task is None or shutil.which("scontrol") is None:
+        return False
+    out = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True)
+    return out.returncode == 0
+
+
+def load_settings(path: str) -> tuple[RunSettings, int]:
+    """The settings file `submit` wrote (what `search worker --spec FILE` reads)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return RunSettings(**data["spec"]), int(data["workers"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--spec {path}: cannot read the worker's settings ({exc})") from None
+
+
+def slurm_options(args: argparse.Namespace, block: dict | None, where: str
+                  ) -> SlurmOptions | None:
+    """--slurm flags over a study file's `slurm:` block; None when not submitting to Slurm."""
+    block = dict(block or {})
+    if not (args.slurm or block.get("enabled", bool(block))):
+        return None
+    fields = {f.name for f in dataclasses.fields(SlurmOptions)}
+    unknown = sorted(set(block) - fields - {"enabled"})
+    if unknown:
+        raise UserError(f"{where}slurm: unknown key {unknown[0]!r}; expected one of "
+                        f"{', '.join(sorted(fields - {'wait', 'stop_grace'}))}")
+    opts = SlurmOptions(**{k: v for k, v in block.items() if k != "enabled"})
+    for name in ("partition", "time", "gpus_per_worker", "cpus_per_worker", "mem", "account",
+                 "qos", "wait"):
+        value = getattr(args, f"slurm_{name}", None)
+        if value not in (None, False):
+            setattr(opts, name, value)
+    if args.slurm_extra:
+        opts.extra = shlex.split(args.slurm_extra)
+    if isinstance(opts.extra, str):
+        opts.extra = shlex.split(opts.extra)
+    if not isinstance(opts.gpus_per_worker, int) or opts.gpus_per_worker < 0:
+        raise UserError(f"--slurm-gpus-per-worker: expected an integer >= 0, got "
+                        f"{opts.gpus_per_worker!r}")
+    return opts
+
+
+def run_slurm_task(spec_path: str) -> int:
+    """`search worker --spec FILE`: one task of a `--slurm` job array. Runs its share (what its
+    earlier runs left, after a requeue); on SIGTERM (preemption, the time limit, `scancel
+    --signal=TERM`) it stops after the epoch, its trials re-queued in Optuna, and requeues its
+    own task. The last task to leave closes the study's parent MLflow run."""
+    quiet_libraries()
+    settings, workers = load_settings(spec_path)
+    task = task_id()
+    index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    threads = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK") \
+        else None
+    share = shares(settings.n_trials, workers)[index]
+    print(f"search worker: task {task or index} of study {settings.study_name} (share "
+          f"{share if share is not None else 'until the timeout'}) on {HOST}", file=sys.stderr,
+          flush=True)
+    try:
+        study = run_worker(settings, index, share, threads, signals=(signal.SIGTERM, signal.SIGINT),
+                           slurm_task=task)
+    except KeyboardInterrupt:
+        # `scontrol requeue` has Slurm SIGTERM this very task again: nothing is left to stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        again = requeue_self()
+        print(f"search worker: stopped by {signal.Signals(STOP.signum or 15).name} after its "
+              f"epoch; its trials are re-queued" + (f"; task {task} requeued" if again else ""),
+              file=sys.stderr, flush=True)
+        return 0 if again else STOP.exit_code
+    tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    others = sum(array_tasks(job).values()) - 1 if job else 0
+    done = finished_by(study)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    # tasks ending together each see the other still listed: the study's count decides too
+    if parent and (others <= 0 or (settings.n_trials is not None and done >= settings.n_trials)):
+        leave(study, tracker, parent, None, "FINISHED")
+    return 0
+
+
+def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int:
+    """`search run --slurm`: the study and its parent run as for a local run, then ONE job
+    array of `workers` tasks; prints how to follow it and returns (`--slurm-wait` follows it
+    with the same progress lines until the array ends; Ctrl-C then cancels the array)."""
+    # a relative folder means the submitting directory's, which every node must share
+    settings = dataclasses.replace(settings, checkpoint_dir=str(
+        (Path.cwd() / (settings.checkpoint_dir or DEFAULT_DIR)).absolute()))
+    study, tracker, parent, epochs = open_run(settings, workers)
+    job = submit(settings, workers, opts)
+    study.set_user_attr(JOB_ATTR, job)
+    tracker.tag(parent, JOB_ATTR, job)
+    storage = redact(settings.storage)
+    where = "on its GPU" if opts.gpus_per_worker else "on its CPUs"
+    flight = (f"up to {settings.pack} trial(s) in flight" if settings.pack != "auto"
+              else "as many trials in flight as its GPU holds (--pack auto)"
+              if opts.gpus_per_worker else "one trial at a time (--pack auto on CPUs)")
+    lines = [f"submitted Slurm job array {job}: {workers} tasks, each one worker with "
+             f"{flight} {where}",
+             f"follow it:    squeue -r -j {job}    (or: search status --storage '{storage}')",
+             f"cancel it:    scancel {job}",
+             f"worker logs:  slurm/{settings.study_name}/logs/worker-{job}_*.log",
+             f"checkpoints:  {settings.checkpoint_dir} (every node must share this folder)",
+             f"dashboard:    search dashboard --storage '{storage}'"]
+    if tracker.run_url():
+        lines.append(f"MLflow:       {tracker.run_url(parent)}")
+    for line in lines:
+        print(f"search run: {line}", flush=True)
+    if not opts.wait:
+        return 0
+    progress = Progress(study, settings.n_trials, epochs)
+    progress.watch()
+    try:
+        while array_tasks(job):
+            time.sleep(2.0)
+    except KeyboardInterrupt:
+        subprocess.run(["scancel", job], capture_output=True)
+        progress.close()
+        print(f"search run: cancelled Slurm job array {job}; its trials resume from their "
+              "checkpoints with the next command on the study", file=sys.stderr)
+        return 130
+    leave(study, tracker, parent, progress, "FINISHED")
+    done = finished_by(study)
+    print(f"search run: Slurm job array {job} ended; the study has {done} finished trials",
+          flush=True)
+    if settings.n_trials is not None and done < settings.n_trials:
+        raise WorkersGaveUp(f"{settings.n_trials - done} of {settings.n_trials} trials did not run; "
+                            f"see slurm/{settings.study_name}/logs/worker-{job}_*.log")
+    return 0
+
+
+class SlurmLauncher:
+    """`search run --slurm`: the workers are the tasks of one Slurm job array."""
+
+    def __init__(self, opts: SlurmOptions):
+        self.opts = opts
+
+    def check(self, settings: RunSettings) -> None:
+        check_can_submit(settings.storage, settings.mlflow_uri)
+
+    def launch(self, settings: RunSettings, workers: int) -> int:
+        return submit_study(settings, workers, self.opts)

@@ -1,0 +1,77 @@
+"""Every use of Optuna's private internals, in one place, each with the reason it is needed.
+
+Optuna's public API has no way to do these few things; an Optuna release may rename any of
+them, so they live here and `tests/test_optuna_seam.py` fails (naming the one that moved) when
+the installed Optuna no longer has them, instead of a worker breaking somewhere unexpected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+
+# RDBStorage's private methods that Optuna's own _CachedStorage calls on its backend (`study.ask`
+# and `tell` go through them): a storage that rides out outages must retry these too.
+CACHED_STORAGE_CALLS = ("_create_new_trial", "_get_best_trial_id", "_get_trials",
+                        "_set_trial_param")
+# RDBStorage's query for trials whose heartbeat is stale: overridden to give workers a grace
+# period after a database outage (their missed beats are not deaths).
+STALE_TRIALS_QUERY = "_get_stale_trial_ids"
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The study's storage: reads by trial id (fencing, reaping) and heartbeats need it, and
+    `Study` does not expose it."""
+    return study._storage
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """A trial's storage id (not its number): the key of every per-trial storage call."""
+    return trial._trial_id
+
+
+def heartbeat_thread(trial: optuna.Trial, study: optuna.Study) -> Any:
+    """Optuna's own heartbeat thread for an asked trial (what `optimize` starts per trial); our
+    worker loop asks and tells itself, so it starts the beat itself. A no-op thread on storages
+    without heartbeats. Start it with `.start()`, end it with `.join()`."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial_id(trial), storage_of(study))
+
+
+@contextlib.contextmanager
+def optimize_loop(study: optuna.Study) -> Iterator[None]:
+    """Marks the block as Optuna's optimize loop, the protocol samplers rely on: GridSampler
+    calls `study.stop()` when its grid is exhausted, which is only allowed inside that loop,
+    and sets the flag `stop_requested` reads."""
+    study._thread_local.in_optimize_loop, study._stop_flag = True, False
+    try:
+        yield
+    finally:
+        study._thread_local.in_optimize_loop = False
+
+
+def stop_requested(study: optuna.Study) -> bool:
+    """True once a sampler (or a callback) called `study.stop()` inside `optimize_loop`."""
+    return bool(study._stop_flag)
+
+
+def get_trial(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial
+              ) -> optuna.trial.FrozenTrial:
+    """One trial read fresh from the storage (one query: fencing checks a trial's state every
+    epoch, and `study.get_trials` would read them all)."""
+    return storage_of(study).get_trial(trial_id(trial))
+
+
+def fail_if_running(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Sets a RUNNING trial of another process to FAIL; False when someone else ended it first
+    (the storage locks the row, one side wins). `study.tell` cannot: it refuses trials this
+    process did not ask."""
+    try:
+        return storage_of(study).set_trial_state_values(trial_id(trial),
+                                                        state=optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False

@@ -1,0 +1,283 @@
+"""The worker loop: up to P trials in flight, trained as stacked models (`--pack P`; P = 1 is
+a plain run, the same loop).
+
+Trials are asked from Optuna (ask/tell), so any sampler works. A trial's shape settings
+(`trainer.config.pack_key`: batch size, optimiser, augmentation, dataset, epochs, local-method
+settings, precision, ...) choose its pack; continuous settings (lr, betas, weight decay, T_max,
+warm-up, seed, ...) differ freely inside one. The worker holds one engine per shape key, all
+its in-flight trials together never more than P (fewer while the study has heard from few:
+`--ramp`, `search.worker.sizing.in_flight_limit`), and runs one epoch of each engine in turn.
+Between epochs every trial is reported, pruned, failed or completed on its own
+(TrialSession), and the freed slots are refilled with newly asked trials while the budget
+lasts. Each trial checkpoints in one format, so a retry resumes in any pack.
+
+Faults: a trial whose attempt was taken over while this worker was paused is dropped quietly
+(one line, nothing written) and its slot refilled, so the worker's share still runs; a storage
+silent past `--storage-patience` stops the worker like SIGTERM but without storage writes (the
+trials stay RUNNING there and are retried from their checkpoints once it is back); a pack that
+runs out of device memory is re-queued to resume from its checkpoints and the worker's pack
+halved (a trial too big alone fails, the worker goes on).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import optuna
+
+from search import optuna_seam
+from search.errors import AttemptLost, StorageUnavailable
+from search.logs import say
+from search.study.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
+from search.study.session import TrialRunner, TrialSession
+from search.worker.sizing import in_flight_limit
+from trainer.config import ConfigError, pack_key
+
+State = optuna.trial.TrialState
+
+
+class InFlight:
+    """A trial in flight: its session and its Optuna heartbeat (database storages)."""
+
+    def __init__(self, session: TrialSession, heartbeat: Any):
+        self.session, self.heartbeat = session, heartbeat
+
+    def end(self) -> None:
+        self.heartbeat.join()
+
+
+def stop_rule(stop_within: float):
+    """A signalled worker stops at the next optimiser step (a mid-epoch checkpoint), unless the
+    epoch's end is near: it finishes the epoch when the steps left take under half of
+    `stop_within` at the pace so far, so a scheduler's grace (Slurm's KillWait, Kubernetes'
+    30 s) is never spent on an epoch that cannot end in time."""
+
+    def rule(steps_run: int, steps_left: int, seconds: float) -> bool:
+        return STOP.requested and seconds / max(1, steps_run) * steps_left > stop_within / 2
+
+    return rule
+
+
+class WorkerLoop:
+    """One worker's trials in flight: `run()` asks, trains an epoch of every engine, reports,
+    and refills, until its share is run; every way out (a stop, a lost storage, an error) goes
+    through `_close_all`."""
+
+    def __init__(self, study: optuna.Study, runner: TrialRunner, pack: int,
+                 n_trials: int | None, timeout: float | None, handler: RetryDeadTrial,
+                 stop_within: float = 20.0, ramp: int | None = None):
+        self.study, self.runner, self.handler = study, runner, handler
+        self.pack, self.ramp, self.n_trials, self.timeout = pack, ramp, n_trials, timeout
+        self.rule = stop_rule(stop_within)
+        self.engines: dict[tuple, Any] = {}  # shape key -> trainer.engine.Engine
+        self.in_flight: dict[Any, InFlight] = {}  # engine member -> its trial
+        self.asked, self.start = 0, time.monotonic()
+
+    # --- the loop ---
+
+    def run(self) -> None:
+        """Runs this worker's share (`n_trials` trials, or until `timeout`), `pack` at a time
+        (with a ramp, fewer until the study has heard from as many: `in_flight_limit`)."""
+        with optuna_seam.optimize_loop(self.study):
+            try:
+                while True:
+                    self._refill()
+                    if not self.in_flight:
+                        return
+                    for key, engine in list(self.engines.items()):
+                        self._train_epoch(key, engine)
+                    if STOP.requested:  # a safe point: every trial in flight reported and saved
+                        raise Interrupted
+            except BaseException as exc:
+                self._close_all(exc)
+                if isinstance(exc, Interrupted | KeyboardInterrupt):
+                    raise KeyboardInterrupt from None
+                raise
+
+    def _budget_left(self) -> bool:
+        return ((self.n_trials is None or self.asked < self.n_trials)
+                and not optuna_seam.stop_requested(self.study)
+                and (self.timeout is None or time.monotonic() - self.start < self.timeout)
+                and not STOP.requested)
+
+    def _refill(self) -> None:
+        """Asks new trials into free slots while the budget lasts (one storage read for the
+        ramp, and only when a slot is free)."""
+        pack = self.pack
+        width = (in_flight_limit(self.study, pack, self.ramp, len(self.in_flight))
+                 if len(self.in_flight) < pack else pack)
+        while len(self.in_flight) < width and self._budget_left():
+            self._ask()
+
+    def _ask(self) -> None:
+        from trainer.engine import Engine
+        from trainer.runtime import prepare
+
+        optuna.storages.fail_stale_trials(self.study)
+        trial = self.study.ask()
+        self.asked += 1
+        # beating from the ask on: a worker killed while it opens the trial's MLflow run
+        # leaves a trial that goes stale, not one RUNNING for ever
+        heartbeat = optuna_seam.heartbeat_thread(trial, self.study)
+        heartbeat.start()
+        try:
+            session = self.runner.begin(trial)
+        except ConfigError:
+            heartbeat.join()
+            self.study.tell(trial, state=State.FAIL)
+            return
+        except BaseException:
+            heartbeat.join()
+            raise
+        key = pack_key(session.config)
+        if session.resume is not None and "partial" in session.resume:
+            key = (key, "inside an epoch", trial.number)  # alone until it ends
+        if key not in self.engines:
+            self.engines[key] = Engine(prepare(session.config))
+        member = self.engines[key].add(session.config, session.resume)
+        self.in_flight[member] = InFlight(session, heartbeat)
+
+    def _train_epoch(self, key: tuple, engine: Any) -> None:
+        """One epoch of one engine's trials, then each trial's report and end or checkpoint."""
+        import torch
+
+        if not engine.members:
+            del self.engines[key]
+            return
+        try:
+            results = engine.run_epoch(self.rule)
+        except torch.OutOfMemoryError as exc:
+            del self.engines[key]
+            if self.pack == 1:  # alone and still too big: this trial fails, the worker goes on
+                self._fail_all(engine, f"out of device memory alone: {str(exc).splitlines()[0]}")
+            else:
+                self._narrow(engine, max(1, min(self.pack, len(self.in_flight)) // 2))
+            return
+        if not results:  # stopped inside the epoch: save where it stands, then stop
+            for member in engine.members:
+                session = self.in_flight[member].session
+                if session.owned():
+                    session.save(engine.state(member))
+            raise Interrupted
+        for member, metrics, error in results:
+            self._after_epoch(engine, member, metrics, error)
+
+    def _after_epoch(self, engine: Any, member: Any, metrics: dict | None,
+                     error: Exception | None) -> None:
+        session = self.in_flight[member].session
+        if error is not None:
+            self._fail(engine, member, str(error))
+            return
+        last = member.epoch >= member.config.epochs
+        try:
+            session.on_epoch(metrics, last=last)
+        except AttemptLost as exc:
+            self._drop(engine, member, str(exc))
+            return
+        except optuna.TrialPruned as exc:
+            session.pruned(str(exc), member.epoch)
+            self._tell(engine, member, State.PRUNED)
+            return
+        if last:
+            values = session.values(member.history)
+            session.completed(values, member.epoch, member.history)
+            self._tell(engine, member, State.COMPLETE, values)
+        else:
+            session.save(engine.state(member))
+
+    # --- a trial's ends ---
+
+    def _release(self, engine: Any, member: Any) -> InFlight:
+        flight = self.in_flight.pop(member)
+        engine.remove(member)
+        flight.end()
+        return flight
+
+    def _tell(self, engine: Any, member: Any, state: State,
+              values: list[float] | None = None) -> None:
+        flight = self._release(engine, member)
+        try:
+            self.study.tell(flight.session.trial, values if state == State.COMPLETE else None,
+                            state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # taken over since its last check
+            say(flight.session.lost_line())
+
+    def _drop(self, engine: Any, member: Any, line: str) -> None:
+        """A lost attempt: no tell, no MLflow, no checkpoint; its share is asked again."""
+        say(line)
+        self._release(engine, member)
+        self.asked -= 1
+
+    def _fail(self, engine: Any, member: Any, reason: str) -> None:
+        session = self.in_flight[member].session
+        if session.failed(reason):
+            self._tell(engine, member, State.FAIL)
+        else:
+            self._drop(engine, member, session.lost_line())
+
+    def _fail_all(self, engine: Any, reason: str) -> None:
+        for member in list(engine.members):
+            self._fail(engine, member, reason)
+
+    def _requeue(self, engine: Any, member: Any, reason: str) -> bool:
+        """Stopped or out of memory: failed and re-queued to resume from its checkpoint; False
+        (dropped, nothing written) when the attempt was lost meanwhile."""
+        session = self.in_flight[member].session
+        number = session.trial.number
+        if not session.interrupted(reason):
+            self._drop(engine, member, session.lost_line())
+            return False
+        self._tell(engine, member, State.FAIL)
+        requeue_interrupted(self.study, number, self.handler)
+        return True
+
+    def _narrow(self, engine: Any, new_pack: int) -> None:
+        """Out of device memory: every trial of the pack goes back to the queue to resume from
+        its last checkpoint (this epoch's steps are lost), the worker packs `new_pack` on."""
+        import torch
+
+        numbers, in_flight = [], len(self.in_flight)
+        for member in list(engine.members):
+            number = self.in_flight[member].session.trial.number
+            if self._requeue(engine, member, f"out of device memory in a pack of {in_flight} "
+                             f"in epoch {member.epoch + 1}; resumes from its checkpoint"):
+                numbers.append(number)
+                self.asked -= 1  # its retry is this worker's to run again, not a new trial
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.pack = new_pack
+        say(f"out of device memory with {in_flight} trials in flight: this worker packs at most "
+            f"{new_pack} from now on; trial(s) {', '.join(map(str, numbers))} resume from their "
+            "checkpoints")
+
+    def _close_all(self, exc: BaseException) -> None:
+        """The one way out with trials in flight. A stop re-queues each to resume where it
+        stands; a lost storage writes nothing to it (its runs closed KILLED, its trials found
+        stale and retried once it is back); any other error fails them, where it still can."""
+        for engine in self.engines.values():
+            for member in list(engine.members):
+                session = self.in_flight[member].session
+                if isinstance(exc, Interrupted | KeyboardInterrupt):
+                    where = (f"interrupted in epoch {member.epoch + 1} after step "
+                             f"{member.partial['at_step']}" if member.partial is not None
+                             else f"interrupted after epoch {member.epoch}")
+                    self._requeue(engine, member, f"{where}; resumes from there")
+                    continue
+                if isinstance(exc, StorageUnavailable):
+                    session.abandoned(str(exc))
+                else:
+                    try:
+                        if session.failed(str(exc) or type(exc).__name__):
+                            self._tell(engine, member, State.FAIL)
+                            continue
+                    except Exception:  # the storage itself may be what broke; keep the first error
+                        pass
+                self._release(engine, member)
+
+
+def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
+               timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0,
+               ramp: int | None = None) -> None:
+    """Runs a worker's share of trials: `WorkerLoop(...).run()`."""
+    WorkerLoop(study, runner, pack, n_trials, timeout, handler, stop_within, ramp).run()

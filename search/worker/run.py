@@ -1,0 +1,122 @@
+"""One worker: `run_worker` opens the study, sizes its pack, and runs its share of trials through
+the worker loop. Every launcher runs this same function (a spawned local process, a Slurm array
+task); how a budget is split between workers and who finished what is here too."""
+
+from __future__ import annotations
+
+import signal
+
+import optuna
+
+from search.inputs.settings import RunSettings
+from search.logs import quiet_libraries, say
+from search.study.checkpoints import CheckpointStore
+from search.study.lifecycle import open_study
+from search.study.recovery import HOST, STOP, RetryDeadTrial, reap_dead_local_trials, retried_numbers
+from search.study.session import TrialRunner
+from search.study.storage import has_heartbeat, wait_for_attr
+from search.tracking.client import PARENT_ATTR, Tracker
+from search.worker.loop import run_trials
+
+STORAGE_GONE = 75  # a worker's exit status when the storage stayed silent past its patience
+
+
+def shares(n_trials: int | None, workers: int) -> list[int | None]:
+    """Splits the command's trial budget exactly: trials in total, however many workers."""
+    if n_trials is None:
+        return [None] * workers
+    return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+
+
+def finished_by(study: optuna.Study, pids: set[int] | None = None,
+                slurm_task: str | None = None) -> int:
+    """Trials that processes `pids` on this host (or one Slurm array task, over its requeues;
+    or, with neither, anyone) finished; retried attempts not counted."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+
+    def by(t: optuna.trial.FrozenTrial) -> bool:
+        if slurm_task is not None:
+            return t.user_attrs.get("slurm_task") == slurm_task
+        if pids is None:
+            return True
+        return t.user_attrs.get("worker_host") == HOST and t.user_attrs.get("worker_pid") in pids
+
+    return sum(t.state.is_finished() and t.number not in retried and by(t) for t in trials)
+
+
+def resolve_auto_pack(runner: TrialRunner, n_trials: int | None) -> int:
+    """`--pack auto` on this worker's device, for the largest batch its space can draw."""
+    from search.worker.sizing import auto_pack
+    from trainer.runtime import resolve_device
+
+    fixed = {**runner.space.fixed, **runner.overrides}
+    batch = next((p for p in runner.space.params if p.name == "batch_size"), None)
+    batches = (batch.values() or [batch.high]) if batch is not None else [fixed.get("batch_size", 64)]
+    workers = next((p for p in runner.space.params if p.name == "local_workers"), None)
+    local = (max(workers.values() or [workers.high]) if workers is not None
+             else fixed.get("local_workers", 1))
+    device = str(resolve_device(str(fixed.get("device", "auto"))))
+    choice = auto_pack(device, int(max(batches)), int(local), n_trials)
+    if choice.pack > 1:  # on a CPU auto is 1, as without packing: nothing to say
+        say(choice.line)
+    return choice.pack
+
+
+def worker_device(index: int, overrides: dict) -> dict:
+    """Per-worker device and threads: GPUs round-robin, else the CPU cores split."""
+    out = dict(overrides)
+    if "device" in out and out["device"] not in ("auto", "cuda"):
+        return out
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:
+        gpus = 0
+    if gpus > 1:
+        out["device"] = f"cuda:{index % gpus}"
+    return out
+
+
+def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads: int | None,
+               signals: tuple = (signal.SIGINT, signal.SIGTERM),
+               slurm_task: str | None = None) -> optuna.Study:
+    """One worker: open the study, run its share of trials. Trial failures (divergence, an
+    impossible combination) fail that trial only; anything else ends the worker. A Slurm array
+    task (`slurm_task`) that runs again after a requeue runs only what its earlier runs left."""
+    quiet_libraries()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    space = settings.load_space()
+    study, _ = open_study(settings, space, worker=index)
+    if slurm_task is not None and n_trials is not None:
+        n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
+    tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
+    parent = wait_for_attr(study, PARENT_ATTR)
+    handler = RetryDeadTrial(settings.max_retry, settings.mlflow_uri)
+    # without a heartbeat (the journal file, the gRPC proxy): reap trials of dead processes on
+    # this machine instead
+    reaper = None if has_heartbeat(settings.storage) else (
+        lambda s: reap_dead_local_trials(s, handler))
+    runner = TrialRunner(space, worker_device(index, settings.overrides), tracker, parent,
+                         CheckpointStore(settings.checkpoint_dir, settings.study_name,
+                                         settings.keep_checkpoints), reaper, settings.objectives,
+                         settings.constraints)
+    if reaper is not None:
+        reaper(study)
+    if n_trials == 0:  # `--n-trials 0`: only tidy up (stale trials failed and re-queued)
+        optuna.storages.fail_stale_trials(study)
+        return study
+    STOP.install(signals)
+    try:
+        pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
+        run_trials(study, runner, pack, n_trials, settings.timeout, handler,
+                   settings.stop_within, settings.ramp)
+        if STOP.requested:  # stopped between trials: nothing to re-queue, still an interruption
+            raise KeyboardInterrupt
+    finally:
+        tracker.drain()
+    return study
