@@ -25,7 +25,6 @@ __all__ = ["Diverged", "TrainResult", "train"]
 class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
-    test_acc: float | None = None
 
     @property
     def epochs(self) -> int:
@@ -41,7 +40,7 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"val_acc": self.val_acc, "best_val_acc": self.best_val_acc, "epochs": self.epochs,
-                "stopped_early": self.stopped_early, "test_acc": self.test_acc,
+                "stopped_early": self.stopped_early,
                 "history": self.history}
 
 

@@ -1,4 +1,5 @@
-"""Optimiser factory plus LARS (You et al. 2017) and LAMB (You et al. 2019).
+"""LARS (You et al. 2017) and LAMB (You et al. 2019) as single-model torch optimisers: the
+reference the stacked optimisers (`trainer.stacked_optim`) are tested against.
 
 "Adapted" tensors are those with ndim > 1: biases and other 1-D tensors get neither weight
 decay nor trust scaling unless `exclude_1d=False`.
@@ -8,8 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch.optim import Optimizer
-
-from trainer.config import TrainConfig
 
 
 def _adapted(p: torch.Tensor, exclude_1d: bool, batch_dims: int = 0) -> bool:
@@ -123,22 +122,3 @@ class LAMB(Optimizer):
                     r.mul_(trust)
                 p.sub_(r, alpha=group["lr"])
         return loss
-
-
-def build_optimizer(config: TrainConfig, params, lr: float, batch_dims: int = 0) -> Optimizer:
-    """The optimiser named by `config.optimizer`, starting at `lr` (the schedule sets it later).
-
-    `batch_dims=1` when each tensor stacks K models' copies: AdamW and SGDM are elementwise, so
-    one optimiser over stacked tensors is K independent ones; LARS and LAMB take norms per copy."""
-    name, wd, mom = config.optimizer, config.weight_decay, config.momentum
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(mom, config.beta2), weight_decay=wd)
-    if name == "sgdm":
-        return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=mom, weight_decay=wd,
-                    trust_coefficient=config.trust_coefficient, batch_dims=batch_dims)
-    if name == "lamb":
-        return LAMB(params, lr=lr, betas=(mom, config.beta2), weight_decay=wd,
-                    clamp=(0.0, config.lamb_clamp), batch_dims=batch_dims)
-    raise ValueError(f"optimizer: unknown {name!r}")

@@ -39,10 +39,10 @@ def _worker_entry(settings: RunSettings, index: int, n_trials: int | None, threa
     try:
         run_worker(settings, index, n_trials, threads, signals=(signal.SIGTERM,))
     except StorageUnavailable as exc:
-        print(f"search run: worker {index}: {exc}", file=sys.stderr)
+        say(f"worker {index}: {exc}", "search run")
         sys.exit(STORAGE_GONE)
     except (UserError, ConfigError, DataError) as exc:
-        print(f"search run: worker {index}: error: {exc}", file=sys.stderr)
+        say(f"worker {index}: error: {exc}", "search run")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(STOP.exit_code)

@@ -35,7 +35,7 @@ from pathlib import Path
 from search.errors import UserError
 from search.inputs.settings import RunSettings
 from search.launch.base import WorkersGaveUp, leave
-from search.logs import quiet_libraries
+from search.logs import quiet_libraries, say
 from search.study.checkpoints import DEFAULT_DIR
 from search.study.lifecycle import open_run
 from search.study.recovery import HOST, STOP
@@ -200,9 +200,8 @@ def run_slurm_task(spec_path: str) -> int:
     threads = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK") \
         else None
     share = shares(settings.n_trials, workers)[index]
-    print(f"search worker: task {task or index} of study {settings.study_name} (share "
-          f"{share if share is not None else 'until the timeout'}) on {HOST}", file=sys.stderr,
-          flush=True)
+    say(f"task {task or index} of study {settings.study_name} (share "
+        f"{share if share is not None else 'until the timeout'}) on {HOST}", "search worker")
     try:
         study = run_worker(settings, index, share, threads, signals=(signal.SIGTERM, signal.SIGINT),
                            slurm_task=task)
@@ -211,9 +210,8 @@ def run_slurm_task(spec_path: str) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         again = requeue_self()
-        print(f"search worker: stopped by {signal.Signals(STOP.signum or 15).name} after its "
-              f"epoch; its trials are re-queued" + (f"; task {task} requeued" if again else ""),
-              file=sys.stderr, flush=True)
+        say(f"stopped by {signal.Signals(STOP.signum or 15).name} after its "
+            f"epoch; its trials are re-queued" + (f"; task {task} requeued" if again else ""), "search worker")
         return 0 if again else STOP.exit_code
     tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -263,8 +261,8 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
     except KeyboardInterrupt:
         subprocess.run(["scancel", job], capture_output=True)
         progress.close()
-        print(f"search run: cancelled Slurm job array {job}; its trials resume from their "
-              "checkpoints with the next command on the study", file=sys.stderr)
+        say(f"cancelled Slurm job array {job}; its trials resume from their "
+            "checkpoints with the next command on the study", "search run")
         return 130
     leave(study, tracker, parent, progress, "FINISHED")
     done = finished_by(study)

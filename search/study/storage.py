@@ -11,7 +11,6 @@ import contextlib
 import functools
 import inspect
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from search import optuna_seam
 from search.errors import StorageUnavailable, UserError
+from search.logs import say
 
 DEFAULT_STORAGE = "search-journal.log"
 STORAGE_ENV = "SEARCH_STORAGE"
@@ -99,9 +99,8 @@ class Outage:
             if self.down_since is None:
                 self.down_since = now
                 reason = _root_cause(exc)
-                print(f"search: storage {redact(url)} does not answer ({reason}); trials wait "
-                      f"for it at their epoch's end, up to {_minutes(patience)}",
-                      file=sys.stderr, flush=True)
+                say(f"storage {redact(url)} does not answer ({reason}); trials wait "
+                    f"for it at their epoch's end, up to {_minutes(patience)}")
             return now - self.down_since
 
     def answered(self, url: str) -> None:
@@ -111,8 +110,8 @@ class Outage:
             if self.down_since is None:
                 return
             now = time.monotonic()
-            print(f"search: storage {redact(url)} answers again after "
-                  f"{_minutes(now - self.down_since)}", file=sys.stderr, flush=True)
+            say(f"storage {redact(url)} answers again after "
+                f"{_minutes(now - self.down_since)}")
             self.down_since, self.back_at = None, now
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from search.errors import UserError
+from search.logs import say
 from search.tracking.datasets import dataset_input, system_tags
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
@@ -203,8 +203,8 @@ class Tracker:
         while not self.flush() and time.monotonic() < deadline:
             time.sleep(2.0)
         if self.pending:
-            print(f"search: {len(self.pending)} MLflow updates could not be sent to {self.uri}; "
-                  "the Optuna storage holds every trial's values", file=sys.stderr)
+            say(f"{len(self.pending)} MLflow updates could not be sent to {self.uri}; "
+                "the Optuna storage holds every trial's values")
 
     def start_trial(self, parent_id: str, trial_number: int, params: dict[str, Any],
                     tags: dict[str, str], space_text: str, run_name: str | None = None,
@@ -247,20 +247,18 @@ class Tracker:
                 getattr(self.quick, method)(*args, **kwargs)
             except Exception as exc:
                 if not _server_busy(exc):  # refused for good (a deleted run): not worth holding
-                    print(f"search: MLflow {method} dropped: {str(exc).splitlines()[0]}",
-                          file=sys.stderr)
+                    say(f"MLflow {method} dropped: {str(exc).splitlines()[0]}")
                 elif not self.outage:
                     self.outage = True
-                    print(f"search: MLflow at {self.uri} does not answer; training goes on and "
-                          "its metrics are kept to send when it is back", file=sys.stderr)
+                    say(f"MLflow at {self.uri} does not answer; training goes on and "
+                        "its metrics are kept to send when it is back")
                     return False
                 else:
                     return False
             self.pending.popleft()
         if self.outage:
             self.outage = False
-            print(f"search: MLflow at {self.uri} answers again; queued updates sent",
-                  file=sys.stderr)
+            say(f"MLflow at {self.uri} answers again; queued updates sent")
         return True
 
     def tag(self, run_id: str, key: str, value: str) -> None:

@@ -1,0 +1,74 @@
+"""Optuna's private internals we rely on (search/optuna_seam.py) still exist and still behave as
+the seam says; and importing our modules changes nothing outside them. An Optuna release that
+renames one of them fails here, by name, instead of in a worker."""
+
+import inspect
+import re
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from search import optuna_seam
+
+State = optuna.trial.TrialState
+
+
+@pytest.fixture
+def study(tmp_path):
+    return optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
+
+
+def test_a_trial_is_read_and_beaten_by_its_storage_id(study):
+    trial = study.ask()
+    assert isinstance(optuna_seam.storage_of(study), optuna.storages.BaseStorage)
+    assert optuna_seam.get_trial(study, trial).number == trial.number
+    beat = optuna_seam.heartbeat_thread(trial, study)
+    beat.start()
+    beat.join()
+    study.tell(trial, 1.0)
+    assert optuna_seam.get_trial(study, trial).state == State.COMPLETE
+
+
+def test_another_process_trial_is_failed_once(study):
+    trial = study.ask()
+    frozen = optuna_seam.get_trial(study, trial)
+    assert optuna_seam.fail_if_running(study, frozen) is True
+    assert optuna_seam.fail_if_running(study, frozen) is False  # someone ended it first
+
+
+def test_grid_sampler_may_stop_inside_our_optimize_loop(study):
+    grid = optuna.create_study(sampler=optuna.samplers.GridSampler({"x": [0, 1]}))
+    with optuna_seam.optimize_loop(grid):
+        for _ in range(2):
+            t = grid.ask()
+            t.suggest_categorical("x", [0, 1])
+            grid.tell(t, 0.0)
+        assert optuna_seam.stop_requested(grid)  # the grid is done: GridSampler called stop()
+    assert not grid._thread_local.in_optimize_loop
+
+
+def test_every_private_call_of_optunas_cache_is_one_we_retry():
+    source = inspect.getsource(optuna.storages._cached_storage)
+    called = set(re.findall(r"self\._backend\.(_[a-z_]+)\(", source))
+    ours = set(optuna_seam.CACHED_STORAGE_CALLS) | {optuna_seam.STALE_TRIALS_QUERY}
+    assert called <= ours, f"Optuna's cache now also calls {sorted(called - ours)}"
+    for name in ours:
+        assert inspect.isfunction(getattr(optuna.storages.RDBStorage, name, None)), name
+
+
+def test_importing_search_changes_nothing_outside_it():
+    code = (
+        "import os, optuna\n"
+        "before = dict(os.environ)\n"
+        "import search.cli, search.cli.run, search.cli.inspect, search.cli.retrain\n"
+        "import search.study.storage as s, search.tracking.client, search.launch.slurm\n"
+        "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n"
+        "assert 'get_all_trials' not in vars(s.ResilientRDBStorage)\n"
+        "s.resilient_storage()\n"
+        "assert 'get_all_trials' in vars(s.ResilientRDBStorage)\n"
+        "assert not hasattr(optuna.storages.RDBStorage.get_all_trials, '__wrapped__')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,0 +1,86 @@
+"""The layout is a map: one folder per concern, imports only downward, small modules and
+functions, each package saying what it owns, and a trainer that knows nothing of Optuna or
+MLflow."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# low to high: a module imports from its own layer or lower ones only
+LAYERS = [{"errors", "logs", "optuna_seam"}, {"inputs"}, {"tracking"}, {"study"}, {"ui"},
+          {"worker"}, {"launch"}, {"cli"}, {"__main__"}]
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def modules(package: str) -> dict[str, Path]:
+    out = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(p for p in parts if p != "__init__")] = path
+    return out
+
+
+def imports(path: Path) -> set[str]:
+    """Every module an import statement names, at any depth (function-level imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[1] if module.count(".") else "__init__"
+    return next(i for i, names in enumerate(LAYERS) if top in names) if top != "__init__" else -1
+
+
+def test_search_imports_only_downward_and_has_no_cycles():
+    mods = modules("search")
+    graph = {m: {i for i in imports(p) if i in mods and i != "search"} for m, p in mods.items()}
+    upward = [f"{m} imports {i}" for m, targets in graph.items() for i in targets
+              if layer(i) > layer(m)]
+    assert not upward, upward
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        assert m not in path, f"import cycle: {' -> '.join([*path, m])}"
+        if m in done:
+            return
+        for i in sorted(graph[m]):
+            if i in mods and not mods[i].name == "__init__.py":
+                visit(i, [*path, m])
+        done.add(m)
+
+    for m in mods:
+        visit(m, [])
+
+
+def test_modules_and_functions_are_small():
+    big, long = [], []
+    for package in ("search", "trainer"):
+        for m, path in modules(package).items():
+            lines = path.read_text().splitlines()
+            if len(lines) > MAX_MODULE_LINES:
+                big.append(f"{m}: {len(lines)} lines")
+            for node in ast.walk(ast.parse("\n".join(lines))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{m}.{node.name}: {n} lines")
+    assert not big and not long, big + long
+
+
+def test_every_package_says_what_it_owns():
+    for package in ("search", "trainer"):
+        for init in (ROOT / package).rglob("__init__.py"):
+            doc = ast.get_docstring(ast.parse(init.read_text()))
+            assert doc and len(doc) > 80, f"{init.relative_to(ROOT)} has no docstring"
+
+
+def test_the_trainer_never_imports_optuna_or_mlflow_or_search():
+    for m, path in modules("trainer").items():
+        bad = {i for i in imports(path) if i.split(".")[0] in ("optuna", "mlflow", "search")}
+        assert not bad, f"{m} imports {sorted(bad)}"
