@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from search.inputs.values import pack_value, ramp_value
+from search.inputs.values import cadence_value, pack_value, ramp_value
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,6 +52,15 @@ def pack_size(text: str) -> int | str:
 def ramp_size(text: str) -> int | None:
     """argparse type of --ramp: `off` or an integer >= 1."""
     return _word_or_int(text, ramp_value)
+
+
+def checkpoint_cadence(text: str) -> str:
+    """argparse type of --checkpoint-every: N epochs or a time (30s, 5m); kept as written."""
+    try:
+        cadence_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def storage_flag(p: argparse.ArgumentParser) -> None:

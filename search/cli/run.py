@@ -8,7 +8,7 @@ import argparse
 import shlex
 import sys
 
-from search.cli.args import pack_size, positive_float, positive_int, ramp_size, storage_flag
+from search.cli.args import checkpoint_cadence, pack_size, positive_float, positive_int, ramp_size, storage_flag
 from search.inputs.algorithms import PRUNERS, SAMPLERS
 from search.inputs.settings import DEFAULT_RAMP, check_numbers, check_trials, read_sources, resolve
 from search.launch.base import Launcher
@@ -68,6 +68,10 @@ def add_parsers(sub) -> None:
                    help="times a trial whose worker died or was stopped is re-queued (default 3)")
     p.add_argument("--checkpoint-dir", help="per-epoch trial checkpoints, shared by all workers "
                    "(default ./checkpoints)")
+    p.add_argument("--checkpoint-every", type=checkpoint_cadence, default="1",
+                   help="how often a trial checkpoints: every N epochs, or a time such as 30s "
+                   "or 5m (written in the background while training goes on; a crash loses at "
+                   "most this much of a trial; default 1)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
     g = p.add_argument_group("Slurm", "submit the --workers as one Slurm job array and return "

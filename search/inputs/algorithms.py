@@ -9,6 +9,7 @@ import optuna
 from search.errors import UserError
 from search.inputs.space import Space
 
+State = optuna.trial.TrialState
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2")
 PRUNERS = ("median", "hyperband", "sha", "none")
 
@@ -36,11 +37,45 @@ def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.B
     raise UserError(f"--sampler: unknown {name!r}; expected one of {', '.join(SAMPLERS)}")
 
 
+class RoundPruner(optuna.pruners.BasePruner):
+    """A percentile pruner (median) that reads the study's complete trials once per round
+    instead of once per trial: the worker loop calls `new_round()` at each epoch boundary and
+    after each trial it completes, so a pack of P trials costs one read, not P, however large
+    the study grows. Decisions are those of the pruner it wraps."""
+
+    def __init__(self, inner: optuna.pruners.PercentilePruner):
+        self.inner = inner
+        self.complete: list[optuna.trial.FrozenTrial] | None = None
+
+    def new_round(self) -> None:
+        self.complete = None
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if self.complete is None:
+            self.complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
+        return self.inner.prune(_WithComplete(study, self.complete), trial)
+
+
+class _WithComplete:
+    """The study as a pruner sees it, its complete trials those of this round."""
+
+    def __init__(self, study: optuna.Study, complete: list[optuna.trial.FrozenTrial]):
+        self._study, self._complete = study, complete
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        if not deepcopy and states is not None and tuple(states) == (State.COMPLETE,):
+            return self._complete
+        return self._study.get_trials(deepcopy=deepcopy, states=states)
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+
 def make_pruner(name: str, epochs: int, startup_trials: int = 5,
                 warmup_epochs: int = 0) -> optuna.pruners.BasePruner:
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
-                                           n_warmup_steps=warmup_epochs)
+        return RoundPruner(optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
+                                                       n_warmup_steps=warmup_epochs))
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
     if name == "sha":

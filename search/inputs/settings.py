@@ -44,6 +44,7 @@ class RunSettings:
     stop_within: float = 20.0  # seconds a signalled worker may take to stop (mid-epoch)
     max_retry: int = 3
     checkpoint_dir: str | None = None
+    checkpoint_every: str = "1"  # epochs, or a time (30s): how often a trial checkpoints
     keep_checkpoints: bool = False
     pack: int | str = "auto"  # trials each worker trains together as one model (worker.sizing)
     ramp: int | None = DEFAULT_RAMP  # in flight <= max(ramp, trials heard from) (worker.sizing)
@@ -173,6 +174,7 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
         n_trials=n_trials, timeout=timeout, overrides=src.overrides, mlflow_uri=args.mlflow_uri,
         seed=args.seed, fixed_trials=src.fixed, table=src.table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
         storage_patience=args.storage_patience, stop_within=args.stop_within,
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", "auto"),
         ramp=pick(args.ramp, "ramp", DEFAULT_RAMP), command=command,

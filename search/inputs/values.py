@@ -24,3 +24,20 @@ def ramp_value(value: Any) -> int | None:
     if int_at_least(value, 1):
         return value
     raise ValueError(f"expected off or an integer >= 1, got {value!r}")
+
+
+def cadence_value(value: Any) -> tuple[str, float]:
+    """`--checkpoint-every`: N epochs (an integer >= 1) or a time, `30s` / `5m`, as
+    ("epochs", N) or ("seconds", S); ValueError says what was expected."""
+    text = str(value).strip()
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        if text and text[-1] in units:
+            seconds = float(text[:-1]) * units[text[-1]]
+            if seconds > 0 and seconds < float("inf"):
+                return "seconds", seconds
+        elif int(text) >= 1:
+            return "epochs", int(text)
+    except ValueError:
+        pass
+    raise ValueError(f"expected a number of epochs >= 1 or a time such as 30s or 5m, got {value!r}")

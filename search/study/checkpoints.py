@@ -7,6 +7,14 @@ trial while paused can never overwrite the newer attempt's state, and a retry ta
 attempt's file that reads. Files are written atomically (temporary file, then rename) and
 loaded with `weights_only=True` (no code runs on load).
 
+Writes happen on a background thread while the next epoch trains (`submit`): the state is
+copied to host memory, and a newer state of the same attempt replaces one still queued, so a
+slow disk costs checkpoints, never device time or memory. Before its file replaces the last
+one, a write asks whether its attempt is still the trial's (`still_owned`): a write queued
+before the attempt was lost is never written after it. What needs a file settles first: a
+stopped trial's retry (`settle`), a trial's end (`remove`), a lost attempt (`forget`, its files
+go), the worker's exit (`drain`).
+
 Faults a cluster disk has are one line each, never a crash: an unreadable file (truncated,
 garbage) is moved aside (`*.corrupt`) and the next older one, or epoch 0, is used; a failed
 write (disk full, permissions) leaves the trial training without crash safety until a write
@@ -20,6 +28,8 @@ import io
 import os
 import re
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,7 @@ class CheckpointStore:
         self.keep = keep
         self.write_error: str | None = None  # the failing write's error, said once
         self.discarded: dict[int, str] = {}  # chain root -> why its checkpoint was unusable
+        self.writer = _Writer(self)
 
     def path(self, chain_root: int, attempt: int | None = None) -> Path:
         if attempt is None or attempt == chain_root:
@@ -53,9 +64,11 @@ class CheckpointStore:
                     found.append((int(m.group(1) or chain_root), p))
         return sorted(found, reverse=True)
 
-    def save(self, chain_root: int, state: dict[str, Any], attempt: int | None = None) -> bool:
-        """Writes the attempt's checkpoint; False (said once, with errno and path) when the
-        disk refuses it: the trial trains on without crash safety."""
+    def save(self, chain_root: int, state: dict[str, Any], attempt: int | None = None,
+             still_owned: Callable[[], bool] | None = None) -> bool | None:
+        """Writes the attempt's checkpoint now; False (said once, with errno and path) when the
+        disk refuses it: the trial trains on without crash safety. None, nothing written,
+        when `still_owned` says the attempt was lost meanwhile."""
         import torch
 
         buffer = io.BytesIO()
@@ -68,6 +81,9 @@ class CheckpointStore:
                 f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
+            if still_owned is not None and not still_owned():
+                Path(tmp).unlink(missing_ok=True)
+                return None
             os.replace(tmp, target)
         except OSError as exc:
             if tmp is not None:
@@ -100,7 +116,30 @@ class CheckpointStore:
             self.discarded[chain_root] = f"{path.name}: {problem}"
         return None
 
+    def submit(self, chain_root: int, state: dict[str, Any], attempt: int,
+               still_owned: Callable[[], bool] | None = None) -> bool | None:
+        """Queues the attempt's checkpoint for the background writer (its tensors copied to
+        host memory first); returns how the attempt's previous write went (None: none yet)."""
+        return self.writer.submit((chain_root, attempt), _to_host(state), still_owned)
+
+    def settle(self, chain_root: int, attempt: int) -> None:
+        """Waits until the attempt's queued checkpoint is on disk (a retry is about to read it)."""
+        self.writer.wait(lambda key: key == (chain_root, attempt))
+
+    def forget(self, chain_root: int, attempt: int) -> None:
+        """A lost attempt: its queued write dropped; its file goes once a newer attempt has
+        one (until then it is what the chain resumes from; the chain's end removes it)."""
+        self.writer.cancel(lambda key: key == (chain_root, attempt))
+        if any(a > attempt for a, _ in self.files(chain_root)):
+            self.path(chain_root, attempt).unlink(missing_ok=True)
+
+    def drain(self) -> None:
+        """Waits for every queued write (a worker's exit)."""
+        self.writer.wait(lambda key: True)
+
     def remove(self, chain_root: int) -> None:
+        """The trial ended: its chain's queued writes dropped and, unless kept, its files."""
+        self.writer.cancel(lambda key: key[0] == chain_root)
         if self.keep:
             return
         for _, path in self.files(chain_root):
@@ -108,6 +147,70 @@ class CheckpointStore:
                 path.unlink(missing_ok=True)
             except OSError:  # a read-only or vanished share: the files are only left behind
                 pass
+
+
+def _to_host(tree: Any) -> Any:
+    """The state with every tensor in host memory (a no-op for CPU tensors)."""
+    if isinstance(tree, dict):
+        return {k: _to_host(v) for k, v in tree.items()}
+    if hasattr(tree, "device") and getattr(tree.device, "type", "cpu") != "cpu":
+        return tree.to("cpu")
+    return tree
+
+
+class _Writer:
+    """The store's background thread: one queued state per attempt (the newest), written in
+    the order first queued; `wait` and `cancel` take a predicate over (chain root, attempt)."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+        self.cond = threading.Condition()
+        self.queue: dict[tuple[int, int], tuple[dict, Callable[[], bool] | None]] = {}
+        self.busy: tuple[int, int] | None = None
+        self.outcome: dict[tuple[int, int], bool] = {}
+        self.thread: threading.Thread | None = None
+
+    def submit(self, key: tuple[int, int], state: dict, still_owned) -> bool | None:
+        with self.cond:
+            self.queue.pop(key, None)  # a newer state of the same attempt replaces the queued one
+            self.queue[key] = (state, still_owned)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="checkpoint-writer")
+                self.thread.start()
+            self.cond.notify_all()
+            return self.outcome.get(key)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                key = next(iter(self.queue))
+                state, still_owned = self.queue.pop(key)
+                self.busy = key
+            try:
+                ok = self.store.save(key[0], state, attempt=key[1], still_owned=still_owned)
+            except Exception as exc:  # never a traceback from the thread; the trial trains on
+                say(f"checkpoint of trial {key[0]} not written ({type(exc).__name__}: {exc})")
+                ok = False
+            with self.cond:
+                if ok is not None:
+                    self.outcome[key] = ok
+                self.busy = None
+                self.cond.notify_all()
+
+    def wait(self, match: Callable[[tuple[int, int]], bool]) -> None:
+        with self.cond:
+            while any(match(k) for k in self.queue) or (self.busy is not None and match(self.busy)):
+                self.cond.wait()
+
+    def cancel(self, match: Callable[[tuple[int, int]], bool]) -> None:
+        with self.cond:
+            for key in [k for k in self.queue if match(k)]:
+                del self.queue[key]
+            while self.busy is not None and match(self.busy):
+                self.cond.wait()
 
 
 def _read(path: Path) -> tuple[dict[str, Any] | None, str]:

@@ -117,6 +117,7 @@ class RetryDeadTrial:
                 tracker = Tracker(self.mlflow_uri, study.study_name)
                 if tracker.client.get_run(run_id).info.status == "RUNNING":
                     tracker.end_trial(run_id, status, reason)
+                    tracker.drain(seconds=10)  # closed before the retry reopens it
             except Exception:  # tracking trouble must not block the retry
                 pass
         clean = copy.copy(trial)

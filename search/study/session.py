@@ -42,8 +42,10 @@ class TrialRunner:
     def __init__(self, space: Space, overrides: dict[str, Any], tracker: Tracker,
                  parent_run_id: str, checkpoints: CheckpointStore | None = None,
                  reaper: Callable[[optuna.Study], Any] | None = None,
-                 objectives: list[str] | None = None, constraints: list[str] | None = None):
+                 objectives: list[str] | None = None, constraints: list[str] | None = None,
+                 checkpoint_every: tuple[str, float] = ("epochs", 1)):
         self.space, self.overrides = space, overrides
+        self.checkpoint_every = checkpoint_every  # ("epochs", N) or ("seconds", S)
         self.objectives = objectives or list(DEFAULT_OBJECTIVES)
         self.constraints = constraints or []
         self.tracker, self.parent_run_id = tracker, parent_run_id
@@ -70,8 +72,10 @@ class TrialRunner:
         run_id = (resume or {}).get("mlflow_run_id") or trial.user_attrs.get(RUN_ATTR)
         label = trial.user_attrs.get("label")
         run_name = f"{label} · trial-{root}" if label else f"trial-{root}"
+        logged = 0  # epochs the run already holds: a retry recomputing them logs nothing twice
         if run_id and root != trial.number:
             self.tracker.reopen(run_id, trial.number, run_name)
+            logged = self.tracker.last_step(run_id, "val_acc")
         else:
             tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
             params = config.to_dict()
@@ -92,7 +96,9 @@ class TrialRunner:
             self.tracker.tag(run_id, "checkpoint_discarded", f"{discarded}; restarted from {start}")
         if root == trial.number:
             self._note(trial, run_id)
-        return TrialSession(self, trial, config, resume, run_id, root, run_name)
+        session = TrialSession(self, trial, config, resume, run_id, root, run_name)
+        session.logged = logged
+        return session
 
     def _note(self, trial: optuna.Trial, run_id: str) -> None:
         """The trial's note in optuna-dashboard (Markdown): its MLflow run as a link."""
@@ -128,17 +134,23 @@ class TrialSession:
         self.contact = time.monotonic()  # the last time the storage confirmed the attempt
         self.crash_safe = True
         self.owed: list[dict[str, Any]] = []  # epochs not yet reported (a storage outage)
+        self.logged = 0  # the last epoch its MLflow run holds (a retry's predecessor's)
+        self.saved_epoch = int(resume["epoch"]) if resume else 0  # the last checkpoint's
+        self.saved_at = time.monotonic()
 
-    def owned(self) -> bool:
-        """True while this attempt is still the trial's RUNNING attempt in the storage."""
-        state = optuna_seam.get_trial(self.trial.study, self.trial).state
-        if state == optuna.trial.TrialState.RUNNING:
+    def owned(self, known: bool | None = None) -> bool:
+        """True while this attempt is still the trial's RUNNING attempt in the storage (`known`:
+        what one read for the whole pack found, instead of a read of its own)."""
+        if known is None:
+            known = (optuna_seam.get_trial(self.trial.study, self.trial).state
+                     == optuna.trial.TrialState.RUNNING)
+        if known:
             self.contact = time.monotonic()
             return True
         return False
 
-    def confirm(self) -> None:
-        if not self.owned():
+    def confirm(self, known: bool | None = None) -> None:
+        if not self.owned(known):
             raise AttemptLost(self.lost_line())
 
     def lost_line(self) -> str:
@@ -146,16 +158,18 @@ class TrialSession:
                 f"unresponsive (no contact for {time.monotonic() - self.contact:.0f} s); "
                 "dropping it")
 
-    def on_epoch(self, metrics: dict[str, Any], last: bool = False) -> None:
+    def on_epoch(self, metrics: dict[str, Any], last: bool = False,
+                 running: bool | None = None) -> None:
         """The epoch's report: confirm the attempt, log it to MLflow, report it to Optuna, ask
         the pruner. While the storage does not answer (an outage, within --storage-patience)
         the epoch is owed instead and training goes on; owed epochs are sent, in order, once
         the storage confirms the attempt again (a lost one sends nothing). The last epoch
-        waits for the storage: the trial cannot end without it."""
+        waits for the storage: the trial cannot end without it. `running`: whether the pack's
+        one fencing read found the attempt RUNNING (None: read it here)."""
         self.owed.append(metrics)
         try:
             with no_waiting(optuna_seam.storage_of(self.trial.study)) if not last else contextlib.nullcontext():
-                self._send_owed()
+                self._send_owed(running)
                 # the last epoch never prunes: a trial that ran its whole budget has a value
                 prune = (not last and len(self.runner.objectives) == 1
                          and self.trial.should_prune())
@@ -164,10 +178,12 @@ class TrialSession:
         if prune:
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
 
-    def _send_owed(self) -> None:
+    def _send_owed(self, running: bool | None = None) -> None:
         """Confirms the attempt, then reports each owed epoch: Optuna first (it may meet the
-        outage again), then MLflow (queued by the tracker, never fails), then drops it."""
-        self.confirm()
+        outage again), then MLflow (queued by the tracker, never fails; an epoch its run
+        already holds is not logged again, as Optuna keeps an epoch's first report), then
+        drops it."""
+        self.confirm(running if not self.owed[:-1] else None)  # owed epochs: read again
         while self.owed:
             m = self.owed[0]
             if "comm_rounds" in m:
@@ -176,24 +192,56 @@ class TrialSession:
                 self.trial.set_user_attr("epochs_run", int(m["epoch"]))
             else:
                 self.trial.report(m["val_acc"], m["epoch"])
-            self.runner.tracker.log_epoch(self.run_id, m)
+            if int(m["epoch"]) > self.logged:
+                self.runner.tracker.log_epoch(self.run_id, m)
+                self.logged = int(m["epoch"])
             self.owed.pop(0)
 
     def values(self, history: list[dict[str, Any]]) -> list[float]:
         """The trial's objective values, in the study's order."""
         return objective_values(self.runner.objectives, history)
 
-    def save(self, state: dict[str, Any]) -> None:
-        """This attempt's checkpoint (after `on_epoch` confirmed the attempt). A failed write
-        is one line from the store; the trial carries `crash_safe: false` until one succeeds,
-        which `search status` shows."""
-        if self.runner.checkpoints is None:
+    def save(self, state: dict[str, Any], epoch_end: bool = True) -> None:
+        """This attempt's checkpoint (after `on_epoch` confirmed the attempt), queued for the
+        store's background writer when the cadence (`--checkpoint-every`) says it is due; a
+        stop inside an epoch (`epoch_end=False`) always saves. A failed write is one line from
+        the store; the trial carries `crash_safe: false` from its next save until a write
+        succeeds, which `search status` shows."""
+        store = self.runner.checkpoints
+        if store is None or (epoch_end and not self._due(int(state["epoch"]))):
             return
-        ok = self.runner.checkpoints.save(self.root, {**state, "mlflow_run_id": self.run_id},
-                                          attempt=self.trial.number)
-        if ok != self.crash_safe:
+        ok = store.submit(self.root, {**state, "mlflow_run_id": self.run_id}, self.trial.number,
+                          self._still_owned)
+        self.saved_epoch, self.saved_at = int(state["epoch"]), time.monotonic()
+        if ok is not None and ok != self.crash_safe:
             self.crash_safe = ok
             self.trial.set_user_attr("crash_safe", ok)
+
+    def _due(self, epoch: int) -> bool:
+        kind, every = self.runner.checkpoint_every
+        if kind == "epochs":
+            return epoch - self.saved_epoch >= every
+        return time.monotonic() - self.saved_at >= every
+
+    def _still_owned(self) -> bool:
+        """For the writer, just before a file lands: False only when the storage says the
+        attempt is no longer RUNNING (during an outage it writes: the file is its own)."""
+        try:
+            with no_waiting(optuna_seam.storage_of(self.trial.study)):
+                return self.owned()
+        except Exception:
+            return True
+
+    def _settle(self) -> None:
+        """Its queued checkpoint on disk, before a retry may read it."""
+        if self.runner.checkpoints is not None:
+            self.runner.checkpoints.settle(self.root, self.trial.number)
+
+    def lost(self) -> None:
+        """The attempt was taken over: its queued checkpoint dropped, its file gone once the
+        retry has one of its own."""
+        if self.runner.checkpoints is not None:
+            self.runner.checkpoints.forget(self.root, self.trial.number)
 
     def pruned(self, reason: str, epoch: int) -> None:
         """Pruned: a normal end (FINISHED, as Optuna's own MLflow integration ends it), told
@@ -207,16 +255,19 @@ class TrialSession:
     def interrupted(self, reason: str) -> bool:
         """Stopped by a signal: the checkpoint stays, so the re-queued trial resumes. False
         (nothing written) when the attempt was lost meanwhile."""
+        self._settle()
         if not self.owned():
             return False
         self.trial.set_user_attr("fail_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "KILLED", reason)
+        self.runner.tracker.drain(seconds=10)  # closed before the re-queue looks at it
         return True
 
     def abandoned(self, reason: str) -> None:
         """The storage is gone: no storage write is possible. The run is closed KILLED (sent
         when MLflow answers), the checkpoint stays; the trial, RUNNING in the storage, is found
         stale and retried from it once the storage is back."""
+        self._settle()
         self.runner.tracker.end_trial(self.run_id, "KILLED", reason)
 
     def failed(self, reason: str) -> bool:

@@ -4,18 +4,24 @@ Logs straight through MlflowClient (optuna-integration's MLflowCallback is depre
 flattens runs). The tracking URI is `--mlflow-uri`, else MLFLOW_TRACKING_URI, else MLflow's own
 default (a `mlflow.db` in the working directory).
 
+Off the critical path: metrics, tags and run ends are queued and sent in order by a sender
+thread while the next epoch trains, a run's consecutive metric batches merged into one
+request; `drain` waits for the queue (a worker's end). Only a trial's run creation waits for
+the server (nothing trains without its run).
+
 Outages: a tracking server is checked before a study is created (`check_tracking_uri`: one line
 within ~30 s when it does not answer). During a study, a trial's run is created with retries
-for up to 10 minutes (the worker waits: nothing trains without its run); per-epoch metrics,
-tags and run ends that fail are queued in memory, training goes on, one line says so on
-stderr, and the queue is sent in order when the server answers again (or when the worker
-ends). Optuna's storage stays the record of every trial either way.
+for up to 10 minutes; queued calls wait while the server is away, one line says so on stderr,
+and the queue is sent in order when it answers again (or when the worker ends). Optuna's
+storage stays the record of every trial either way.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -131,8 +137,11 @@ class Tracker:
         self.quick = _RetryingClient(raw, seconds=2.0)  # for what may be queued
         self.uri = self.client.tracking_uri
         self.study_name = study_name
-        self.pending: collections.deque = collections.deque()
+        self.pending: collections.deque = collections.deque()  # calls not yet sent, in order
         self.outage = False
+        self.cond = threading.Condition()  # guards `pending`; the sender thread waits on it
+        self.sending = threading.Lock()  # one flush at a time (the sender's, or a caller's)
+        self.sender: threading.Thread | None = None
         try:
             self.experiment_id = self._experiment(study_name)
         except MlflowException as exc:
@@ -198,7 +207,8 @@ class Tracker:
             self.client.set_terminated(run_id, status)
 
     def drain(self, seconds: float = 60.0) -> None:
-        """At a worker's end: sends what an outage queued, waiting up to `seconds`."""
+        """At a trial's end where a record must be there, and at a worker's end: sends
+        everything queued (an outage's backlog too), waiting up to `seconds`."""
         deadline = time.monotonic() + seconds
         while not self.flush() and time.monotonic() < deadline:
             time.sleep(2.0)
@@ -235,31 +245,73 @@ class Tracker:
                 self.patient.delete_tag(run_id, stale)
 
     def _send(self, method: str, *args, **kwargs) -> None:
-        """Calls the client now, or queues the call while the server is away (in order)."""
-        self.pending.append((method, args, kwargs))
-        self.flush()
+        """Queues the call for the sender thread, which sends the queue in order while the
+        next epoch trains (and holds it while the server is away)."""
+        with self.cond:
+            self.pending.append((method, args, kwargs))
+            if self.sender is None:
+                self.sender = threading.Thread(target=self._send_forever, daemon=True,
+                                               name="mlflow-sender")
+                self.sender.start()
+            self.cond.notify_all()
+
+    def _send_forever(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending:
+                    self.cond.wait()
+            if not self.flush():
+                time.sleep(2.0)  # the server is away: try again in a while
+
+    def _head(self) -> tuple[str, tuple, dict, int]:
+        """The next call to make, with the queue's next metric batches of the same run merged
+        into it (one request instead of one per epoch); and how many queued calls it covers."""
+        method, args, kwargs = self.pending[0]
+        if method != "log_batch" or set(kwargs) != {"metrics"}:
+            return method, args, kwargs, 1
+        metrics, count = list(kwargs["metrics"]), 1
+        for m, a, k in itertools.islice(self.pending, 1, None):
+            if (m, a, set(k)) != (method, args, {"metrics"}) or len(metrics) + len(k["metrics"]) > 1000:
+                break
+            metrics += k["metrics"]
+            count += 1
+        return method, args, {"metrics": metrics}, count
 
     def flush(self) -> bool:
         """Sends queued calls in order; False while the server still does not answer."""
-        while self.pending:
-            method, args, kwargs = self.pending[0]
-            try:
-                getattr(self.quick, method)(*args, **kwargs)
-            except Exception as exc:
-                if not _server_busy(exc):  # refused for good (a deleted run): not worth holding
+        with self.sending:
+            while True:
+                with self.cond:
+                    if not self.pending:
+                        break
+                    method, args, kwargs, count = self._head()
+                try:
+                    getattr(self.quick, method)(*args, **kwargs)
+                except Exception as exc:
+                    if _server_busy(exc):
+                        if not self.outage:
+                            self.outage = True
+                            say(f"MLflow at {self.uri} does not answer; training goes on and "
+                                "its metrics are kept to send when it is back")
+                        return False
+                    # refused for good (a deleted run): not worth holding
                     say(f"MLflow {method} dropped: {str(exc).splitlines()[0]}")
-                elif not self.outage:
-                    self.outage = True
-                    say(f"MLflow at {self.uri} does not answer; training goes on and "
-                        "its metrics are kept to send when it is back")
-                    return False
-                else:
-                    return False
-            self.pending.popleft()
+                with self.cond:
+                    for _ in range(count):
+                        self.pending.popleft()
         if self.outage:
             self.outage = False
             say(f"MLflow at {self.uri} answers again; queued updates sent")
         return True
+
+    def last_step(self, run_id: str, key: str) -> int:
+        """The last step at which the run logged `key` (0: none): the epochs a retry's run
+        already holds."""
+        try:
+            history = self.patient.get_metric_history(run_id, key)
+        except Exception:  # unknown: log every epoch, as before
+            return 0
+        return max((m.step for m in history), default=0)
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self._send("set_tag", run_id, key, value[:5000])

@@ -28,9 +28,11 @@ import optuna
 
 from search import optuna_seam
 from search.errors import AttemptLost, StorageUnavailable
+from search.inputs.algorithms import RoundPruner
 from search.logs import say
 from search.study.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study.session import TrialRunner, TrialSession
+from search.study.storage import StorageBusy, no_waiting
 from search.worker.sizing import in_flight_limit
 from trainer.config import ConfigError, pack_key
 
@@ -158,20 +160,33 @@ class WorkerLoop:
             for member in engine.members:
                 session = self.in_flight[member].session
                 if session.owned():
-                    session.save(engine.state(member))
+                    session.save(engine.state(member), epoch_end=False)
             raise Interrupted
+        running = self._running_ids()
+        self._new_round()
         for member, metrics, error in results:
-            self._after_epoch(engine, member, metrics, error)
+            self._after_epoch(engine, member, metrics, error, running)
+
+    def _running_ids(self) -> set[int] | None:
+        """The fencing read for the whole pack, once an epoch: the study's RUNNING trials (None
+        while the storage does not answer: each trial then owes its report)."""
+        try:
+            with no_waiting(optuna_seam.storage_of(self.study)):
+                return {optuna_seam.trial_id(t) for t in
+                        self.study.get_trials(deepcopy=False, states=(State.RUNNING,))}
+        except StorageBusy:
+            return None
 
     def _after_epoch(self, engine: Any, member: Any, metrics: dict | None,
-                     error: Exception | None) -> None:
+                     error: Exception | None, running: set[int] | None = None) -> None:
         session = self.in_flight[member].session
+        known = None if running is None else optuna_seam.trial_id(session.trial) in running
         if error is not None:
             self._fail(engine, member, str(error))
             return
         last = member.epoch >= member.config.epochs
         try:
-            session.on_epoch(metrics, last=last)
+            session.on_epoch(metrics, last=last, running=known)
         except AttemptLost as exc:
             self._drop(engine, member, str(exc))
             return
@@ -185,6 +200,11 @@ class WorkerLoop:
             self._tell(engine, member, State.COMPLETE, values)
         else:
             session.save(engine.state(member))
+
+    def _new_round(self) -> None:
+        """The pruner reads the study's complete trials afresh at its next call."""
+        if isinstance(self.study.pruner, RoundPruner):
+            self.study.pruner.new_round()
 
     # --- a trial's ends ---
 
@@ -202,11 +222,13 @@ class WorkerLoop:
                             state=state)
         except optuna.exceptions.UpdateFinishedTrialError:  # taken over since its last check
             say(flight.session.lost_line())
+        if state == State.COMPLETE:
+            self._new_round()  # the pruner counts it from the next report on
 
     def _drop(self, engine: Any, member: Any, line: str) -> None:
         """A lost attempt: no tell, no MLflow, no checkpoint; its share is asked again."""
         say(line)
-        self._release(engine, member)
+        self._release(engine, member).session.lost()
         self.asked -= 1
 
     def _fail(self, engine: Any, member: Any, reason: str) -> None:

@@ -9,6 +9,7 @@ import signal
 import optuna
 
 from search.inputs.settings import RunSettings
+from search.inputs.values import cadence_value
 from search.logs import quiet_libraries, say
 from search.study.checkpoints import CheckpointStore
 from search.study.lifecycle import open_study
@@ -104,7 +105,7 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
     runner = TrialRunner(space, worker_device(index, settings.overrides), tracker, parent,
                          CheckpointStore(settings.checkpoint_dir, settings.study_name,
                                          settings.keep_checkpoints), reaper, settings.objectives,
-                         settings.constraints)
+                         settings.constraints, cadence_value(settings.checkpoint_every))
     if reaper is not None:
         reaper(study)
     if n_trials == 0:  # `--n-trials 0`: only tidy up (stale trials failed and re-queued)
@@ -118,5 +119,6 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         if STOP.requested:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:
+        runner.checkpoints.drain()  # what the background writer holds is on disk
         tracker.drain()
     return study
