@@ -23,7 +23,7 @@ from search.logs import say
 from search.study.checkpoints import CheckpointStore
 from search.study.recovery import chain_root, mark_worker
 from search.study.storage import StorageBusy, no_waiting
-from search.tracking.client import RUN_ATTR, Tracker
+from search.tracking.client import RUN_ATTR, PendingRun, Tracker, run_id_of
 from trainer import TrainConfig
 from trainer.config import ConfigError, never_averages
 
@@ -69,23 +69,9 @@ class TrialRunner:
         root = chain_root(optuna_seam.get_trial(trial.study, trial))
         resume = self.checkpoints.load(root) if self.checkpoints else None
         discarded = self.checkpoints.discarded.pop(root, None) if self.checkpoints else None
-        run_id = (resume or {}).get("mlflow_run_id") or trial.user_attrs.get(RUN_ATTR)
         label = trial.user_attrs.get("label")
         run_name = f"{label} · trial-{root}" if label else f"trial-{root}"
-        logged = 0  # epochs the run already holds: a retry recomputing them logs nothing twice
-        if run_id and root != trial.number:
-            self.tracker.reopen(run_id, trial.number, run_name)
-            logged = self.tracker.last_step(run_id, "val_acc")
-        else:
-            tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
-            params = config.to_dict()
-            if label:
-                tags["label"] = str(label)
-                if trial.user_attrs.get("reported") is not None:  # the notes' number beside ours
-                    params["reported_val_acc"] = trial.user_attrs["reported"]
-            run_id = self.tracker.start_trial(self.parent_run_id, trial.number, params,
-                                              tags, self.space.text, run_name)
-        trial.set_user_attr(RUN_ATTR, run_id)
+        run_id, logged = self._open_run(trial, config, root, resume, run_name)
         trial.set_user_attr("config", compact_config(config))
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
@@ -94,11 +80,47 @@ class TrialRunner:
             say(f"trial {trial.number} (retry of trial {root}) starts again from {start}")
             trial.set_user_attr("checkpoint_discarded", discarded)
             self.tracker.tag(run_id, "checkpoint_discarded", f"{discarded}; restarted from {start}")
-        if root == trial.number:
-            self._note(trial, run_id)
         session = TrialSession(self, trial, config, resume, run_id, root, run_name)
         session.logged = logged
         return session
+
+    def _open_run(self, trial: optuna.Trial, config: TrainConfig, root: int,
+                  resume: dict[str, Any] | None, run_name: str) -> tuple[str | PendingRun, int]:
+        """A retry reopens its chain's run (returns it and the epochs it already holds, which
+        the retry then logs nothing twice of); a new trial's run is created by the tracker's
+        sender thread while the trial starts training (a PendingRun until then)."""
+        run_id = (resume or {}).get("mlflow_run_id") or trial.user_attrs.get(RUN_ATTR)
+        if run_id and root != trial.number:
+            self.tracker.reopen(run_id, trial.number, run_name)
+            trial.set_user_attr(RUN_ATTR, run_id)
+            return run_id, self.tracker.last_step(run_id, "val_acc")
+        label = trial.user_attrs.get("label")
+        tags = {"optimizer": config.optimizer, "space_hash": self.space.hash}
+        params = config.to_dict()
+        if label:
+            tags["label"] = str(label)
+            if trial.user_attrs.get("reported") is not None:  # the notes' number beside ours
+                params["reported_val_acc"] = trial.user_attrs["reported"]
+        return self.tracker.start_trial(self.parent_run_id, trial.number, params, tags,
+                                        self.space.text, run_name,
+                                        on_created=self._created(trial, root)), 0
+
+    def _created(self, trial: optuna.Trial, root: int) -> Callable[[str], None]:
+        """What the sender thread records once a new trial's run exists: the run on the trial
+        (straight to the storage, so a worker killed right after still leaves it) and the
+        dashboard note. A trial that ended or was lost meanwhile keeps what it has."""
+
+        def created(run_id: str) -> None:
+            storage = optuna_seam.storage_of(trial.study)
+            try:
+                with no_waiting(storage):
+                    storage.set_trial_user_attr(optuna_seam.trial_id(trial), RUN_ATTR, run_id)
+            except Exception:
+                return
+            if root == trial.number:
+                self._note(trial, run_id)
+
+        return created
 
     def _note(self, trial: optuna.Trial, run_id: str) -> None:
         """The trial's note in optuna-dashboard (Markdown): its MLflow run as a link."""
@@ -127,7 +149,8 @@ class TrialSession:
     cannot overwrite the retry's."""
 
     def __init__(self, runner: TrialRunner, trial: optuna.Trial, config: TrainConfig,
-                 resume: dict[str, Any] | None, run_id: str, root: int, run_name: str):
+                 resume: dict[str, Any] | None, run_id: str | PendingRun, root: int,
+                 run_name: str):
         self.runner, self.trial, self.config = runner, trial, config
         self.resume, self.run_id, self.root = resume, run_id, root
         self.run_name = run_name
@@ -135,6 +158,7 @@ class TrialSession:
         self.crash_safe = True
         self.owed: list[dict[str, Any]] = []  # epochs not yet reported (a storage outage)
         self.logged = 0  # the last epoch its MLflow run holds (a retry's predecessor's)
+        self.recorded = isinstance(run_id, str)  # the run is on the trial (RUN_ATTR)
         self.saved_epoch = int(resume["epoch"]) if resume else 0  # the last checkpoint's
         self.saved_at = time.monotonic()
 
@@ -184,6 +208,7 @@ class TrialSession:
         already holds is not logged again, as Optuna keeps an epoch's first report), then
         drops it."""
         self.confirm(running if not self.owed[:-1] else None)  # owed epochs: read again
+        self._record_run()
         while self.owed:
             m = self.owed[0]
             if "comm_rounds" in m:
@@ -210,8 +235,9 @@ class TrialSession:
         store = self.runner.checkpoints
         if store is None or (epoch_end and not self._due(int(state["epoch"]))):
             return
-        ok = store.submit(self.root, {**state, "mlflow_run_id": self.run_id}, self.trial.number,
-                          self._still_owned)
+        run_id = run_id_of(self.run_id)  # a retry continues this run (unknown yet: its trial's)
+        ok = store.submit(self.root, {**state, **({"mlflow_run_id": run_id} if run_id else {})},
+                          self.trial.number, self._still_owned)
         self.saved_epoch, self.saved_at = int(state["epoch"]), time.monotonic()
         if ok is not None and ok != self.crash_safe:
             self.crash_safe = ok
@@ -232,6 +258,16 @@ class TrialSession:
         except Exception:
             return True
 
+    def _record_run(self, wait: bool = False) -> None:
+        """The trial's run on the trial (RUN_ATTR) once the sender has created it: at its first
+        report, and before it ends (`wait`: for as long as a run's creation may take)."""
+        if self.recorded:
+            return
+        run_id = self.run_id.wait(600.0 if wait else 0.0)
+        if run_id is not None:
+            self.trial.set_user_attr(RUN_ATTR, run_id)
+            self.recorded = True
+
     def _settle(self) -> None:
         """Its queued checkpoint on disk, before a retry may read it."""
         if self.runner.checkpoints is not None:
@@ -247,6 +283,7 @@ class TrialSession:
         """Pruned: a normal end (FINISHED, as Optuna's own MLflow integration ends it), told
         apart from a complete run at a glance by its name's first word (`pruned@2 · trial-6`:
         MLflow's runs table cuts long names, and shows both as Finished)."""
+        self._record_run(wait=True)
         self.trial.set_user_attr("pruned_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "PRUNED", reason,
                                       run_name=f"pruned@{epoch} · {self.run_name}")
@@ -258,6 +295,7 @@ class TrialSession:
         self._settle()
         if not self.owned():
             return False
+        self._record_run(wait=True)
         self.trial.set_user_attr("fail_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "KILLED", reason)
         self.runner.tracker.drain(seconds=10)  # closed before the re-queue looks at it
@@ -273,6 +311,7 @@ class TrialSession:
     def failed(self, reason: str) -> bool:
         if not self.owned():
             return False
+        self._record_run(wait=True)
         self.trial.set_user_attr("fail_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "FAIL", reason,
                                       run_name=f"failed · {self.run_name}")
@@ -283,6 +322,7 @@ class TrialSession:
                   history: list[dict[str, Any]] | None = None) -> None:
         """Complete: its constraints set on the trial (Optuna keeps infeasible trials off the
         front and the best), its run closed FINISHED."""
+        self._record_run(wait=True)
         missed = violations(self.runner.constraints, history or [])
         for text, amount in missed.items():
             self.trial.set_constraint(text, amount)

@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus
@@ -126,6 +127,24 @@ class _RetryingClient:
         return call
 
 
+class PendingRun:
+    """A trial's run while the sender thread creates it: tracker calls take it in place of a
+    run id (they are queued behind its creation), `id` once it exists."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.done = threading.Event()  # set once created (or once its creation failed for good)
+
+    def wait(self, seconds: float | None = None) -> str | None:
+        self.done.wait(seconds)
+        return self.id
+
+
+def run_id_of(run: str | PendingRun | None) -> str | None:
+    """The run's id, or None while it is being created."""
+    return run.id if isinstance(run, PendingRun) else run
+
+
 class Tracker:
     """MLflow runs of one study."""
 
@@ -218,21 +237,42 @@ class Tracker:
 
     def start_trial(self, parent_id: str, trial_number: int, params: dict[str, Any],
                     tags: dict[str, str], space_text: str, run_name: str | None = None,
-                    retrain: bool = False) -> str:
+                    retrain: bool = False,
+                    on_created: Callable[[str], None] | None = None) -> str | PendingRun:
         """A trial's child run: nested under the study's run, its settings as params, its
-        training data as a dataset input."""
-        run = self.patient.create_run(self.experiment_id, tags={
-            MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: run_name or f"trial-{trial_number}",
-            "study": self.study_name, "trial_number": str(trial_number),
-            **system_tags(self.command), **tags,
-        })
-        run_id = run.info.run_id
-        self.patient.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        training data as a dataset input, the space as `space.yaml`. With `on_created` the
+        sender thread creates it (the worker goes on; `on_created(run_id)` is called from that
+        thread) and a PendingRun stands for it; else it is created now and its id returned."""
+        tags = {MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: run_name or f"trial-{trial_number}",
+                "study": self.study_name, "trial_number": str(trial_number),
+                **system_tags(self.command), **tags}
+        if on_created is None:
+            run: str | PendingRun = self.patient.create_run(self.experiment_id, tags=tags).info.run_id
+        else:
+            run = PendingRun()
+            self._send("_create_run", run, tags, on_created)
+        self._send("log_batch", run, params=[Param(k, str(v)) for k, v in params.items()])
         if "dataset" in params:
-            self.patient.log_inputs(run_id, datasets=[dataset_input(params, retrain)])
+            self._send("log_inputs", run, datasets=[dataset_input(params, retrain)])
         if space_text:
-            self.patient.log_text(run_id, space_text, "space.yaml")
-        return run_id
+            self._send("log_text", run, space_text, "space.yaml")
+        return run
+
+    def _create_run(self, run: PendingRun, tags: dict[str, str],
+                    on_created: Callable[[str], None]) -> None:
+        """The sender's part of `start_trial`: the run created (retried for up to 10 minutes,
+        as a run made at once would be), then `on_created`."""
+        try:
+            run.id = self.patient.create_run(self.experiment_id, tags=tags).info.run_id
+        except Exception as exc:
+            if not _server_busy(exc):
+                run.done.set()  # never to be: the calls for it are dropped
+            raise
+        run.done.set()
+        try:
+            on_created(run.id)
+        except Exception:  # the trial's own records; the worker sets them too
+            pass
 
     def reopen(self, run_id: str, trial_number: int, run_name: str | None = None) -> None:
         """A retried trial continues its predecessor's run: RUNNING again, retry noted, the
@@ -286,7 +326,11 @@ class Tracker:
                         break
                     method, args, kwargs, count = self._head()
                 try:
-                    getattr(self.quick, method)(*args, **kwargs)
+                    if method.startswith("_"):  # our own step, e.g. creating a run
+                        getattr(self, method)(*args, **kwargs)
+                    elif not any(isinstance(a, PendingRun) and a.id is None for a in args):
+                        getattr(self.quick, method)(*(a.id if isinstance(a, PendingRun) else a
+                                                      for a in args), **kwargs)
                 except Exception as exc:
                     if _server_busy(exc):
                         if not self.outage:
