@@ -23,6 +23,11 @@ engine's share of a CPU run short; it changes nothing measured here.
 
     python benchmarks/bookkeeping.py [--server] [--packs 1,16,64] [--study-sizes 0,500,2000]
     python benchmarks/bookkeeping.py --quick   # P 1 and 4, sizes 0 and 100, both stores
+    python benchmarks/bookkeeping.py --against REV ...   # the same at commit REV, side by side
+
+`--against REV` runs this same script in a git worktree of REV (the loop's names it times must
+exist there: from the restructured layout on) with the same arguments, and prints its table
+and the ratio of each figure to REV's.
 
 Last line: `bookkeeping_ms_per_trial_epoch_p64: X (server stores: Y) start_ms_per_trial: Z`
 (the widest pack measured; Y is `-` without `--server`).
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -269,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", action="store_true", help="also PostgreSQL + an mlflow server")
     ap.add_argument("--quick", action="store_true", help="P 1 and 4, sizes 0 and 100, 2 epochs, "
                     "both stores (CI)")
+    ap.add_argument("--against", metavar="REV", help="also run this at commit REV; print ratios")
+    ap.add_argument("--json", help=argparse.SUPPRESS)  # rows for --against
     args = ap.parse_args(argv)
+    if args.against:
+        return against(args.against, [a for a in (argv or sys.argv[1:])
+                                      if a != "--against" and a != args.against])
     if args.quick:
         args.packs, args.study_sizes, args.epochs, args.server = "1,4", "0,100", 2, True
     packs = [int(p) for p in args.packs.split(",")]
@@ -293,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(measure(pack, size, args.epochs, storage, mlflow_uri, work,
                                             label))
                         print(table(rows[-1:]).splitlines()[-1], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows))
     print()
     print(table(rows))
     widest = max(packs)
@@ -304,6 +317,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bookkeeping_ms_per_trial_epoch_p{widest}: {figure('embedded', 'per_trial_epoch_ms')} "
           f"(server stores: {figure('server', 'per_trial_epoch_ms')}) start_ms_per_trial: "
           f"{figure('embedded', 'start')}")
+    return 0
+
+
+def against(rev: str, rest: list[str]) -> int:
+    """This script at `rev` and here, with the same arguments, one after the other."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="bookkeeping-against-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=root,
+                       check=True, capture_output=True)
+        try:
+            shutil.copy(__file__, tree / "benchmarks" / "bookkeeping.py")
+            results = {}
+            for name, where in ((rev, tree), ("this tree", root)):
+                out = Path(tmp) / f"{len(results)}.json"
+                print(f"== {name}", flush=True)
+                r = subprocess.run([sys.executable, str(where / "benchmarks" / "bookkeeping.py"),
+                                    *rest, "--json", str(out)], cwd=where)
+                if r.returncode != 0:
+                    return r.returncode
+                results[name] = json.loads(out.read_text())
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root,
+                           capture_output=True)
+    base, now = results[rev], results["this tree"]
+    print(f"\nratio (this tree / {rev}), per trial-epoch and all told:")
+    for b, n in zip(base, now, strict=True):
+        print(f"| {n['label']} | P {n['pack']} | study holds {n['size']} | "
+              f"{n['per_trial_epoch_ms'] / b['per_trial_epoch_ms']:.3f} | "
+              f"{n['all_told_ms'] / b['all_told_ms']:.3f} | start "
+              f"{n['ms']['start'] / max(b['ms']['start'], 1e-9):.3f} |")
     return 0
 
 
