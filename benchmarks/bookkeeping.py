@@ -112,11 +112,13 @@ def instrument(clock: Clock) -> None:
             (optuna.Trial, "should_prune", "pruner"),
             (client.Tracker, "log_epoch", "tracking"), (client.Tracker, "tag", "tracking"),
             (session.TrialSession, "owned", "storage"),
+            (loop.WorkerLoop, "_running_ids", "storage"),  # one fencing read per pack
             (optuna.storages, "fail_stale_trials", "storage"),
             (session.TrialSession, "completed", "end"), (session.TrialSession, "pruned", "end"),
             (session.TrialSession, "failed", "end"), (loop.WorkerLoop, "_tell", "end"),
             (engine.Engine, "run_epoch", "epoch")):
-        clock.wrap(owner, name, kind)
+        if hasattr(owner, name):  # an older tree (--against) may not have each of them
+            clock.wrap(owner, name, kind)
     # the loop looks these up in its own module's namespace
     loop.in_flight_limit = _timed(clock, sizing.in_flight_limit, "storage")
 
