@@ -144,9 +144,10 @@ class TrialSession:
     Fencing: a worker paused past the heartbeat's grace (a suspended VM, a partition) has lost
     its attempt to a retry by the time it wakes. Before each epoch's side effects (MLflow
     metrics, Optuna report, checkpoint) and before any end, the session confirms that its
-    attempt is still RUNNING in the storage (one read); a lost one raises AttemptLost and
-    writes nothing more. Checkpoints are per attempt, so even a write racing the takeover
-    cannot overwrite the retry's."""
+    attempt is still RUNNING in the storage (the pack's one read per epoch, or its own); a lost
+    one raises AttemptLost and writes nothing more. Checkpoints are per attempt and checked
+    again by the writer just before a file lands, so a write racing the takeover can neither
+    overwrite the retry's nor land after the loss."""
 
     def __init__(self, runner: TrialRunner, trial: optuna.Trial, config: TrainConfig,
                  resume: dict[str, Any] | None, run_id: str | PendingRun, root: int,
