@@ -127,10 +127,11 @@ class CheckpointStore:
         self.writer.wait(lambda key: key == (chain_root, attempt))
 
     def forget(self, chain_root: int, attempt: int) -> None:
-        """A lost attempt: its queued write dropped; its file goes once a newer attempt has
-        one (until then it is what the chain resumes from; the chain's end removes it)."""
+        """A lost attempt: its queued write dropped; unless checkpoints are kept, its file goes
+        once a newer attempt has one (until then it is what the chain resumes from; the chain's
+        end removes it)."""
         self.writer.cancel(lambda key: key == (chain_root, attempt))
-        if any(a > attempt for a, _ in self.files(chain_root)):
+        if not self.keep and any(a > attempt for a, _ in self.files(chain_root)):
             self.path(chain_root, attempt).unlink(missing_ok=True)
 
     def drain(self) -> None:
