@@ -183,10 +183,10 @@ def run_in_flight(strategy: str, seed: int, width: int, space_text: str, space_p
             new_round = True
             report, complete, fail = session.on_epoch, session.completed, session.failed
 
-            def on_epoch(metrics, last=False):
+            def on_epoch(metrics, last=False, running=None):
                 reported(session)
                 try:
-                    return report(metrics, last)
+                    return report(metrics, last, running)
                 except optuna.TrialPruned:
                     live.discard(session)
                     raise
