@@ -8,7 +8,8 @@ compute-bound, packing is neutral (benchmarks/pack.py), so `auto` is 1 there. On
 
 with memory per trial estimated from the largest batch size the space can draw (parameters,
 gradients and optimiser state of each of its K rows, activations and augmentation of a batch,
-an epoch's augmentation plan). Half the free memory is the margin for the estimate; a pack
+an epoch's augmentation plan: the widest preset's columns over CIFAR-100's training split, both
+read from the trainer). Half the free memory is the margin for the estimate; a pack
 that still runs out of memory is halved by the worker (`search.worker.loop`), never a crash.
 
 `--ramp R` (default 10) bounds the pack while the study knows little: never more trials in
