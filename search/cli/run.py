@@ -10,7 +10,14 @@ import sys
 
 from search.cli.args import checkpoint_cadence, pack_size, positive_float, positive_int, ramp_size, storage_flag
 from search.inputs.algorithms import PRUNERS, SAMPLERS
-from search.inputs.settings import DEFAULT_RAMP, check_numbers, check_trials, read_sources, resolve
+from search.inputs.settings import (
+    DEFAULT_RAMP,
+    check_numbers,
+    check_trials,
+    read_sources,
+    resolve,
+    trial_setting,
+)
 from search.launch.base import Launcher
 from search.logs import quiet_libraries
 from search.study.storage import storage_url
@@ -128,8 +135,8 @@ def preflight(mlflow_uri: str | None, sources) -> None:
     from trainer.data import ensure_available
 
     check_tracking_uri(mlflow_uri)
-    fixed = {**sources.space.fixed, **sources.overrides}
-    ensure_available(fixed.get("dataset", "cifar100"), fixed.get("data_root"))
+    ensure_available(trial_setting(sources.space, sources.overrides, "dataset"),
+                     trial_setting(sources.space, sources.overrides, "data_root"))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

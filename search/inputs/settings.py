@@ -22,6 +22,12 @@ DEFAULT_RAMP = 10  # Optuna's TPE and GP sample their first 10 trials at random 
 DEFAULT_TRIALS = 20  # with neither --n-trials nor --timeout
 
 
+def trial_setting(space: Space, overrides: dict[str, Any], key: str) -> Any:
+    """A setting every trial shares: an override, else the space's fixed value, else the
+    trainer's default (`epochs`, `dataset`, `data_root`, ...)."""
+    return overrides.get(key, space.fixed.get(key, getattr(TrainConfig, key)))
+
+
 @dataclass
 class RunSettings:
     """Everything a worker process needs to join a study; plain data, so it pickles."""
@@ -74,9 +80,7 @@ class RunSettings:
         return parse_space(self.space_text, self.space_path)
 
     def trial_setting(self, space: Space, key: str) -> Any:
-        """A setting every trial shares: an override, else the space's fixed value, else the
-        trainer's default (`epochs`, `dataset`, `data_root`, ...)."""
-        return self.overrides.get(key, space.fixed.get(key, getattr(TrainConfig, key)))
+        return trial_setting(space, self.overrides, key)
 
 
 @dataclass
