@@ -75,3 +75,15 @@ def fail_if_running(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> boo
                                                         state=optuna.trial.TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
+
+
+def start_trial(study: optuna.Study, params: dict[str, Any],
+                distributions: dict[str, Any], user_attrs: dict[str, Any]) -> optuna.Trial:
+    """A RUNNING trial of this process with the given parameters (a PBT segment: a donor's
+    values, explored). `enqueue_trial` + `ask` would let any worker, or a waiting retry, take
+    its place; the storage's own `create_new_trial` with a template makes it ours at once, and
+    `Trial`'s suggest methods then return these values. `Study` keeps its id private."""
+    template = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params=params,
+                                         distributions=distributions, user_attrs=user_attrs)
+    trial_id_ = storage_of(study).create_new_trial(study._study_id, template_trial=template)
+    return optuna.Trial(study, trial_id_)

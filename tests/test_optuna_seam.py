@@ -49,6 +49,16 @@ def test_grid_sampler_may_stop_inside_our_optimize_loop(study):
     assert not grid._thread_local.in_optimize_loop
 
 
+def test_a_trial_started_with_values_is_ours_and_suggests_them(study):
+    study.enqueue_trial({"x": 0.5})  # a waiting trial must not take its place
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    trial = optuna_seam.start_trial(study, {"x": 0.25}, {"x": dist}, {"pbt_parent": 3})
+    assert trial.suggest_float("x", 0.0, 1.0) == 0.25 and trial.user_attrs == {"pbt_parent": 3}
+    assert optuna_seam.get_trial(study, trial).state == State.RUNNING
+    study.tell(trial, 1.0)
+    assert [t.state for t in study.trials] == [State.WAITING, State.COMPLETE]
+
+
 def test_every_private_call_of_optunas_cache_is_one_we_retry():
     source = inspect.getsource(optuna.storages._cached_storage)
     called = set(re.findall(r"self\._backend\.(_[a-z_]+)\(", source))

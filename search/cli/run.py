@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from search.cli.args import checkpoint_cadence, pack_size, positive_float, positive_int, ramp_size, storage_flag
+from search.errors import UserError
 from search.inputs.algorithms import PRUNERS, SAMPLERS
 from search.inputs.settings import (
     DEFAULT_RAMP,
@@ -81,6 +82,7 @@ def add_parsers(sub) -> None:
                    "most this much of a trial; default 1)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
+    pbt_flags(p)
     g = p.add_argument_group("Slurm", "submit the --workers as one Slurm job array and return "
                              "(needs a database --storage and an MLflow server every node reaches)")
     g.add_argument("--slurm", action="store_true", help="run the workers as Slurm array tasks")
@@ -101,6 +103,21 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("worker", help="one worker of a --slurm study (what its array tasks run)")
     p.add_argument("--spec", required=True, help="the JSON settings `search run --slurm` wrote")
     p.set_defaults(func=cmd_worker)
+
+
+def pbt_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("population-based training", "train the population together "
+                             "(one pack); every interval the worst quantile copies the best "
+                             "and perturbs its settings (also a study file's pbt: block)")
+    g.add_argument("--pbt", action="store_true", help="run the study as population-based training")
+    g.add_argument("--pbt-population", type=int, help="members (default 8)")
+    g.add_argument("--pbt-interval", type=int, help="epochs between exploit steps (default 4)")
+    g.add_argument("--pbt-quantile", type=float, help="fraction replaced, and copied from, at each "
+                   "step (default 0.25)")
+    g.add_argument("--pbt-resample-probability", type=float, help="explore: chance of a fresh "
+                   "value from the space instead of x0.8 / x1.2 (default 0.25)")
+    g.add_argument("--pbt-mutate", help="comma-separated settings that change (default: every "
+                   "searched per-trial setting)")
 
 
 def launcher_for(args: argparse.Namespace, slurm_block: dict | None, where: str) -> Launcher:
@@ -125,6 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = resolve(args, sources, storage_url(args.storage),
                        " ".join(["search", *map(shlex.quote, sys.argv[1:])]))
     launcher = launcher_for(args, sources.options.get("slurm"), sources.where)
+    if settings.pbt is not None and args.workers > 1:
+        raise UserError(f"--workers {args.workers}: --pbt runs its population in one worker "
+                        "(one pack) for now; drop --workers")
     launcher.check(settings)
     return launcher.launch(settings, args.workers)
 

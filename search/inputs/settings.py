@@ -13,6 +13,8 @@ from search.inputs.algorithms import PRUNERS, SAMPLERS
 from search.inputs.constraints import parse_constraints
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import parse_objectives, pruner_for
+from search.inputs.pbt import KEYS as PBT_KEYS
+from search.inputs.pbt import Pbt, resolve_pbt
 from search.inputs.space import Space, load_space, parse_space
 from search.inputs.studyfile import is_study_file, load_study_file
 from search.inputs.values import int_at_least
@@ -59,6 +61,7 @@ class RunSettings:
     fixed_trials: list[dict[str, Any]] = field(default_factory=list)
     table: dict[str, str] | None = None
     command: str | None = None  # the command line, as MLflow's run source
+    pbt: dict[str, Any] | None = None  # population-based training (inputs.pbt.Pbt as a dict)
 
     def params(self, workers: int) -> dict[str, Any]:
         """The study's settings as the parent run's params and the study's attributes."""
@@ -74,6 +77,9 @@ class RunSettings:
             out.update(pruner_startup_trials=self.pruner_startup_trials,
                        pruner_warmup_epochs=self.pruner_warmup_epochs)
         out.update({f"override.{k}": v for k, v in self.overrides.items()})
+        if self.pbt is not None:
+            out.update({f"pbt_{k}": ",".join(v) if isinstance(v, list) else v
+                        for k, v in self.pbt.items()})
         return {k: v for k, v in out.items() if v is not None}
 
     def load_space(self) -> Space:
@@ -166,6 +172,7 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
                    else src.options.get("constraints", src.space.constraints))
     timeout = pick(args.timeout, "timeout", None)
     n_trials = pick(args.n_trials, "n_trials", None)
+    pbt = pbt_settings(args, src, objectives)
     if n_trials is None and timeout is None:
         n_trials = max(DEFAULT_TRIALS, len(src.fixed))
     settings = RunSettings(
@@ -183,7 +190,32 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", "auto"),
         ramp=pick(args.ramp, "ramp", DEFAULT_RAMP), command=command,
     )
+    if pbt is not None:  # the population is the pack and the budget; PBT replaces pruning
+        settings.pbt, settings.pruner = pbt.as_dict(), "none"
+        settings.n_trials, settings.pack, settings.ramp = pbt.population, pbt.population, None
     if settings.sampler not in SAMPLERS or settings.pruner not in PRUNERS:
         raise UserError(f"sampler {settings.sampler!r} / pruner {settings.pruner!r}: expected "
                         f"one of {', '.join(SAMPLERS)} / {', '.join(PRUNERS)}")
     return settings
+
+
+def pbt_settings(args: argparse.Namespace, src: Sources, objectives: list[str]) -> Pbt | None:
+    """`--pbt` and its flags over the study file's `pbt:` block (which alone also enables it),
+    checked; None without either."""
+    block = src.options.get("pbt")
+    if not getattr(args, "pbt", False) and block is None:
+        return None
+    merged = dict(block or {})
+    for key in PBT_KEYS:
+        flag = getattr(args, f"pbt_{key}", None)
+        if flag is not None:
+            merged[key] = flag
+            merged.pop(f"_source_{key}", None)
+    n_trials = src.pick(args.n_trials, "n_trials", None)
+    if n_trials is not None:
+        source = "--n-trials" if args.n_trials is not None else f"{src.where}n_trials"
+        raise UserError(f"{source}: with PBT the budget is the population (--pbt-population) x "
+                        "the trials' epochs; drop it")
+    epochs = int(trial_setting(src.space, src.overrides, "epochs"))
+    return resolve_pbt(merged, src.space, epochs, src.pick(args.pruner, "pruner", None),
+                       objectives)

@@ -11,6 +11,7 @@
     fixed_trials:                # enqueued once, before the sampler takes over
       - {label: L1, params: {batch_size: 64, lr: 5.0e-4}, reported: 0.4921}
     table: {rows: optimizer, columns: batch_size}   # optional pivot for `search table`
+    pbt: {population: 8, interval: 4}               # population-based training (inputs.pbt)
 
 Fixed trials are enqueued by the process that creates the study; a resume enqueues only labels
 no trial carries yet, so each runs once however many workers or resumes.
@@ -32,7 +33,7 @@ from trainer.config import field_types
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
         "pruner_warmup_epochs", "n_trials", "timeout", "pack", "ramp", "overrides", "fixed_trials", "table",
-        "objectives", "slurm", "constraints"}
+        "objectives", "slurm", "constraints", "pbt"}
 
 
 @dataclass
@@ -113,6 +114,10 @@ def load_study_file(arg: str) -> StudyFile:
             raise SpaceError(f"{path}: slurm: expected a mapping (partition, time, "
                              "gpus_per_worker, ...)")
         options["slurm"] = doc["slurm"]
+    if "pbt" in doc:  # checked with the --pbt flags (inputs.pbt.resolve_pbt)
+        from search.inputs.pbt import parse_block
+
+        options["pbt"] = parse_block(doc["pbt"], f"{path}: ")
     if "constraints" in doc:
         from search.inputs.constraints import parse_constraints
 

@@ -178,7 +178,8 @@ def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) ->
     `settings.n_trials` (or the timeout) are spent. Returns the study."""
     study, tracker, parent, epochs = open_run(settings, workers)
     pids = {os.getpid()}  # the Supervisor adds its workers'
-    progress = Progress(study, settings.n_trials, epochs, pids=pids)
+    # PBT: segments are trials too, so the count is of trials finished, not of a total
+    progress = Progress(study, None if settings.pbt else settings.n_trials, epochs, pids=pids)
     progress.watch()
     status = "FAILED"
     try:

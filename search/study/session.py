@@ -280,14 +280,15 @@ class TrialSession:
         if self.runner.checkpoints is not None:
             self.runner.checkpoints.forget(self.root, self.trial.number)
 
-    def pruned(self, reason: str, epoch: int) -> None:
+    def pruned(self, reason: str, epoch: int, word: str = "pruned") -> None:
         """Pruned: a normal end (FINISHED, as Optuna's own MLflow integration ends it), told
         apart from a complete run at a glance by its name's first word (`pruned@2 · trial-6`:
-        MLflow's runs table cuts long names, and shows both as Finished)."""
+        MLflow's runs table cuts long names, and shows both as Finished; PBT's replaced
+        segments say `replaced@4`)."""
         self._record_run(wait=True)
         self.trial.set_user_attr("pruned_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "PRUNED", reason,
-                                      run_name=f"pruned@{epoch} · {self.run_name}")
+                                      run_name=f"{word}@{epoch} · {self.run_name}")
         self._cleanup()
 
     def interrupted(self, reason: str) -> bool:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from search.inputs.constraints import feasible
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
+from search.study.lineage import schedule_text
 from search.study.recovery import HOST, retried_numbers
 
 State = optuna.trial.TrialState
@@ -30,7 +31,10 @@ def print_summary(study: optuna.Study) -> None:
             best = study.best_trial
             line += f"; best trial {best.number}: {best.value:.4f} {best.params}"
         except ValueError:
-            pass
+            best = None
+        if best is not None and best.user_attrs.get("pbt_schedule"):
+            line += ("\nPBT: the best member's schedule: "
+                     + schedule_text(best.user_attrs["pbt_schedule"], short_value))
     print(line)
 
 
@@ -85,8 +89,21 @@ def finished_line(t: optuna.trial.FrozenTrial, names: list[str], count: str,
     # a complete trial shows its values; the others say their state instead
     state = "" if t.state == State.COMPLETE else f" {t.state.name.lower()}"
     ran = "" if t.state == State.COMPLETE else f"{epochs_run(t)} ep, "  # complete: all of them
-    return (f"trial {t.number}{state}{value} ({ran}{duration(secs)}): {short_params(t.params)}; {count}"
-            + (f", {best}" if best is not None else ""))
+    return (f"trial {t.number}{state}{value} ({ran}{duration(secs)}): {short_params(t.params)}"
+            f"{pbt_words(t)}; {count}" + (f", {best}" if best is not None else ""))
+
+
+def pbt_words(t: optuna.trial.FrozenTrial) -> str:
+    """A PBT segment's place in its member's lineage, for its trial line."""
+    a = t.user_attrs
+    if "pbt_member" not in a:
+        return ""
+    words = f" [member {a['pbt_member']}"
+    if a.get("pbt_parent") is not None:
+        words += f", from trial {a['pbt_parent']} at epoch {a['pbt_start_epoch']}"
+    if a.get("pbt_replaced_by") is not None:
+        words += f"; replaced, continues as trial {a['pbt_replaced_by']}"
+    return words + "]"
 
 
 class Progress:

@@ -89,6 +89,7 @@ class WorkerLoop:
                         return
                     for key, engine in list(self.engines.items()):
                         self._train_epoch(key, engine)
+                    self._between_epochs()
                     if STOP.requested:  # a safe point: every trial in flight reported and saved
                         raise Interrupted
             except BaseException as exc:
@@ -96,6 +97,10 @@ class WorkerLoop:
                 if isinstance(exc, Interrupted | KeyboardInterrupt):
                     raise KeyboardInterrupt from None
                 raise
+
+    def _between_epochs(self) -> None:
+        """A hook run once every engine trained an epoch and its trials reported (PBT's
+        exploit and explore)."""
 
     def _budget_left(self) -> bool:
         return ((self.n_trials is None or self.asked < self.n_trials)
@@ -113,12 +118,22 @@ class WorkerLoop:
             self._ask()
 
     def _ask(self) -> None:
-        from trainer.engine import Engine
-        from trainer.runtime import prepare
-
         optuna.storages.fail_stale_trials(self.study)
         trial = self.study.ask()
         self.asked += 1
+        self._asked(trial)
+        self._admit(trial)
+
+    def _asked(self, trial: optuna.Trial) -> None:
+        """A hook for loops that mark their trials before they start (PBT's members)."""
+
+    def _admit(self, trial: optuna.Trial, inherit: dict[str, Any] | None = None) -> Any:
+        """Starts an asked (or created) trial in the engine of its shape: from its chain's
+        checkpoint, or from `inherit` (a state another trial left: PBT's exploit). Returns the
+        engine's member, or None when its configuration is impossible (the trial fails)."""
+        from trainer.engine import Engine
+        from trainer.runtime import prepare
+
         # beating from the ask on: a worker killed while it opens the trial's MLflow run
         # leaves a trial that goes stale, not one RUNNING for ever
         heartbeat = optuna_seam.heartbeat_thread(trial, self.study)
@@ -128,17 +143,19 @@ class WorkerLoop:
         except ConfigError:
             heartbeat.join()
             self.study.tell(trial, state=State.FAIL)
-            return
+            return None
         except BaseException:
             heartbeat.join()
             raise
+        resume = session.resume if inherit is None else inherit
         key = pack_key(session.config)
-        if session.resume is not None and "partial" in session.resume:
+        if resume is not None and "partial" in resume:
             key = (key, "inside an epoch", trial.number)  # alone until it ends
         if key not in self.engines:
             self.engines[key] = Engine(prepare(session.config))
-        member = self.engines[key].add(session.config, session.resume)
+        member = self.engines[key].add(session.config, resume)
         self.in_flight[member] = InFlight(session, heartbeat)
+        return member
 
     def _train_epoch(self, key: tuple, engine: Any) -> None:
         """One epoch of one engine's trials, then each trial's report and end or checkpoint."""

@@ -113,9 +113,16 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         return study
     STOP.install(signals)
     try:
-        pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
-        run_trials(study, runner, pack, n_trials, settings.timeout, handler,
-                   settings.stop_within, settings.ramp)
+        if settings.pbt is not None:  # the population is the pack and the budget
+            from search.inputs.pbt import Pbt
+            from search.worker.pbt import PbtLoop
+
+            PbtLoop(study, runner, Pbt(**settings.pbt), settings.timeout, handler,
+                    settings.stop_within, settings.seed).run()
+        else:
+            pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
+            run_trials(study, runner, pack, n_trials, settings.timeout, handler,
+                       settings.stop_within, settings.ramp)
         if STOP.requested:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:

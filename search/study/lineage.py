@@ -1,0 +1,45 @@
+"""A PBT member's lineage: the segments (Optuna trials) that led to a trial, through each
+segment's `pbt_parent` (the trial it copied) and `pbt_start_epoch` (where it began), read as a
+schedule of hyperparameters per epoch range."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+PBT_ATTRS = ("pbt_member", "pbt_parent", "pbt_start_epoch", "pbt_generation")
+
+
+def is_pbt(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    return any("pbt_member" in t.user_attrs for t in trials)
+
+
+def last_epoch(trial: optuna.trial.FrozenTrial) -> int:
+    steps = list(trial.intermediate_values)
+    return max(steps) if steps else int(trial.user_attrs.get("pbt_start_epoch", 0))
+
+
+def segments(trials: list[optuna.trial.FrozenTrial], number: int) -> list[dict[str, Any]]:
+    """The schedule that trained trial `number`, oldest first: one entry per segment, {trial,
+    first, last (epochs, inclusive), params}."""
+    by_number = {t.number: t for t in trials}
+    out: list[dict[str, Any]] = []
+    trial, end = by_number.get(number), None
+    while trial is not None and len(out) < len(by_number):
+        start = int(trial.user_attrs.get("pbt_start_epoch", 0))
+        last = last_epoch(trial) if end is None else end
+        out.append({"trial": trial.number, "first": start + 1, "last": last,
+                    "params": dict(trial.params)})
+        parent, end = trial.user_attrs.get("pbt_parent"), start
+        trial = by_number.get(parent) if parent is not None else None
+    return out[::-1]
+
+
+def schedule_text(schedule: list[dict[str, Any]], short) -> str:
+    """`epochs 1-4: lr 3.1e-3, weight_decay 1e-4 (trial 2); epochs 5-8: ...`; `short` formats a
+    value as the trial lines do."""
+    return "; ".join(
+        f"epochs {s['first']}-{s['last']}: "
+        + ", ".join(f"{k} {short(v)}" for k, v in s["params"].items())
+        + f" (trial {s['trial']})" for s in schedule)

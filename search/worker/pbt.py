@@ -1,0 +1,130 @@
+"""Population-based training in one pack (`--pbt`): the population trains together as one
+stacked model; every `interval` epochs the worst quantile of it copies the best quantile (exploit:
+the donor's weights, optimiser and generator state, copied on the device, no file round trip)
+and perturbs the donor's per-trial settings (explore: `search.inputs.pbt.explore`).
+
+Each stretch of a member with constant settings is one Optuna trial, so every tool shows the
+population as it evolved: a replaced segment ends PRUNED with `pruned_reason` "replaced by a copy
+of trial 17 at epoch 6 (continues as trial 23)"; the new segment carries `pbt_member`,
+`pbt_parent` (the trial it copied), `pbt_start_epoch` and `pbt_generation`, and its own MLflow
+run (nested under the study's, the same tags) logs from the next epoch on. Generations are
+synchronous: members step together, so every member of a generation is ranked at the same
+epoch. A segment's checkpoint is queued as it starts, so a killed worker's members resume from
+their checkpoints like any trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from typing import Any
+
+import optuna
+
+from search import optuna_seam
+from search.inputs.pbt import Pbt, explore
+from search.study.lineage import segments
+from search.study.recovery import RetryDeadTrial
+from search.study.session import TrialRunner
+from search.worker.loop import State, WorkerLoop
+
+
+class PbtLoop(WorkerLoop):
+    """The worker loop with a population: `population` members asked (or resumed), then an
+    exploit/explore step whenever the members stand at a multiple of `interval` epochs."""
+
+    def __init__(self, study: optuna.Study, runner: TrialRunner, pbt: Pbt,
+                 timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0,
+                 seed: int | None = None):
+        trials = study.get_trials(deepcopy=False)
+        members = {t.user_attrs["pbt_member"] for t in trials if "pbt_member" in t.user_attrs}
+        waiting = sum(t.state == State.WAITING and "pbt_member" in t.user_attrs for t in trials)
+        # a rerun resumes the members that were stopped (their retries wait) and starts only
+        # the members the population still lacks
+        n_trials = max(0, pbt.population - len(members)) + waiting
+        super().__init__(study, runner, pbt.population, n_trials, timeout, handler,
+                         stop_within, ramp=None)
+        self.pbt = pbt
+        self.next_member = max(members, default=-1) + 1
+        self.rng = random.Random(seed)
+        self.member_index: dict[Any, int] = {}
+
+    def _asked(self, trial: optuna.Trial) -> None:
+        if "pbt_member" not in trial.user_attrs:  # a new member (a retry keeps its attributes)
+            for key, value in (("pbt_member", self.next_member), ("pbt_start_epoch", 0),
+                               ("pbt_generation", 0)):
+                trial.set_user_attr(key, value)
+            self.next_member += 1
+
+    def _admit(self, trial: optuna.Trial, inherit: dict[str, Any] | None = None) -> Any:
+        member = super()._admit(trial, inherit)
+        if member is not None:
+            attrs = trial.user_attrs
+            self.member_index[member] = int(attrs["pbt_member"])
+            session = self.in_flight[member].session
+            for key in ("pbt_member", "pbt_parent", "pbt_start_epoch", "pbt_generation"):
+                if key in attrs:
+                    self.runner.tracker.tag(session.run_id, key, str(attrs[key]))
+        return member
+
+    def _between_epochs(self) -> None:
+        by_epoch: dict[int, list[tuple[Any, Any]]] = defaultdict(list)
+        for engine in self.engines.values():
+            for member in engine.members:
+                by_epoch[member.epoch].append((engine, member))
+        for epoch, group in sorted(by_epoch.items()):
+            if epoch % self.pbt.interval == 0 and 0 < epoch < group[0][1].config.epochs:
+                self._step(epoch, group)
+
+    def _score(self, member: Any) -> float:
+        session = self.in_flight[member].session
+        value = session.values(member.history)[0]
+        return value if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else -value
+
+    def _step(self, epoch: int, group: list[tuple[Any, Any]]) -> None:
+        """One generation: the worst `quantile` copy a random member of the best `quantile`
+        that shares their shape (same pack), then explore."""
+        if len(group) < 2:
+            return
+        ranked = sorted(group, key=lambda em: self._score(em[1]), reverse=True)
+        n = max(1, min(len(ranked) // 2, math.ceil(len(ranked) * self.pbt.quantile)))
+        top, bottom = ranked[:n], ranked[-n:]
+        for engine, loser in bottom:
+            donors = [d for e, d in top if e is engine]
+            if donors:
+                self._exploit(engine, loser, self.rng.choice(donors), epoch)
+
+    def _exploit(self, engine: Any, loser: Any, donor: Any, epoch: int) -> None:
+        donor_trial = self.in_flight[donor].session.trial
+        loser_session = self.in_flight[loser].session
+        frozen = optuna_seam.get_trial(self.study, donor_trial)
+        params = explore(frozen.params, frozen.distributions, self.pbt.mutate,
+                         self.pbt.resample_probability, self.rng)
+        attrs = {"pbt_member": self.member_index[loser], "pbt_parent": donor_trial.number,
+                 "pbt_start_epoch": epoch, "pbt_generation": epoch // self.pbt.interval,
+                 "pbt_replaces": loser_session.trial.number}
+        state = engine.state(donor)  # copied on the device: the donor trains on unchanged
+        trial = optuna_seam.start_trial(self.study, params, frozen.distributions, attrs)
+        member = self._admit(trial, inherit=state)
+        if member is not None:  # its first checkpoint now: a crash resumes it from the copy
+            self.in_flight[member].session.save(state)
+        reason = (f"replaced by a copy of trial {donor_trial.number} at epoch {epoch} "
+                  f"(continues as trial {trial.number})")
+        loser_session.trial.set_user_attr("pbt_replaced_by", trial.number)
+        loser_session.pruned(reason, epoch, word="replaced")
+        self._tell(engine, loser, State.PRUNED)
+
+    def _tell(self, engine: Any, member: Any, state: State,
+              values: list[float] | None = None) -> None:
+        if state == State.COMPLETE:
+            self._record_schedule(self.in_flight[member].session)
+        super()._tell(engine, member, state, values)
+
+    def _record_schedule(self, session: Any) -> None:
+        """A finished member's schedule (its lineage's settings per epoch range) on its trial
+        (`pbt_schedule`) and its MLflow run (tag `pbt_schedule`), before its trial ends."""
+        schedule = segments(self.study.get_trials(deepcopy=False), session.trial.number)
+        session.trial.set_user_attr("pbt_schedule", schedule)
+        self.runner.tracker.tag(session.run_id, "pbt_schedule", json.dumps(schedule))
