@@ -50,6 +50,7 @@ class PbtLoop(WorkerLoop):
         self.next_member = max(members, default=-1) + 1
         self.rng = random.Random(seed)
         self.member_index: dict[Any, int] = {}
+        self.vacant: list[tuple[int, tuple, int]] = []  # (member, shape key, failed trial)
 
     def _asked(self, trial: optuna.Trial) -> None:
         if "pbt_member" not in trial.user_attrs:  # a new member (a retry keeps its attributes)
@@ -85,7 +86,8 @@ class PbtLoop(WorkerLoop):
 
     def _step(self, epoch: int, group: list[tuple[Any, Any]]) -> None:
         """One generation: the worst `quantile` copy a random member of the best `quantile`
-        that shares their shape (same pack), then explore."""
+        that shares their shape (same pack), then explore; a member that failed since the last
+        step (diverged) is refilled the same way, so the population keeps its size."""
         if len(group) < 2:
             return
         ranked = sorted(group, key=lambda em: self._score(em[1]), reverse=True)
@@ -95,25 +97,43 @@ class PbtLoop(WorkerLoop):
             donors = [d for e, d in top if e is engine]
             if donors:
                 self._exploit(engine, loser, self.rng.choice(donors), epoch)
+        for index, key, number in list(self.vacant):
+            donors = [(e, d) for e, d in top if e.key == key]
+            if donors:
+                self.vacant.remove((index, key, number))
+                engine, donor = self.rng.choice(donors)
+                self._copy(engine, donor, epoch, index, number)
 
-    def _exploit(self, engine: Any, loser: Any, donor: Any, epoch: int) -> None:
+    def _fail(self, engine: Any, member: Any, reason: str) -> None:
+        index, number = self.member_index.get(member), self.in_flight[member].session.trial.number
+        super()._fail(engine, member, reason)
+        if index is not None:  # refilled at the next step from a donor
+            self.vacant.append((index, engine.key, number))
+
+    def _copy(self, engine: Any, donor: Any, epoch: int, index: int, replaces: int) -> int:
+        """A new segment of member `index`: the donor's state at `epoch`, its values explored."""
         donor_trial = self.in_flight[donor].session.trial
-        loser_session = self.in_flight[loser].session
         frozen = optuna_seam.get_trial(self.study, donor_trial)
         params = explore(frozen.params, frozen.distributions, self.pbt.mutate,
                          self.pbt.resample_probability, self.rng)
-        attrs = {"pbt_member": self.member_index[loser], "pbt_parent": donor_trial.number,
+        attrs = {"pbt_member": index, "pbt_parent": donor_trial.number,
                  "pbt_start_epoch": epoch, "pbt_generation": epoch // self.pbt.interval,
-                 "pbt_replaces": loser_session.trial.number}
+                 "pbt_replaces": replaces}
         state = engine.state(donor)  # copied on the device: the donor trains on unchanged
         trial = optuna_seam.start_trial(self.study, params, frozen.distributions, attrs)
         member = self._admit(trial, inherit=state)
         if member is not None:  # its first checkpoint now: a crash resumes it from the copy
             self.in_flight[member].session.save(state)
-        reason = (f"replaced by a copy of trial {donor_trial.number} at epoch {epoch} "
-                  f"(continues as trial {trial.number})")
-        loser_session.trial.set_user_attr("pbt_replaced_by", trial.number)
-        loser_session.pruned(reason, epoch, word="replaced")
+        return trial.number
+
+    def _exploit(self, engine: Any, loser: Any, donor: Any, epoch: int) -> None:
+        loser_session = self.in_flight[loser].session
+        number = self._copy(engine, donor, epoch, self.member_index[loser],
+                            loser_session.trial.number)
+        donor_number = self.in_flight[donor].session.trial.number
+        loser_session.trial.set_user_attr("pbt_replaced_by", number)
+        loser_session.pruned(f"replaced by a copy of trial {donor_number} at epoch {epoch} "
+                             f"(continues as trial {number})", epoch, word="replaced")
         self._tell(engine, loser, State.PRUNED)
 
     def _tell(self, engine: Any, member: Any, state: State,

@@ -1,0 +1,174 @@
+"""Population-based training (`--pbt`): bad settings are one line each; explore never leaves the
+space; a population on digits evolves through exploit steps that every tool shows (Optuna
+trials with their lineage, MLflow runs with its tags, the printed schedule); a stopped PBT study
+resumes its members and runs no generation twice."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from search.inputs.pbt import explore
+from search.study.recovery import retried_numbers
+
+State = optuna.trial.TrialState
+SPACE = """
+name: pbt
+fixed: {{optimizer: adamw, dataset: digits, augment: none, epochs: {epochs}, val_fraction: 0.5}}
+params:
+  lr: {{type: float, low: 1.0e-4, high: 3.0e-2, log: true}}
+  weight_decay: {{type: float, low: 1.0e-6, high: 1.0e-2, log: true}}
+  batch_size: {{type: categorical, choices: [64]}}
+"""
+
+
+def load(tmp_path, name="pbt"):
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--pbt-population", "1"], "--pbt-population"),
+    (["--pbt-interval", "6"], "--pbt-interval"),
+    (["--pbt-quantile", "0.6"], "--pbt-quantile"),
+    (["--pbt-quantile", "0"], "--pbt-quantile"),
+    (["--pbt-mutate", "batch_size"], "batch_size: a shape setting"),
+    (["--pbt-mutate", "momentum"], "momentum: not a searched parameter"),
+    (["--pruner", "median"], "--pbt with pruner median"),
+    (["--objective", "val_acc,seconds"], "--pbt with objectives"),
+    (["--n-trials", "5"], "--n-trials"),
+    (["--workers", "2"], "--workers 2"),
+])
+def test_bad_pbt_settings_are_one_line_each(cli, tmp_path, flags, names):
+    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=6))
+    r = cli("run", "--space", "s.yaml", "--pbt", *flags)
+    assert r.returncode == 2, r.stderr
+    assert names in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "search-journal.log").exists()  # refused before anything exists
+
+
+def test_a_study_file_pbt_block_is_checked_by_key(cli, tmp_path):
+    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=6))
+    (tmp_path / "st.yaml").write_text("space: s.yaml\npbt: {population: 4, every: 2}\n")
+    r = cli("run", "--study", "st.yaml")
+    assert r.returncode == 2 and "st.yaml: pbt.every: unknown key" in r.stderr, r.stderr
+    (tmp_path / "st.yaml").write_text("space: s.yaml\npbt: {population: 4, interval: 9}\n")
+    r = cli("run", "--study", "st.yaml")
+    assert r.returncode == 2 and "st.yaml: pbt.interval: expected" in r.stderr, r.stderr
+
+
+def test_explore_never_leaves_the_space():
+    dists = {"lr": FloatDistribution(1e-4, 1e-2, log=True), "h": IntDistribution(1, 9, step=2),
+             "wd": FloatDistribution(0.0, 1.0, step=0.1), "t": CategoricalDistribution([10, 20, 30]),
+             "bs": CategoricalDistribution([32, 64])}
+    donor = {"lr": 9e-3, "h": 9, "wd": 0.9, "t": 30, "bs": 64}
+    rng = random.Random(0)
+    moved = set()
+    for p in (0.0, 0.5, 1.0):
+        for _ in range(300):
+            out = explore(donor, dists, ["lr", "h", "wd", "t"], p, rng)
+            assert out["bs"] == 64  # not asked to mutate: the donor's
+            for name, value in out.items():
+                assert dists[name]._contains(dists[name].to_internal_repr(value)), (name, value)
+            moved |= {k for k in out if out[k] != donor[k]}
+            if p == 0.0:  # perturbed: x0.8 or x1.2 of the donor's, clipped into the bounds
+                assert out["lr"] in (pytest.approx(9e-3 * 0.8), 1e-2)
+                assert out["t"] in (20, 30)
+    assert moved == {"lr", "h", "wd", "t"}
+
+
+@pytest.fixture(scope="module")
+def evolved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pbt")
+    (tmp / "s.yaml").write_text(SPACE.format(epochs=6))
+    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml", "--pbt",
+                        "--pbt-population", "4", "--pbt-interval", "2", "--pbt-mutate", "lr",
+                        "--seed", "3"], cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, r, load(tmp)
+
+
+def test_the_population_evolves_as_optuna_trials_with_their_lineage(evolved):
+    _, r, study = evolved
+    trials = {t.number: t for t in study.trials}
+    replaced = [t for t in trials.values() if "pbt_replaced_by" in t.user_attrs]
+    assert replaced, "no exploit step happened"
+    for old in replaced:
+        new = trials[old.user_attrs["pbt_replaced_by"]]
+        donor = trials[new.user_attrs["pbt_parent"]]
+        epoch = new.user_attrs["pbt_start_epoch"]
+        assert old.state == State.PRUNED and old.user_attrs["pruned_reason"] == (
+            f"replaced by a copy of trial {donor.number} at epoch {epoch} (continues as trial "
+            f"{new.number})")
+        assert max(old.intermediate_values) == epoch and epoch % 2 == 0
+        assert min(new.intermediate_values) == epoch + 1  # it goes on from the donor's epoch
+        assert new.user_attrs["pbt_member"] == old.user_attrs["pbt_member"]
+        assert new.params["weight_decay"] == donor.params["weight_decay"]  # not mutated
+        assert new.params["lr"] != donor.params["lr"] and 1e-4 <= new.params["lr"] <= 3e-2
+        assert epoch in donor.intermediate_values  # the donor had reached the step
+    complete = [t for t in trials.values() if t.state == State.COMPLETE]
+    assert sorted(t.user_attrs["pbt_member"] for t in complete) == [0, 1, 2, 3]
+    assert all(max(t.intermediate_values) == 6 for t in complete)
+    best = study.best_trial
+    schedule = best.user_attrs["pbt_schedule"]
+    assert schedule[0]["first"] == 1 and schedule[-1]["last"] == 6
+    assert all(a["last"] + 1 == b["first"] for a, b in zip(schedule, schedule[1:]))
+    assert schedule[-1]["trial"] == best.number
+    assert "PBT: the best member's schedule: epochs 1-" in r.stdout
+    assert "replaced, continues as trial" in r.stderr  # the trial lines say it too
+
+
+def test_every_segment_is_an_mlflow_run_with_its_lineage(evolved):
+    tmp, _, study = evolved
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("pbt")
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    for t in study.trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["pbt_member"] == str(t.user_attrs["pbt_member"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == sorted(t.intermediate_values)  # the curve continues across runs
+        if "pbt_parent" in t.user_attrs:
+            assert run.data.tags["pbt_parent"] == str(t.user_attrs["pbt_parent"])
+        if "pbt_replaced_by" in t.user_attrs:
+            assert run.info.run_name.startswith(f"replaced@{max(t.intermediate_values)} · ")
+    best = runs[study.best_trial.user_attrs["mlflow_run_id"]]
+    assert '"first": 1' in best.data.tags["pbt_schedule"]
+
+
+def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):
+    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=8))
+    cmd = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--pbt",
+           "--pbt-population", "4", "--pbt-interval", "2", "--seed", "5"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # stop it once the first generation stepped
+        time.sleep(0.5)
+        if (tmp_path / "search-journal.log").exists() and any(
+                "pbt_replaced_by" in t.user_attrs for t in load(tmp_path).trials):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-2000:]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = load(tmp_path).trials
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    assert sorted(t.user_attrs["pbt_member"] for t in complete) == [0, 1, 2, 3]
+    # each member steps once per generation: no (member, start epoch) segment twice
+    retried = retried_numbers(trials)  # a stopped attempt's retry carries its attributes
+    segments = [(t.user_attrs["pbt_member"], t.user_attrs["pbt_start_epoch"]) for t in trials
+                if t.user_attrs.get("pbt_parent") is not None and t.number not in retried]
+    assert len(segments) == len(set(segments))
+    for t in complete:  # resumed members went on from their checkpoints, not from epoch 0
+        assert max(t.intermediate_values) == 8
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and len(load(tmp_path).trials) == len(trials)  # finished: nothing
