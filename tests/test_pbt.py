@@ -14,7 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from search.inputs.pbt import explore
+from search.inputs.pbt import explore, resolve_pbt
+from search.inputs.studyfile import load_study_file
 from search.study.recovery import retried_numbers
 
 State = optuna.trial.TrialState
@@ -172,3 +173,11 @@ def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):
         assert max(t.intermediate_values) == 8
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and len(load(tmp_path).trials) == len(trials)  # finished: nothing
+
+
+@pytest.mark.parametrize("name", ["pbt-adamw", "pbt-sgdm"])
+def test_shipped_pbt_study_files_resolve(name):
+    sf = load_study_file(name)
+    pbt = resolve_pbt(sf.options["pbt"], sf.space, sf.space.fixed["epochs"],
+                      sf.options.get("pruner"), sf.space.objectives)
+    assert pbt.population == 16 and set(pbt.mutate) == {"lr", "momentum", "weight_decay", "t_max"}
