@@ -16,7 +16,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from search.inputs.pbt import explore, resolve_pbt
 from search.inputs.studyfile import load_study_file
+from search.study.lineage import segments
 from search.study.recovery import retried_numbers
+from trainer import TrainConfig, replay
 
 State = optuna.trial.TrialState
 SPACE = """
@@ -120,7 +122,7 @@ def test_the_population_evolves_as_optuna_trials_with_their_lineage(evolved):
     best = study.best_trial
     schedule = best.user_attrs["pbt_schedule"]
     assert schedule[0]["first"] == 1 and schedule[-1]["last"] == 6
-    assert all(a["last"] + 1 == b["first"] for a, b in zip(schedule, schedule[1:]))
+    assert all(a["last"] + 1 == b["first"] for a, b in zip(schedule, schedule[1:], strict=False))
     assert schedule[-1]["trial"] == best.number
     assert "PBT: the best member's schedule: epochs 1-" in r.stdout
     assert "replaced, continues as trial" in r.stderr  # the trial lines say it too
@@ -142,6 +144,23 @@ def test_every_segment_is_an_mlflow_run_with_its_lineage(evolved):
             assert run.info.run_name.startswith(f"replaced@{max(t.intermediate_values)} · ")
     best = runs[study.best_trial.user_attrs["mlflow_run_id"]]
     assert '"first": 1' in best.data.tags["pbt_schedule"]
+
+
+def test_the_best_schedule_replays_bit_for_bit_and_retrains(evolved):
+    """The best member's lineage, replayed from scratch (one run, each segment's settings from
+    its epoch on), is the curve PBT made; `search retrain` replays it on train+val."""
+    tmp, _, study = evolved
+    best = study.best_trial
+    schedule = segments(study.trials, best.number)
+    base = best.user_attrs["config"]
+    result = replay([(TrainConfig.from_dict({**base, **s["params"]}), s["last"]) for s in schedule])
+    made = [study.trials[s["trial"]].intermediate_values[e] for s in schedule
+            for e in range(s["first"], s["last"] + 1)]
+    assert [h["val_acc"] for h in result.history] == made
+    r = subprocess.run([sys.executable, "-m", "search", "retrain", "--study", "pbt"], cwd=tmp,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"through its PBT schedule ({len(schedule)} segments) for 6 epochs" in r.stdout
 
 
 def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):

@@ -8,12 +8,12 @@ the per-epoch callback is the only seam to the search half.
 
 from trainer.config import TrainConfig
 
-__all__ = ["Diverged", "TrainConfig", "TrainResult", "train"]
+__all__ = ["Diverged", "TrainConfig", "TrainResult", "replay", "train"]
 
 
 def __getattr__(name: str):
     # torch loads only when training is asked for: `search validate` and `--help` stay fast
-    if name in ("Diverged", "TrainResult", "train"):
+    if name in ("Diverged", "TrainResult", "replay", "train"):
         from trainer import loop
 
         return getattr(loop, name)

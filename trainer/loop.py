@@ -18,7 +18,7 @@ from trainer.runtime import prepare
 EpochCallback = Callable[[dict[str, Any]], bool | None]
 CheckpointCallback = Callable[[dict[str, Any]], None]
 
-__all__ = ["Diverged", "TrainResult", "train"]
+__all__ = ["Diverged", "TrainResult", "replay", "train"]
 
 
 @dataclass
@@ -68,3 +68,26 @@ def train(config: TrainConfig, on_epoch: EpochCallback | None = None, holdout: s
         if on_checkpoint is not None:
             on_checkpoint(engine.state(member))
     return result
+
+
+def replay(segments: list[tuple[TrainConfig, int]], on_epoch: EpochCallback | None = None,
+           holdout: str = "val", on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
+    """Trains one run through a schedule: each (config, last epoch) segment goes on from the
+    state the previous one left, with its own per-trial settings (a PBT member's lineage, as
+    Ray Tune's PopulationBasedTrainingReplay). The segments share their shape (`pack_key`)."""
+    engine = Engine(prepare(segments[0][0], holdout))
+    state: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = []
+    for config, last in segments:
+        member = engine.add(config, state)
+        while member.epoch < last:
+            [(_, metrics, error)] = engine.run_epoch()
+            if error is not None:
+                raise error
+            if on_epoch is not None:
+                on_epoch(metrics)
+        state, history = engine.state(member), member.history
+        engine.remove(member)
+    if on_checkpoint is not None and state is not None:
+        on_checkpoint(state)
+    return TrainResult(history=history)

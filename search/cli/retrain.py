@@ -4,6 +4,7 @@ once on the test split; its run, test accuracy and logged model in MLflow."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import optuna
 
@@ -12,6 +13,7 @@ from search.cli.inspect import load_existing_study
 from search.errors import UserError
 from search.inputs.objectives import pareto_numbers, primary, study_objectives
 from search.logs import quiet_libraries
+from search.study.lineage import segments
 from trainer.config import DATASETS
 
 State = optuna.trial.TrialState
@@ -56,15 +58,20 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from search.tracking.client import PARENT_ATTR, RUN_ATTR, Tracker
     from search.tracking.datasets import dataset_input
     from search.tracking.models import log_model
-    from trainer import TrainConfig, train
+    from trainer import TrainConfig, replay, train
 
     quiet_libraries()
     study = load_existing_study(args.study, args.storage)
     best = chosen_trial(study, args.trial)
-    values = {**best.user_attrs.get("config", {}), **best.params}
-    values.update({k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
-                                     "data_root": args.data_root}.items() if v is not None})
-    config = TrainConfig.from_dict(values)
+    flags = {k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
+                               "data_root": args.data_root}.items() if v is not None}
+    config = TrainConfig.from_dict({**best.user_attrs.get("config", {}), **best.params, **flags})
+    # a PBT member: its whole schedule, replayed from scratch (each segment's settings)
+    schedule = (segments(study.get_trials(deepcopy=False), best.number)
+                if "pbt_member" in best.user_attrs else [])
+    if len(schedule) > 1 and "epochs" in flags:
+        raise UserError("--epochs: a PBT trial is retrained through its schedule's epochs "
+                        f"(1-{schedule[-1]['last']}); drop --epochs")
     recorded = str((study.user_attrs.get("mlflow") or {}).get("uri", ""))
     uri = args.mlflow_uri or (recorded if recorded and "***" not in recorded else None)
     tracker = Tracker(uri, study.study_name)
@@ -80,8 +87,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         tracker.log_epoch(run_id, {k: v for k, v in m.items() if not k.startswith("val_")})
 
     try:
-        result = train(config, on_epoch, holdout="test",
-                       on_checkpoint=lambda state: final.update(state=state))
+        keep = lambda state: final.update(state=state)  # noqa: E731
+        if len(schedule) > 1:
+            steps = [(TrainConfig.from_dict({**config.to_dict(), **s["params"]}), s["last"])
+                     for s in schedule]
+            steps[-1] = (steps[-1][0], config.epochs)
+            tracker.tag(run_id, "pbt_schedule", json.dumps(schedule))
+            result = replay(steps, on_epoch, holdout="test", on_checkpoint=keep)
+        else:
+            result = train(config, on_epoch, holdout="test", on_checkpoint=keep)
     except BaseException as exc:
         tracker.end_trial(run_id, "FAIL", str(exc) or type(exc).__name__)
         raise
@@ -99,8 +113,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                                     "epochs": result.epochs, RUN_ATTR: run_id,
                                     "dataset": config.dataset, "model_uri": model.model_uri})
     epochs = f"{result.epochs} epoch{'s' if result.epochs != 1 else ''}"
+    how = f" through its PBT schedule ({len(schedule)} segments)" if len(schedule) > 1 else ""
     print(f"study {study.study_name}: trial {best.number} (val {primary(best):.4f}) retrained on "
-          f"train+val for {epochs}: test accuracy {test_acc:.4f}; model {model.model_uri}"
+          f"train+val{how} for {epochs}: test accuracy {test_acc:.4f}; model {model.model_uri}"
           + (f"; run {tracker.run_url(run_id)}" if tracker.run_url() else
              f"; MLflow run {run_id} in {tracker.uri}"))
     return 0
