@@ -25,7 +25,7 @@ SPACE = """
 name: pbt
 fixed: {{optimizer: adamw, dataset: digits, augment: none, epochs: {epochs}, val_fraction: 0.5}}
 params:
-  lr: {{type: float, low: 1.0e-4, high: 3.0e-2, log: true}}
+  lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
   weight_decay: {{type: float, low: 1.0e-6, high: 1.0e-2, log: true}}
   batch_size: {{type: categorical, choices: [64]}}
 """
@@ -114,11 +114,16 @@ def test_the_population_evolves_as_optuna_trials_with_their_lineage(evolved):
         assert min(new.intermediate_values) == epoch + 1  # it goes on from the donor's epoch
         assert new.user_attrs["pbt_member"] == old.user_attrs["pbt_member"]
         assert new.params["weight_decay"] == donor.params["weight_decay"]  # not mutated
-        assert new.params["lr"] != donor.params["lr"] and 1e-4 <= new.params["lr"] <= 3e-2
+        assert new.params["lr"] != donor.params["lr"] and 1e-4 <= new.params["lr"] <= 1e-2
         assert epoch in donor.intermediate_values  # the donor had reached the step
     complete = [t for t in trials.values() if t.state == State.COMPLETE]
     assert sorted(t.user_attrs["pbt_member"] for t in complete) == [0, 1, 2, 3]
     assert all(max(t.intermediate_values) == 6 for t in complete)
+    assert not [t for t in trials.values() if t.state == State.FAIL]
+    # the budget is population x epochs: each epoch of each member trained once
+    trained = [(t.user_attrs["pbt_member"], e) for t in trials.values()
+               for e in t.intermediate_values if e > t.user_attrs["pbt_start_epoch"]]
+    assert len(trained) == len(set(trained)) == 4 * 6
     best = study.best_trial
     schedule = best.user_attrs["pbt_schedule"]
     assert schedule[0]["first"] == 1 and schedule[-1]["last"] == 6
@@ -147,20 +152,34 @@ def test_every_segment_is_an_mlflow_run_with_its_lineage(evolved):
 
 
 def test_the_best_schedule_replays_bit_for_bit_and_retrains(evolved):
-    """The best member's lineage, replayed from scratch (one run, each segment's settings from
+    """A member's lineage, replayed from scratch (one run, each segment's settings from
     its epoch on), is the curve PBT made; `search retrain` replays it on train+val."""
     tmp, _, study = evolved
-    best = study.best_trial
+    best = max((t for t in study.trials if t.state == State.COMPLETE),
+               key=lambda t: len(segments(study.trials, t.number)))  # the longest lineage
     schedule = segments(study.trials, best.number)
+    assert len(schedule) >= 2
     base = best.user_attrs["config"]
     result = replay([(TrainConfig.from_dict({**base, **s["params"]}), s["last"]) for s in schedule])
     made = [study.trials[s["trial"]].intermediate_values[e] for s in schedule
             for e in range(s["first"], s["last"] + 1)]
     assert [h["val_acc"] for h in result.history] == made
-    r = subprocess.run([sys.executable, "-m", "search", "retrain", "--study", "pbt"], cwd=tmp,
+    r = subprocess.run([sys.executable, "-m", "search", "retrain", "--study", "pbt", "--trial",
+                        str(best.number)], cwd=tmp,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"through its PBT schedule ({len(schedule)} segments) for 6 epochs" in r.stdout
+
+
+def test_the_report_draws_each_member_and_names_the_schedule(evolved):
+    tmp, _, study = evolved
+    r = subprocess.run([sys.executable, "-m", "search", "report", "--study", "pbt"], cwd=tmp,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = (tmp / r.stdout.strip().splitlines()[-1]).read_text()
+    assert "PBT: validation accuracy per member" in page
+    assert f"PBT: the best member (trial {study.best_trial.number}) trained with" in page
+    assert "replaced at epoch 2 (PBT: continues as #" in page
 
 
 def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):
@@ -185,11 +204,19 @@ def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):
     assert sorted(t.user_attrs["pbt_member"] for t in complete) == [0, 1, 2, 3]
     # each member steps once per generation: no (member, start epoch) segment twice
     retried = retried_numbers(trials)  # a stopped attempt's retry carries its attributes
-    segments = [(t.user_attrs["pbt_member"], t.user_attrs["pbt_start_epoch"]) for t in trials
-                if t.user_attrs.get("pbt_parent") is not None and t.number not in retried]
-    assert len(segments) == len(set(segments))
-    for t in complete:  # resumed members went on from their checkpoints, not from epoch 0
+    steps = [(t.user_attrs["pbt_member"], t.user_attrs["pbt_start_epoch"]) for t in trials
+             if t.user_attrs.get("pbt_parent") is not None and t.number not in retried]
+    assert len(steps) == len(set(steps))
+    for t in complete:  # resumed members went on from their checkpoints, bit for bit: a
+        # replay of each lineage from scratch gives the curve the stopped study made
         assert max(t.intermediate_values) == 8
+        schedule = segments(trials, t.number)
+        base = t.user_attrs["config"]
+        result = replay([(TrainConfig.from_dict({**base, **s["params"]}), s["last"])
+                         for s in schedule])
+        made = [trials[s["trial"]].intermediate_values[e] for s in schedule
+                for e in range(s["first"], s["last"] + 1)]
+        assert [h["val_acc"] for h in result.history] == made, t.number
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and len(load(tmp_path).trials) == len(trials)  # finished: nothing
 

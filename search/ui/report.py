@@ -18,6 +18,7 @@ import optuna
 
 from search.inputs.constraints import feasible
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
+from search.study.lineage import is_pbt, schedule_text
 from search.tracking.client import RUN_ATTR
 
 State = optuna.trial.TrialState
@@ -36,6 +37,8 @@ def describe_state(trial: optuna.trial.FrozenTrial) -> str:
     epochs = epochs_run(trial)
     if trial.state == State.COMPLETE:
         return f"complete ({epochs} epochs)"
+    if trial.state == State.PRUNED and "pbt_replaced_by" in trial.user_attrs:
+        return f"replaced at epoch {epochs} (PBT: continues as #{trial.user_attrs['pbt_replaced_by']})"
     if trial.state == State.PRUNED:
         return f"pruned at epoch {epochs}"
     if trial.state == State.FAIL:
@@ -178,6 +181,10 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     if not multi:  # multi-objective trials keep no intermediate values
         figs.append(("Learning curves (validation accuracy per epoch)",
                      vis.plot_intermediate_values(study)))
+    trials = study.get_trials(deepcopy=False)
+    if is_pbt(trials):
+        figs.append(("PBT: validation accuracy per member (× where a member copied another)",
+                     member_curves(trials)))
     spec = study.user_attrs.get("table")
     if spec:
         fig = go.Figure()
@@ -195,6 +202,51 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
                           xaxis_type="log" if log_x else None)
         figs.append((f"Accuracy versus {spec['columns']} per {spec['rows']}", fig))
     return figs
+
+
+def member_curves(trials: list[optuna.trial.FrozenTrial]) -> Any:
+    """val_acc against epoch, one line per PBT member through its segments: where it copied a
+    donor the line jumps, marked × with the donor's trial."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    members: dict[int, list[optuna.trial.FrozenTrial]] = defaultdict(list)
+    for t in trials:
+        if "pbt_member" in t.user_attrs:
+            members[int(t.user_attrs["pbt_member"])].append(t)
+    for index, segs in sorted(members.items()):
+        points: dict[int, float] = {}
+        for t in sorted(segs, key=lambda t: (t.user_attrs.get("pbt_start_epoch", 0), t.number)):
+            start = int(t.user_attrs.get("pbt_start_epoch", 0))
+            points.update({e: v for e, v in t.intermediate_values.items() if e > start})
+        xs = sorted(points)
+        line = fig.add_trace(go.Scatter(x=xs, y=[points[x] for x in xs], mode="lines",
+                                        name=f"member {index}", legendgroup=str(index)))
+        jumps = [t for t in segs if t.user_attrs.get("pbt_parent") is not None
+                 and t.user_attrs["pbt_start_epoch"] + 1 in points]
+        if jumps:
+            line.add_trace(go.Scatter(
+                x=[t.user_attrs["pbt_start_epoch"] + 1 for t in jumps],
+                y=[points[t.user_attrs["pbt_start_epoch"] + 1] for t in jumps],
+                mode="markers", marker_symbol="x", marker_size=9, showlegend=False,
+                legendgroup=str(index), name=f"member {index}",
+                text=[f"#{t.number} copied #{t.user_attrs['pbt_parent']}" for t in jumps]))
+    fig.update_layout(xaxis_title="epoch", yaxis_title="val_acc")
+    return fig
+
+
+def schedule_html(study: optuna.Study) -> str:
+    """The best PBT member's schedule, under the settings."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return ""
+    schedule = best.user_attrs.get("pbt_schedule")
+    if not schedule:
+        return ""
+    return (f"<p>PBT: the best member (trial {best.number}) trained with this schedule: "
+            f"{html.escape(schedule_text(schedule, _cell))}. <code>search retrain --trial "
+            f"{best.number}</code> replays it.</p>")
 
 
 def html_table(header: list[str], rows: list[list[str]], links: list[str | None] | None = None) -> str:
@@ -258,6 +310,7 @@ def write_report(study: optuna.Study, path: Path) -> Path:
 th,td{{border:1px solid #ccc;padding:.3em .6em;text-align:left}} th{{background:#f3f3f3}}
 dt{{font-weight:bold;float:left;clear:left;width:8em}} dd{{margin-left:9em}}</style>
 </head><body><h1>Study {html.escape(study.study_name)}</h1>{settings_html(study)}{extra}
+{schedule_html(study)}
 {''.join(tables)}
 {''.join(body)}
 </body></html>
