@@ -39,6 +39,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -55,15 +56,21 @@ STRATEGIES = {  # name -> (sampler, pruner)
     "gp": ("gp", "none"),
     "cmaes": ("cmaes", "none"),
     "grid": (None, "none"),
+    "pbt": ("random", "none"),  # population-based training: P members of budget/P epochs
+    "pbt-noexploit": ("random", "none"),  # the same population, never copied: PBT's baseline
 }
 
 
 def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed: list[dict],
-              overrides: dict, budget: int) -> dict:
+              overrides: dict, budget: int, population: int = 4, workdir: str = ".") -> dict:
     """One study of one strategy; returns its curve [(epochs spent, value)] of completed trials
     and its counts. Runs in a worker process (one torch thread)."""
     import optuna
     import torch
+
+    if strategy.startswith("pbt"):
+        return run_pbt(strategy, seed, space_text, space_path, overrides, budget, population,
+                       workdir)
 
     from search.inputs.algorithms import make_pruner, make_sampler
     from search.inputs.space import parse_space
@@ -113,6 +120,55 @@ def run_study(strategy: str, seed: int, space_text: str, space_path: str, fixed:
     return {"strategy": strategy, "seed": seed, "curve": curve, "spent": spent,
             "trials": len(ran), "pruned": pruned, "epochs_per_trial": epochs,
             "trial_epochs": [len(t.intermediate_values) for t in ran]}
+
+
+def run_pbt(strategy: str, seed: int, space_text: str, space_path: str, overrides: dict,
+            budget: int, population: int, workdir: str) -> dict:
+    """PBT at the same budget: `population` members of budget / population epochs each, one
+    pack, an exploit step every quarter of a member's epochs (`pbt-noexploit`: the same members,
+    from the same seeds, never copied). Values count at the end, when the members complete. The
+    space's searched shape settings (batch size, augmentation) are fixed to the trainer's
+    defaults for the population, so that its members can copy each other."""
+    import optuna
+    import torch
+
+    from search.inputs.pbt import Pbt, mutable_names
+    from search.inputs.space import parse_space
+    from search.logs import quiet_libraries
+    from search.study.recovery import RetryDeadTrial
+    from search.study.session import TrialRunner
+    from search.tracking.client import Tracker
+    from search.worker.pbt import PbtLoop
+    from trainer.config import PER_TRIAL, TrainConfig
+
+    torch.set_num_threads(1)
+    quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = parse_space(space_text, space_path)
+    epochs = budget // population
+    interval = max(1, epochs // 4) if strategy == "pbt" else epochs  # noexploit: never steps
+    pbt = Pbt(population=population, interval=interval, mutate=mutable_names(space))
+    name = f"{strategy}-s{seed}"
+    study = optuna.create_study(direction="maximize", study_name=name,
+                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    tracker = Tracker(f"sqlite:///{workdir}/mlflow-{os.getpid()}.db", name)
+    parent = tracker.parent_run(None, study.study_name, space.text, space.hash)
+    # one shape for the whole population (members copy only members of their shape): searched
+    # shape settings fixed to the trainer's default (the notes' baseline) where the space has it
+    shape = {q.name: (getattr(TrainConfig, q.name) if getattr(TrainConfig, q.name) in
+                      (q.values() or [getattr(TrainConfig, q.name)]) else q.values()[0])
+             for q in space.params if q.name not in PER_TRIAL}
+    runner = TrialRunner(space, {**overrides, **shape, "epochs": epochs, "seed": seed}, tracker,
+                         parent)
+    PbtLoop(study, runner, pbt, None, RetryDeadTrial(0, tracker.uri), seed=seed).run()
+    tracker.drain()
+    ran = [t for t in study.trials if t.state.is_finished()]
+    spent = sum(1 for t in ran for e in t.intermediate_values
+                if e > t.user_attrs.get("pbt_start_epoch", 0))
+    curve = [(spent, t.value) for t in ran if t.state == optuna.trial.TrialState.COMPLETE]
+    return {"strategy": strategy, "seed": seed, "curve": curve, "spent": spent,
+            "trials": len(ran), "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in ran),
+            "epochs_per_trial": epochs, "trial_epochs": [len(t.intermediate_values) for t in ran]}
 
 
 def split_ramp(strategy: str) -> tuple[str, int | None]:
@@ -250,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", default="tpe-hyperband,tpe-median,random,cmaes,grid",
                    help="comma-separated; gp is available too (slow per trial; like TPE it "
                    "samples at random for its first 10 trials)")
+    p.add_argument("--pbt-population", type=int, default=4, help="pbt strategies: members, "
+                   "each trained budget / population epochs (default 4)")
     p.add_argument("--target", type=float, default=0.80,
                    help="val accuracy to reach (default 0.80: what 2-epoch digits trials reach)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="studies in parallel")
@@ -297,10 +355,11 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; skipped (do not fit the space / no grid): {', '.join(skipped)}" if skipped else ""),
           flush=True)
     start = time.time()
+    workdir = tempfile.mkdtemp(prefix="search-efficiency-")  # PBT's throwaway MLflow stores
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
         futures = [pool.submit(run_study, s, r, space.text, str(space.path), fixed, overrides,
-                               args.budget) for s, r in jobs]
+                               args.budget, args.pbt_population, workdir) for s, r in jobs]
         results = [f.result() for f in futures]
     by = {s: [r for r in results if r["strategy"] == s] for s in strategies}
     if args.json:
@@ -488,7 +547,14 @@ def verdict(final: dict[str, list[float]]) -> str:
     else:
         line += "n/a (run both tpe-hyperband and random)"
     grid = final.get("grid")
-    return line + (f", grid: {100 * statistics.fmean(grid):.1f}" if grid else ", grid: n/a")
+    line += f", grid: {100 * statistics.fmean(grid):.1f}" if grid else ", grid: n/a"
+    pbt, tpe, rnd = final.get("pbt"), final.get("tpe-hyperband"), final.get("random")
+    if pbt:  # PBT minus TPE + Hyperband in points (random: PBT minus random search)
+        def minus(other):
+            return f"{100 * (statistics.fmean(pbt) - statistics.fmean(other)):+.1f}" if other else "n/a"
+
+        line += f"\npbt_vs_tpe_hyperband_best_at_budget: {minus(tpe)} (random: {minus(rnd)})"
+    return line
 
 
 def plot(by: dict[str, list[dict]], args: argparse.Namespace, final) -> None:
