@@ -16,7 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from search.inputs.pbt import explore, resolve_pbt
 from search.inputs.studyfile import load_study_file
-from search.study.lineage import segments
+from search.study.lineage import segments, superseded
 from search.study.recovery import retried_numbers
 from trainer import TrainConfig, replay
 
@@ -85,6 +85,21 @@ def test_explore_never_leaves_the_space():
                 assert out["lr"] in (pytest.approx(9e-3 * 0.8), 1e-2)
                 assert out["t"] in (20, 30)
     assert moved == {"lr", "h", "wd", "t"}
+
+
+def test_a_kill_mid_exploit_lets_only_the_newer_segment_go_on():
+    """Killed between an exploit's new segment and the end of the one it replaces, a worker
+    leaves both to be retried: the rerun runs the newer one only."""
+    def trial(number, state, member, start):
+        t = optuna.trial.create_trial(state=state, user_attrs={"pbt_member": member,
+                                                               "pbt_start_epoch": start})
+        t.number = number
+        return t
+
+    trials = [trial(0, State.FAIL, 0, 0), trial(1, State.FAIL, 1, 0), trial(2, State.FAIL, 1, 2),
+              trial(3, State.WAITING, 0, 0), trial(4, State.WAITING, 1, 0),
+              trial(5, State.WAITING, 1, 2)]
+    assert superseded(trials) == {4: 5}
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,21 @@ def schedule_text(schedule: list[dict[str, Any]], short) -> str:
         f"epochs {s['first']}-{s['last']}: "
         + ", ".join(f"{k} {short(v)}" for k, v in s["params"].items())
         + f" (trial {s['trial']})" for s in schedule)
+
+
+def superseded(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
+    """Waiting PBT trials a newer segment of the same member replaces: {waiting trial: newer}.
+    A worker killed in the middle of an exploit leaves the replaced segment and its replacement
+    both to be retried; only the newer one (the later `pbt_start_epoch`) may go on."""
+    State = optuna.trial.TrialState
+    live = [t for t in trials if "pbt_member" in t.user_attrs
+            and t.state in (State.WAITING, State.RUNNING)]
+    out = {}
+    for t in live:
+        if t.state != State.WAITING:
+            continue
+        newer = [u for u in live if u.user_attrs["pbt_member"] == t.user_attrs["pbt_member"]
+                 and u.user_attrs.get("pbt_start_epoch", 0) > t.user_attrs.get("pbt_start_epoch", 0)]
+        if newer:
+            out[t.number] = newer[0].number
+    return out

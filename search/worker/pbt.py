@@ -25,7 +25,7 @@ import optuna
 
 from search import optuna_seam
 from search.inputs.pbt import Pbt, explore
-from search.study.lineage import segments
+from search.study.lineage import segments, superseded
 from search.study.recovery import RetryDeadTrial
 from search.study.session import TrialRunner
 from search.worker.loop import State, WorkerLoop
@@ -40,7 +40,9 @@ class PbtLoop(WorkerLoop):
                  seed: int | None = None):
         trials = study.get_trials(deepcopy=False)
         members = {t.user_attrs["pbt_member"] for t in trials if "pbt_member" in t.user_attrs}
-        waiting = sum(t.state == State.WAITING and "pbt_member" in t.user_attrs for t in trials)
+        gone = superseded(trials)
+        waiting = sum(t.state == State.WAITING and "pbt_member" in t.user_attrs
+                      and t.number not in gone for t in trials)
         # a rerun resumes the members that were stopped (their retries wait) and starts only
         # the members the population still lacks
         n_trials = max(0, pbt.population - len(members)) + waiting
@@ -51,6 +53,21 @@ class PbtLoop(WorkerLoop):
         self.rng = random.Random(seed)
         self.member_index: dict[Any, int] = {}
         self.vacant: list[tuple[int, tuple, int]] = []  # (member, shape key, failed trial)
+
+    def _ask(self) -> None:
+        optuna.storages.fail_stale_trials(self.study)
+        replaced = superseded(self.study.get_trials(deepcopy=False))
+        trial = self.study.ask()
+        self.asked += 1
+        newer = replaced.get(trial.number)
+        if newer is not None:  # a kill mid-exploit left both segments: the newer goes on
+            self.asked -= 1  # it was not a member of this command's share
+            trial.set_user_attr("pruned_reason", f"superseded by trial {newer} (a worker died "
+                                "while this member was being replaced)")
+            self.study.tell(trial, state=State.PRUNED)
+            return
+        self._asked(trial)
+        self._admit(trial)
 
     def _asked(self, trial: optuna.Trial) -> None:
         if "pbt_member" not in trial.user_attrs:  # a new member (a retry keeps its attributes)
