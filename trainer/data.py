@@ -1,7 +1,8 @@
 """Datasets by name, held whole as uint8 NCHW tensors on the training device.
 
-`cifar100` reads the official `cifar-100-python/` folder (downloading it with torchvision when
-absent), `digits` is scikit-learn's bundled 8x8 digits upscaled to 32x32x3 (real and offline),
+`cifar100` reads the official `cifar-100-python/` folder (`search fetch-data`, or the first
+`search run` / `search train` on a machine with internet, downloads it with torchvision),
+`digits` is scikit-learn's bundled 8x8 digits upscaled to 32x32x3 (real and offline),
 `digit-pairs` composes those digits into a harder 100-class colour stand-in (offline, NOT
 CIFAR-100), `synthetic` is generated CIFAR-shaped data for benchmarks. The validation split is
 carved from the training set, stratified by label, fixed by `split_seed` (for digit-pairs a
@@ -60,32 +61,59 @@ def _read_cifar_pickle(path: Path) -> Arrays:
     return Arrays(data, np.asarray(entry[b"fine_labels"], dtype=np.int64))
 
 
-def locate_cifar100(root: Path, download: bool = True) -> list[Path]:
-    """The official files under `root` (downloaded when absent); a clear DataError otherwise."""
+def locate_cifar100(root: Path, download: bool = False) -> list[Path]:
+    """The official files under `root`; with `download`, fetched by torchvision when absent
+    (what `search run` and `search train` do on the user's machine; workers never download:
+    a compute node may have no internet). A clear DataError otherwise."""
     folder = Path(root) / CIFAR_FOLDER
     files = [folder / name for name in ("train", "test", "meta")]
     if not all(f.is_file() for f in files) and download:
         try:
-            from torchvision.datasets import CIFAR100
-
-            CIFAR100(str(root), train=True, download=True)
-        except Exception as exc:  # offline, disk full, checksum: all end the same way
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(
-                f"CIFAR-100 not found at {folder} and the download failed ({reason}); "
-                f"put the official {CIFAR_FOLDER}/ folder (train, test, meta) under {root} "
-                "or pass --data-root"
-            ) from None
+            fetch_cifar100(root)
+        except DataError as exc:
+            raise DataError(f"CIFAR-100 not found at {folder} and {exc}; on a machine with "
+                            f"internet run `search fetch-data --data-root {root}` and copy "
+                            f"{CIFAR_FOLDER}/ here, or pass --data-root") from None
     missing = [f.name for f in files if not f.is_file()]
+    if len(missing) == len(files):
+        raise DataError(
+            f"CIFAR-100 not found at {folder}; on a machine with internet run `search "
+            f"fetch-data --data-root {root}` (or put the official {CIFAR_FOLDER}/ folder there)")
     if missing:
         raise DataError(
             f"CIFAR-100 folder {folder} lacks {', '.join(missing)}; expected the official "
-            f"{CIFAR_FOLDER}/ folder with train, test and meta"
+            f"{CIFAR_FOLDER}/ folder with train, test and meta (`search fetch-data` fetches it)"
         )
     return files
 
 
-def load_cifar100(root: Path, download: bool = True) -> Dataset:
+def fetch_cifar100(root: Path) -> None:
+    """Downloads CIFAR-100 into `root` with torchvision (169 MB) and verifies every file
+    against torchvision's checksums; a DataError says what failed."""
+    try:
+        from torchvision.datasets import CIFAR100
+
+        CIFAR100(str(root), train=True, download=True)
+    except Exception as exc:  # offline, disk full, checksum: all end the same way
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"the download failed ({reason})") from None
+
+
+def verify_cifar100(root: Path) -> str | None:
+    """None when the files under `root` match torchvision's checksums, else the first file
+    that does not (or is missing)."""
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import check_integrity
+
+    folder = Path(root) / CIFAR_FOLDER
+    for name, md5 in [*CIFAR100.train_list, *CIFAR100.test_list, (CIFAR100.meta["filename"],
+                                                                   CIFAR100.meta["md5"])]:
+        if not check_integrity(str(folder / name), md5):
+            return name
+    return None
+
+
+def load_cifar100(root: Path, download: bool = False) -> Dataset:
     files = locate_cifar100(root, download)
     folder = files[0].parent
     try:
@@ -198,11 +226,12 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
 
 
 def ensure_available(name: str, root: str | Path | None = None) -> None:
-    """Checks (and for CIFAR-100 fetches) a dataset before a study starts its first trial."""
+    """Checks (and for CIFAR-100 fetches, on the machine the command runs on) a dataset before
+    a study starts its first trial."""
     from trainer.config import default_data_root
 
     if name == "cifar100":
-        locate_cifar100(Path(root) if root else default_data_root())
+        locate_cifar100(Path(root) if root else default_data_root(), download=True)
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, split_seed: int,

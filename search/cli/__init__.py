@@ -1,7 +1,7 @@
 """The `search` command line. Each subcommand's module holds its flags and its `cmd_*`:
 `run` (run, worker), `inspect` (validate, status, export, table, report, dashboard,
-storage-proxy), `retrain`, `train`; `args` the flag types they share. Every expected failure
-ends as one line on stderr and a non-zero exit, never a traceback."""
+storage-proxy), `retrain`, `train`, `clean`, `data` (fetch-data); `args` the flag types they
+share. Every expected failure ends as one line on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from trainer.config import ConfigError
 
 
 def build_parser() -> Parser:
-    from search.cli import inspect, retrain, run, train
+    from search.cli import clean, data, inspect, retrain, run, train
 
     parser = Parser(prog="search", description="Hyperparameter search for PyTorch training: "
                     "Optuna studies, MLflow tracking, optuna-dashboard.")
@@ -23,6 +23,8 @@ def build_parser() -> Parser:
     run.add_parsers(sub)
     inspect.add_parsers(sub)
     retrain.add_parser(sub)
+    clean.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 

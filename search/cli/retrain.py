@@ -59,6 +59,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from search.tracking.datasets import dataset_input
     from search.tracking.models import log_model
     from trainer import TrainConfig, replay, train
+    from trainer.data import ensure_available
 
     quiet_libraries()
     study = load_existing_study(args.study, args.storage)
@@ -66,6 +67,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
                                "data_root": args.data_root}.items() if v is not None}
     config = TrainConfig.from_dict({**best.user_attrs.get("config", {}), **best.params, **flags})
+    ensure_available(config.dataset, config.data_root)  # CIFAR-100 fetched here if absent
     # a PBT member: its whole schedule, replayed from scratch (each segment's settings)
     schedule = (segments(study.get_trials(deepcopy=False), best.number)
                 if "pbt_member" in best.user_attrs else [])

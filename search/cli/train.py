@@ -52,8 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from trainer import Diverged, train
+    from trainer.data import ensure_available
 
     config = TrainConfig(**{field: getattr(args, field) for _, field, _ in FLAGS})
+    ensure_available(config.dataset, config.data_root)  # CIFAR-100 fetched here if absent
     bar = tqdm(total=config.epochs, desc="train", unit="epoch", file=sys.stderr)
 
     def on_epoch(m: dict) -> None:
