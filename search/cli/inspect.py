@@ -15,6 +15,7 @@ from search.errors import UserError
 from search.inputs.objectives import epochs_run, pareto_numbers, primary, study_objectives
 from search.inputs.space import load_space
 from search.logs import quiet_libraries
+from search.study.budget import TOTAL_ATTR, finished
 from search.study.storage import is_file, open_storage, redact, storage_url
 from search.tracking.client import RUN_ATTR
 from search.ui.progress import describe_counts, state_counts
@@ -97,6 +98,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                "running_without_crash_safety": [
                    t.number for t in study.get_trials(deepcopy=False, states=(State.RUNNING,))
                    if t.user_attrs.get("crash_safe") is False]}
+        if (total := study.user_attrs.get(TOTAL_ATTR)) is not None:
+            row["n_trials_total"] = total
+            row["finished"] = finished(study.get_trials(deepcopy=False))
         if (job := study.user_attrs.get("slurm_job_id")) is not None:
             from search.launch.slurm import array_tasks
 
@@ -117,7 +121,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no studies in {redact(storage_url(args.storage))}")
     for r in rows:
-        line = f"{r['study']}: {describe_counts(r['counts'])}"
+        of = f" ({r['finished']} of {r['n_trials_total']} trials)" if "n_trials_total" in r else ""
+        line = f"{r['study']}{of}: {describe_counts(r['counts'])}"
         if "pareto_front" in r:
             line += (f"; Pareto front ({', '.join(r['objectives'])}): {len(r['pareto_front'])} "
                      f"trials {r['pareto_front']}")

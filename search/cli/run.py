@@ -31,7 +31,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--study", help="a study file (studies/NAME.yaml, or a bare name in "
                    "studies/), or with --space the study's name (default: the space's name)")
     storage_flag(p)
-    p.add_argument("--n-trials", type=int, help="trials in total for this command")
+    p.add_argument("--n-trials", type=int, help="the study's total across commands and machines: "
+                   "a rerun finishes the study, a finished study runs nothing (default 20)")
+    p.add_argument("--add-trials", type=positive_int, help="run this many more trials than the "
+                   "study holds (raises its total)")
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the study file's, else tpe")
     p.add_argument("--pruner", choices=PRUNERS, help="default: the study file's, else median")
@@ -83,6 +86,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
     pbt_flags(p)
+    slurm_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="one worker of a --slurm study (what its array tasks run)")
+    p.add_argument("--spec", required=True, help="the JSON settings `search run --slurm` wrote")
+    p.set_defaults(func=cmd_worker)
+
+
+def slurm_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Slurm", "submit the --workers as one Slurm job array and return "
                              "(needs a database --storage and an MLflow server every node reaches)")
     g.add_argument("--slurm", action="store_true", help="run the workers as Slurm array tasks")
@@ -98,11 +110,6 @@ def add_parsers(sub) -> None:
     g.add_argument("--slurm-extra", help='more sbatch options, e.g. "--constraint=a100"')
     g.add_argument("--slurm-wait", action="store_true", help="follow the study until the array "
                    "ends (Ctrl-C cancels the array)")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("worker", help="one worker of a --slurm study (what its array tasks run)")
-    p.add_argument("--spec", required=True, help="the JSON settings `search run --slurm` wrote")
-    p.set_defaults(func=cmd_worker)
 
 
 def pbt_flags(p: argparse.ArgumentParser) -> None:

@@ -42,7 +42,9 @@ class RunSettings:
     pruner: str = "median"
     pruner_startup_trials: int = 5
     pruner_warmup_epochs: int = 0
-    n_trials: int | None = None
+    n_trials: int | None = None  # the study's total (search.study.budget)
+    add_trials: int | None = None  # or: this many more than the study holds
+    study_total: int | None = None  # resolved by the launcher from the two above
     timeout: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     mlflow_uri: str | None = None
@@ -173,7 +175,12 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
     timeout = pick(args.timeout, "timeout", None)
     n_trials = pick(args.n_trials, "n_trials", None)
     pbt = pbt_settings(args, src, objectives)
-    if n_trials is None and timeout is None:
+    add_trials = getattr(args, "add_trials", None)
+    if add_trials is not None and n_trials is not None:
+        source = "--n-trials" if args.n_trials is not None else f"{src.where}n_trials"
+        raise UserError(f"--add-trials with {source}: give one (--n-trials N is the study's "
+                        "total, --add-trials K is K more than it holds)")
+    if n_trials is None and timeout is None and add_trials is None:
         n_trials = max(DEFAULT_TRIALS, len(src.fixed))
     settings = RunSettings(
         space_text=src.space.text, space_path=str(src.space.path), study_name=src.name,
@@ -182,7 +189,7 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
         objectives=objectives, constraints=constraints,
         pruner_startup_trials=pick(args.pruner_startup_trials, "pruner_startup_trials", 5),
         pruner_warmup_epochs=pick(args.pruner_warmup_epochs, "pruner_warmup_epochs", 0),
-        n_trials=n_trials, timeout=timeout, overrides=src.overrides, mlflow_uri=args.mlflow_uri,
+        n_trials=n_trials, add_trials=add_trials, timeout=timeout, overrides=src.overrides, mlflow_uri=args.mlflow_uri,
         seed=args.seed, fixed_trials=src.fixed, table=src.table, heartbeat=args.heartbeat,
         max_retry=args.max_retry, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every,
@@ -192,7 +199,7 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
     )
     if pbt is not None:  # the population is the pack and the budget; PBT replaces pruning
         settings.pbt, settings.pruner = pbt.as_dict(), "none"
-        settings.n_trials, settings.pack, settings.ramp = pbt.population, pbt.population, None
+        settings.n_trials, settings.pack, settings.ramp = None, pbt.population, None
     if settings.sampler not in SAMPLERS or settings.pruner not in PRUNERS:
         raise UserError(f"sampler {settings.sampler!r} / pruner {settings.pruner!r}: expected "
                         f"one of {', '.join(SAMPLERS)} / {', '.join(PRUNERS)}")
@@ -212,6 +219,9 @@ def pbt_settings(args: argparse.Namespace, src: Sources, objectives: list[str]) 
             merged[key] = flag
             merged.pop(f"_source_{key}", None)
     n_trials = src.pick(args.n_trials, "n_trials", None)
+    if getattr(args, "add_trials", None) is not None:
+        raise UserError("--add-trials: with PBT the budget is the population (--pbt-population) "
+                        "x the trials' epochs; drop it")
     if n_trials is not None:
         source = "--n-trials" if args.n_trials is not None else f"{src.where}n_trials"
         raise UserError(f"{source}: with PBT the budget is the population (--pbt-population) x "

@@ -21,6 +21,7 @@ from search.errors import StorageUnavailable, UserError
 from search.inputs.settings import RunSettings
 from search.launch.base import WorkersGaveUp, leave
 from search.logs import say
+from search.study.budget import counted, room, set_total
 from search.study.lifecycle import open_run
 from search.study.recovery import STOP, RetryDeadTrial, reap_worker
 from search.ui.progress import Progress, print_summary
@@ -86,7 +87,8 @@ class Supervisor:
         self.stop = self.ctx.Event()
         self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.start_time = time.monotonic()
-        self.slots = [WorkerPlace(i, n) for i, n in enumerate(shares(settings.n_trials, workers))]
+        self.slots = [WorkerPlace(i, n) for i, n in enumerate(shares(
+            None if settings.study_total is not None else settings.n_trials, workers))]
 
     def _launch(self, slot: WorkerPlace, n_trials: int | None) -> None:
         timeout = self.settings.timeout
@@ -124,7 +126,7 @@ class Supervisor:
         what = f"worker {slot.index} (pid {proc.pid}) {describe_exit(code)}; {trials}"
         timed_out = (self.settings.timeout is not None
                      and time.monotonic() - self.start_time >= self.settings.timeout)
-        if left == 0 or timed_out:
+        if left == 0 or timed_out or not room(self.study, self.settings.study_total):
             say(f"{what}; its share is done", "search run")
             slot.ended = True
         elif slot.strikes > self.max_restarts:
@@ -166,10 +168,12 @@ class Supervisor:
         if STOP.requested:
             raise KeyboardInterrupt
         problems = [s for s in self.slots if s.problem]
+        total = self.settings.study_total
         if problems:
-            missing = sum(max(0, s.share - s.finished) for s in problems if s.share is not None)
-            count = (f"{missing} of {self.settings.n_trials} trials did not run"
-                     if self.settings.n_trials is not None else "the study ended early")
+            missing = max(0, total - counted(self.study.get_trials(deepcopy=False))) \
+                if total is not None else 0
+            count = (f"{missing} of the study's {total} trials did not run" if total is not None
+                     else "the study ended early")
             raise WorkersGaveUp(f"{count}: {'; '.join(s.problem for s in problems)}")
 
 
@@ -177,9 +181,11 @@ def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) ->
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `settings.n_trials` (or the timeout) are spent. Returns the study."""
     study, tracker, parent, epochs = open_run(settings, workers)
+    if settings.pbt is None:  # PBT's budget is its population
+        settings = dataclasses.replace(settings, study_total=set_total(
+            study, settings.n_trials, settings.add_trials))
     pids = {os.getpid()}  # the Supervisor adds its workers'
-    # PBT: segments are trials too, so the count is of trials finished, not of a total
-    progress = Progress(study, None if settings.pbt else settings.n_trials, epochs, pids=pids)
+    progress = Progress(study, settings.study_total, epochs, pids=pids)
     progress.watch()
     status = "FAILED"
     try:
@@ -192,6 +198,10 @@ def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) ->
             STOP.install((signal.SIGTERM,) if ignored else (signal.SIGINT, signal.SIGTERM))
             Supervisor(settings, study, workers, max_restarts, pids).run()
         status = "FINISHED"
+        total = settings.study_total
+        if total is not None and finished_by(study, pids) == 0 and not room(study, total):
+            say(f"study {study.study_name} already holds its {total} trials (--n-trials is the "
+                "study's total); nothing to run: --add-trials K runs K more", "search run")
     except KeyboardInterrupt:
         status = "KILLED"
         raise

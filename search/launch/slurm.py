@@ -36,6 +36,7 @@ from search.errors import UserError
 from search.inputs.settings import RunSettings
 from search.launch.base import WorkersGaveUp, leave
 from search.logs import quiet_libraries, say
+from search.study.budget import set_total
 from search.study.checkpoints import DEFAULT_DIR
 from search.study.lifecycle import open_run
 from search.study.recovery import HOST, STOP
@@ -199,9 +200,11 @@ def run_slurm_task(spec_path: str) -> int:
     index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     threads = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK") \
         else None
-    share = shares(settings.n_trials, workers)[index]
-    say(f"task {task or index} of study {settings.study_name} (share "
-        f"{share if share is not None else 'until the timeout'}) on {HOST}", "search worker")
+    share = shares(None if settings.study_total is not None else settings.n_trials, workers)[index]
+    bound = (f"share {share}" if share is not None else f"the study's {settings.study_total} "
+             "trials" if settings.study_total is not None else "until the timeout")
+    say(f"task {task or index} of study {settings.study_name} ({bound}) on {HOST}",
+        "search worker")
     try:
         study = run_worker(settings, index, share, threads, signals=(signal.SIGTERM, signal.SIGINT),
                            slurm_task=task)
@@ -219,7 +222,8 @@ def run_slurm_task(spec_path: str) -> int:
     done = finished_by(study)
     parent = study.user_attrs.get(PARENT_ATTR)
     # tasks ending together each see the other still listed: the study's count decides too
-    if parent and (others <= 0 or (settings.n_trials is not None and done >= settings.n_trials)):
+    total = settings.study_total
+    if parent and (others <= 0 or (total is not None and done >= total)):
         leave(study, tracker, parent, None, "FINISHED")
     return 0
 
@@ -232,6 +236,8 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
     settings = dataclasses.replace(settings, checkpoint_dir=str(
         (Path.cwd() / (settings.checkpoint_dir or DEFAULT_DIR)).absolute()))
     study, tracker, parent, epochs = open_run(settings, workers)
+    settings = dataclasses.replace(settings, study_total=set_total(
+        study, settings.n_trials, settings.add_trials))
     job = submit(settings, workers, opts)
     study.set_user_attr(JOB_ATTR, job)
     tracker.tag(parent, JOB_ATTR, job)
@@ -253,7 +259,7 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
         print(f"search run: {line}", flush=True)
     if not opts.wait:
         return 0
-    progress = Progress(study, settings.n_trials, epochs)
+    progress = Progress(study, settings.study_total, epochs)
     progress.watch()
     try:
         while array_tasks(job):
@@ -268,8 +274,9 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
     done = finished_by(study)
     print(f"search run: Slurm job array {job} ended; the study has {done} finished trials",
           flush=True)
-    if settings.n_trials is not None and done < settings.n_trials:
-        raise WorkersGaveUp(f"{settings.n_trials - done} of {settings.n_trials} trials did not run; "
+    total = settings.study_total
+    if total is not None and done < total:
+        raise WorkersGaveUp(f"{total - done} of the study's {total} trials did not run; "
                             f"see slurm/{settings.study_name}/logs/worker-{job}_*.log")
     return 0
 

@@ -157,6 +157,10 @@ class Progress:
                 and t.number not in self.baseline and self._mine(t)]
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
                                                                State.FAIL)}
+        # against the study's total, the study's finished trials (any command's); else this
+        # command's own
+        shown = len(done) if self.total is None else sum(
+            t.state.is_finished() and t.number not in retried for t in trials)
         # the best of the feasible trials; a multi-objective study has a front, not a best
         complete = [t for t in trials if t.state == State.COMPLETE and t.values and feasible(t)]
         running = [t for t in trials if t.state == State.RUNNING]
@@ -171,19 +175,19 @@ class Progress:
             for t in running[:2]:
                 if (text := self._running(t)) is not None:
                     post[f"#{t.number}"] = text
-            self.bar.n = len(done) if self.total is None else min(len(done), self.total)
+            self.bar.n = shown if self.total is None else min(shown, self.total)
             self.bar.set_postfix(post, refresh=False)
             self.bar.refresh()
             return
         of = f"/{self.total}" if self.total is not None else ""
         for t in sorted((t for t in done if t.number not in self.seen), key=lambda t: t.number):
             self.seen.add(t.number)
-            print(finished_line(t, self.names, f"{len(done)}{of}", best),
+            print(finished_line(t, self.names, f"{shown}{of}", best),
                   file=sys.stderr, flush=True)
             self.last_line = time.monotonic()
         if time.monotonic() - self.last_line >= self.quiet_seconds:
             states = ", ".join(f"#{t.number} {self._running(t) or 'starting'}" for t in running)
-            print(f"study {self.study.study_name}: {len(done)}{of} finished, {len(running)} "
+            print(f"study {self.study.study_name}: {shown}{of} finished, {len(running)} "
                   f"running{': ' + states if states else ''}", file=sys.stderr, flush=True)
             self.last_line = time.monotonic()
 

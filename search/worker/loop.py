@@ -30,6 +30,7 @@ from search import optuna_seam
 from search.errors import AttemptLost, StorageUnavailable
 from search.inputs.algorithms import RoundPruner
 from search.logs import say
+from search.study.budget import room
 from search.study.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study.session import TrialRunner, TrialSession
 from search.study.storage import StorageBusy, no_waiting
@@ -68,8 +69,10 @@ class WorkerLoop:
 
     def __init__(self, study: optuna.Study, runner: TrialRunner, pack: int,
                  n_trials: int | None, timeout: float | None, handler: RetryDeadTrial,
-                 stop_within: float = 20.0, ramp: int | None = None):
+                 stop_within: float = 20.0, ramp: int | None = None,
+                 study_total: int | None = None):
         self.study, self.runner, self.handler = study, runner, handler
+        self.study_total = study_total  # the study's --n-trials, across commands and machines
         self.pack, self.ramp, self.n_trials, self.timeout = pack, ramp, n_trials, timeout
         self.rule = stop_rule(stop_within)
         self.engines: dict[tuple, Any] = {}  # shape key -> trainer.engine.Engine
@@ -83,6 +86,9 @@ class WorkerLoop:
         (with a ramp, fewer until the study has heard from as many: `in_flight_limit`)."""
         with optuna_seam.optimize_loop(self.study):
             try:
+                # stale trials (a dead worker's, on a heartbeat storage) re-queued first: they
+                # count toward the study's total until then
+                optuna.storages.fail_stale_trials(self.study)
                 while True:
                     self._refill()
                     if not self.in_flight:
@@ -106,7 +112,7 @@ class WorkerLoop:
         return ((self.n_trials is None or self.asked < self.n_trials)
                 and not optuna_seam.stop_requested(self.study)
                 and (self.timeout is None or time.monotonic() - self.start < self.timeout)
-                and not STOP.requested)
+                and not STOP.requested and room(self.study, self.study_total))
 
     def _refill(self) -> None:
         """Asks new trials into free slots while the budget lasts (one storage read for the
@@ -317,6 +323,7 @@ class WorkerLoop:
 
 def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
                timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0,
-               ramp: int | None = None) -> None:
+               ramp: int | None = None, study_total: int | None = None) -> None:
     """Runs a worker's share of trials: `WorkerLoop(...).run()`."""
-    WorkerLoop(study, runner, pack, n_trials, timeout, handler, stop_within, ramp).run()
+    WorkerLoop(study, runner, pack, n_trials, timeout, handler, stop_within, ramp,
+               study_total).run()

@@ -11,6 +11,7 @@ import optuna
 from search.inputs.settings import RunSettings
 from search.inputs.values import cadence_value
 from search.logs import quiet_libraries, say
+from search.study.budget import counted
 from search.study.checkpoints import CheckpointStore
 from search.study.lifecycle import open_study
 from search.study.recovery import HOST, STOP, RetryDeadTrial, reap_dead_local_trials, retried_numbers
@@ -23,7 +24,8 @@ STORAGE_GONE = 75  # a worker's exit status when the storage stayed silent past 
 
 
 def shares(n_trials: int | None, workers: int) -> list[int | None]:
-    """Splits the command's trial budget exactly: trials in total, however many workers."""
+    """Splits a trial budget exactly: trials in total, however many workers (None each without
+    one: a study total or a timeout bounds them instead)."""
     if n_trials is None:
         return [None] * workers
     return [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
@@ -93,6 +95,8 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         torch.set_num_threads(threads)
     space = settings.load_space()
     study, _ = open_study(settings, space, worker=index)
+    if settings.study_total is not None:  # the study's total bounds every worker instead
+        n_trials = None
     if slurm_task is not None and n_trials is not None:
         n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
     tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
@@ -108,7 +112,7 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
                          settings.constraints, cadence_value(settings.checkpoint_every))
     if reaper is not None:
         reaper(study)
-    if n_trials == 0:  # `--n-trials 0`: only tidy up (stale trials failed and re-queued)
+    if n_trials == 0 or settings.study_total == 0:  # only tidy up (stale trials re-queued)
         optuna.storages.fail_stale_trials(study)
         return study
     STOP.install(signals)
@@ -120,9 +124,11 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
             PbtLoop(study, runner, Pbt(**settings.pbt), settings.timeout, handler,
                     settings.stop_within, settings.seed).run()
         else:
-            pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
+            left = n_trials if settings.study_total is None else max(
+                0, settings.study_total - counted(study.get_trials(deepcopy=False)))
+            pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, left)
             run_trials(study, runner, pack, n_trials, settings.timeout, handler,
-                       settings.stop_within, settings.ramp)
+                       settings.stop_within, settings.ramp, settings.study_total)
         if STOP.requested:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:

@@ -1,0 +1,45 @@
+"""A study's trial budget: `--n-trials N` is the study's total across commands and machines
+(as Optuna's MaxTrialsCallback counts), so a rerun after a crash finishes the study instead of
+adding N more, and two machines typing the same command share the N; `--add-trials K` raises the
+total to K more than the study holds. The total is the study attribute `n_trials_total`."""
+
+from __future__ import annotations
+
+import optuna
+
+from search.study.recovery import retried_numbers
+
+State = optuna.trial.TrialState
+TOTAL_ATTR = "n_trials_total"
+
+
+def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that count toward the total: each one a worker took, once per retry chain (a
+    failed attempt counts through its retry; a waiting trial — a queued retry, a fixed trial —
+    counts once a worker takes it)."""
+    retried = retried_numbers(trials)
+    return sum(t.state != State.WAITING and t.number not in retried for t in trials)
+
+
+def finished(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that ended, once per retry chain."""
+    retried = retried_numbers(trials)
+    return sum(t.state.is_finished() and t.number not in retried for t in trials)
+
+
+def set_total(study: optuna.Study, n_trials: int | None, add_trials: int | None) -> int | None:
+    """The study's total after this command: `--add-trials K` is K more than it holds,
+    `--n-trials N` is N; None without either (a `--timeout` run: no total)."""
+    if add_trials is not None:
+        total = counted(study.get_trials(deepcopy=False)) + add_trials
+    elif n_trials is not None:
+        total = n_trials
+    else:
+        return None
+    study.set_user_attr(TOTAL_ATTR, total)
+    return total
+
+
+def room(study: optuna.Study, total: int | None) -> bool:
+    """True while the study holds fewer trials than its total (one storage read)."""
+    return total is None or counted(study.get_trials(deepcopy=False)) < total
