@@ -42,9 +42,31 @@ CHECKPOINT_KEYS = ("format", "epoch", "step", "rounds", "history", "params", "op
                    "generator")
 
 
+def dataset_sizes(dataset: str) -> tuple[int, int, int]:
+    """(training images before the validation split, test images, classes); a `folder:PATH`
+    dataset is scanned (trainer.folder; a bad layout raises ConfigError naming the path)."""
+    from trainer.folder import LayoutError, is_folder, sizes
+
+    if is_folder(dataset):
+        try:
+            return sizes(dataset)
+        except (LayoutError, OSError) as exc:
+            raise ConfigError(f"dataset: {exc}") from None
+    return TRAIN_IMAGES[dataset], TEST_IMAGES[dataset], CLASSES[dataset]
+
+
+def dataset_source(dataset: str) -> tuple[str, str]:
+    """Where a dataset comes from, as MLflow's dataset source records it: (kind, where)."""
+    from trainer.folder import folder_path, is_folder
+
+    if is_folder(dataset):
+        return "local", str(folder_path(dataset).resolve())
+    return SOURCES[dataset]
+
+
 def train_split_size(dataset: str, val_fraction: float) -> int:
     """Images left for training once the validation split (rounded up, as sklearn does) is out."""
-    n = TRAIN_IMAGES[dataset]
+    n = dataset_sizes(dataset)[0]
     return n - math.ceil(n * val_fraction)
 
 
@@ -130,9 +152,12 @@ class TrainConfig:
             "local_partition": PARTITIONS,
         }
         for key, allowed in choices.items():
+            if key == "dataset" and str(self.dataset).startswith("folder:"):
+                continue  # a folder of the user's images (trainer.folder), scanned below
             if getattr(self, key) not in allowed:
                 raise ConfigError(
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                    + (" or folder:PATH" if key == "dataset" else "")
                 )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from trainer.folder import LayoutError, is_folder
+from trainer.folder import load as load_folder
+
 CIFAR_FOLDER = "cifar-100-python"
 
 
@@ -221,8 +224,13 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
         return load_digit_pairs()
     if name == "synthetic":
         return make_synthetic()
-    raise DataError(f"dataset: unknown {name!r}; expected cifar100, digits, digit-pairs or "
-                    "synthetic")
+    if is_folder(name):
+        try:
+            return load_folder(name)
+        except (LayoutError, OSError) as exc:
+            raise DataError(str(exc)) from None
+    raise DataError(f"dataset: unknown {name!r}; expected cifar100, digits, digit-pairs, "
+                    "synthetic or folder:PATH")
 
 
 def ensure_available(name: str, root: str | Path | None = None) -> None:
@@ -232,6 +240,11 @@ def ensure_available(name: str, root: str | Path | None = None) -> None:
 
     if name == "cifar100":
         locate_cifar100(Path(root) if root else default_data_root(), download=True)
+    elif is_folder(name):  # every image decoded once: an unreadable file is found here
+        try:
+            load_folder(name)
+        except (LayoutError, OSError) as exc:
+            raise DataError(str(exc)) from None
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, split_seed: int,

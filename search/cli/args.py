@@ -63,6 +63,16 @@ def checkpoint_cadence(text: str) -> str:
     return text
 
 
+def dataset_name(text: str) -> str:
+    """argparse type of --dataset: a built-in dataset or folder:PATH (the user's images)."""
+    from trainer.config import DATASETS
+
+    if text in DATASETS or (text.startswith("folder:") and len(text) > len("folder:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(DATASETS)} or folder:PATH, "
+                                     f"got {text!r}")
+
+
 def storage_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="SQLAlchemy URL or journal file "
                    "(default $SEARCH_STORAGE, else search-journal.log)")

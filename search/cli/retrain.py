@@ -8,13 +8,12 @@ import json
 
 import optuna
 
-from search.cli.args import positive_int, storage_flag
+from search.cli.args import dataset_name, positive_int, storage_flag
 from search.cli.inspect import load_existing_study
 from search.errors import UserError
 from search.inputs.objectives import pareto_numbers, primary, study_objectives
 from search.logs import quiet_libraries
 from search.study.lineage import segments
-from trainer.config import DATASETS
 
 State = optuna.trial.TrialState
 
@@ -26,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=positive_int, help="override the trial's epochs")
     p.add_argument("--trial", type=int, help="retrain this trial instead of the best one "
                    "(a multi-objective study: one of its Pareto front)")
-    p.add_argument("--dataset", choices=DATASETS,
+    p.add_argument("--dataset", type=dataset_name,
                    help="data to retrain and test on (default: the trial's own dataset)")
     p.add_argument("--data-root", help="folder holding cifar-100-python/ (default: the "
                    "trial's, else $SEARCH_DATA_ROOT)")

@@ -8,7 +8,15 @@ import argparse
 import shlex
 import sys
 
-from search.cli.args import checkpoint_cadence, pack_size, positive_float, positive_int, ramp_size, storage_flag
+from search.cli.args import (
+    checkpoint_cadence,
+    dataset_name,
+    pack_size,
+    positive_float,
+    positive_int,
+    ramp_size,
+    storage_flag,
+)
 from search.errors import UserError
 from search.inputs.algorithms import PRUNERS, SAMPLERS
 from search.inputs.settings import (
@@ -60,7 +68,8 @@ def add_parsers(sub) -> None:
                    "trials the study has heard from, whichever is more, so a wide pack is not "
                    f"proposed blind; off: always the whole pack (default {DEFAULT_RAMP})")
     p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--dataset", type=dataset_name, help=f"{', '.join(DATASETS)}, or folder:PATH "
+                   "(PATH/train/CLASS/*.png|jpg, optional PATH/test/CLASS/...)")
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int, help="training seed, and the sampler's seed")
     p.add_argument("--device")

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from search.cli.args import positive_float, positive_int
-from trainer.config import AUGMENTS, DATASETS, LR_SCALINGS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from search.cli.args import dataset_name, positive_float, positive_int
+from trainer.config import AUGMENTS, LR_SCALINGS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
 # (flag, TrainConfig field, argparse keywords); each default is the field's own
 FLAGS = (
@@ -24,7 +24,7 @@ FLAGS = (
     ("--trust-coefficient", "trust_coefficient", {"type": positive_float}),
     ("--epochs", "epochs", {"type": positive_int}),
     ("--augment", "augment", {"choices": AUGMENTS}),
-    ("--dataset", "dataset", {"choices": DATASETS}),
+    ("--dataset", "dataset", {"type": dataset_name, "help": "or folder:PATH"}),
     ("--data-root", "data_root", {"help": "folder holding cifar-100-python/ ($SEARCH_DATA_ROOT)"}),
     ("--seed", "seed", {"type": int}),
     ("--device", "device", {}),

@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
-from trainer.config import CLASSES, SOURCES, TEST_IMAGES, TRAIN_IMAGES, train_split_size
+from trainer.config import dataset_sizes, dataset_source, train_split_size
 
 
 def dataset_input(config: dict[str, Any], retrain: bool = False) -> DatasetInput:
@@ -23,15 +23,16 @@ def dataset_input(config: dict[str, Any], retrain: bool = False) -> DatasetInput
     the split sizes (the digest names the split: dataset, sizes, split seed). A retrain trains
     on train+val (`DIGITS train+val`) and tests on the test split."""
     name = config["dataset"]
+    n_train, n_test, classes = dataset_sizes(name)
     train = train_split_size(name, config["val_fraction"])
-    profile = {"train": train, "val": TRAIN_IMAGES[name] - train, "test": TEST_IMAGES[name],
-               "split_seed": config["split_seed"], "classes": CLASSES[name]}
+    profile = {"train": train, "val": n_train - train, "test": n_test,
+               "split_seed": config["split_seed"], "classes": classes}
     if retrain:
-        profile = {"train+val": TRAIN_IMAGES[name], "test": TEST_IMAGES[name],
-                   "classes": profile["classes"]}
+        profile = {"train+val": n_train, "test": n_test, "classes": classes}
     digest = hashlib.sha256(json.dumps([name, profile], sort_keys=True).encode()).hexdigest()[:8]
-    kind, where = SOURCES[name]
-    source = json.dumps({"url": where} if kind == "url" else {"code": where})
+    kind, where = dataset_source(name)
+    source = json.dumps({"url": where} if kind == "url" else {"uri": where} if kind == "local"
+                        else {"code": where})
     schema = json.dumps({"mlflow_tensorspec": {"features": json.dumps(
         [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, 3, 32, 32]}}]),
         "targets": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "int64",
