@@ -195,6 +195,12 @@ def test_the_report_draws_each_member_and_names_the_schedule(evolved):
     assert "PBT: validation accuracy per member" in page
     assert f"PBT: the best member (trial {study.best_trial.number}) trained with" in page
     assert "replaced at epoch 2 (PBT: continues as #" in page
+    table = subprocess.run([sys.executable, "-m", "search", "table", "--study", "pbt"], cwd=tmp,
+                           capture_output=True, text=True, timeout=300).stdout
+    assert " · member 0" in table and "at epoch 2" in table  # members and lineage
+    status = subprocess.run([sys.executable, "-m", "search", "status"], cwd=tmp,
+                            capture_output=True, text=True, timeout=300).stdout
+    assert "; PBT: 4 members, " in status and "generation 2" in status
 
 
 def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):

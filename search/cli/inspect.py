@@ -16,6 +16,7 @@ from search.inputs.objectives import epochs_run, pareto_numbers, primary, study_
 from search.inputs.space import load_space
 from search.logs import quiet_libraries
 from search.study.budget import TOTAL_ATTR, finished
+from search.study.lineage import is_pbt
 from search.study.storage import is_file, open_storage, redact, storage_url
 from search.tracking.client import RUN_ATTR
 from search.ui.progress import describe_counts, state_counts
@@ -101,6 +102,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         if (total := study.user_attrs.get(TOTAL_ATTR)) is not None:
             row["n_trials_total"] = total
             row["finished"] = finished(study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
+        if is_pbt(trials):
+            row["pbt"] = {"members": len({t.user_attrs["pbt_member"] for t in trials
+                                          if "pbt_member" in t.user_attrs}),
+                          "generation": max(t.user_attrs.get("pbt_generation", 0) for t in trials
+                                            if "pbt_member" in t.user_attrs),
+                          "segments": sum("pbt_member" in t.user_attrs for t in trials)}
         if (job := study.user_attrs.get("slurm_job_id")) is not None:
             from search.launch.slurm import array_tasks
 
@@ -126,6 +134,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "pareto_front" in r:
             line += (f"; Pareto front ({', '.join(r['objectives'])}): {len(r['pareto_front'])} "
                      f"trials {r['pareto_front']}")
+        if "pbt" in r:
+            line += (f"; PBT: {r['pbt']['members']} members, {r['pbt']['segments']} segments, "
+                     f"generation {r['pbt']['generation']}")
         if "slurm" in r:
             tasks = r["slurm"]["tasks"]
             line += (f"; Slurm job {r['slurm']['job']}: " + (", ".join(

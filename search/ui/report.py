@@ -34,6 +34,20 @@ def _config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 
 def describe_state(trial: optuna.trial.FrozenTrial) -> str:
+    return _state(trial) + pbt_lineage(trial)
+
+
+def pbt_lineage(trial: optuna.trial.FrozenTrial) -> str:
+    """A PBT segment's member and where it came from, for the table's state column."""
+    a = trial.user_attrs
+    if "pbt_member" not in a:
+        return ""
+    origin = (f" from #{a['pbt_parent']} at epoch {a['pbt_start_epoch']}"
+              if a.get("pbt_parent") is not None else "")
+    return f" · member {a['pbt_member']}{origin}"
+
+
+def _state(trial: optuna.trial.FrozenTrial) -> str:
     epochs = epochs_run(trial)
     if trial.state == State.COMPLETE:
         return f"complete ({epochs} epochs)"
