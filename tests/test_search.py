@@ -118,8 +118,14 @@ def test_mlflow_parent_and_children(study_dir):
 
 def test_resume_adds_trials_and_refuses_another_space(study_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
-                        "--n-trials", "1", "--epochs", "1"], cwd=study_dir, capture_output=True,
-                       text=True, timeout=600)
+                        "--n-trials", "7"], cwd=study_dir, capture_output=True, text=True,
+                       timeout=600)
+    # --n-trials is the study's total: the study holds its 7, nothing runs
+    assert r.returncode == 0 and "already holds its 7 trials" in r.stderr, r.stderr[-2000:]
+    assert len(_study(study_dir).trials) == 7
+    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
+                        "--add-trials", "1", "--epochs", "1"], cwd=study_dir,
+                       capture_output=True, text=True, timeout=600)
     # --epochs changes a trial setting, not the space: same study, one more trial
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(_study(study_dir).trials) == 8

@@ -251,6 +251,8 @@ def member_curves(trials: list[optuna.trial.FrozenTrial]) -> Any:
 
 def schedule_html(study: optuna.Study) -> str:
     """The best PBT member's schedule, under the settings."""
+    if len(study.directions) > 1:  # PBT has one objective
+        return ""
     try:
         best = study.best_trial
     except ValueError:
