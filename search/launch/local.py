@@ -21,11 +21,11 @@ from search.errors import StorageUnavailable, UserError
 from search.inputs.settings import RunSettings
 from search.launch.base import WorkersGaveUp, leave
 from search.logs import say
-from search.study.budget import counted, room, set_total
+from search.study.budget import counted, room
 from search.study.lifecycle import open_run
 from search.study.recovery import STOP, RetryDeadTrial, reap_worker
 from search.ui.progress import Progress, print_summary
-from search.worker.run import STORAGE_GONE, finished_by, run_worker, shares
+from search.worker.run import STORAGE_GONE, finished_by, resolve_budget, run_worker, shares
 from trainer.config import ConfigError
 from trainer.data import DataError
 
@@ -87,8 +87,7 @@ class Supervisor:
         self.stop = self.ctx.Event()
         self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.start_time = time.monotonic()
-        self.slots = [WorkerPlace(i, n) for i, n in enumerate(shares(
-            None if settings.study_total is not None else settings.n_trials, workers))]
+        self.slots = [WorkerPlace(i, n) for i, n in enumerate(shares(settings.n_trials, workers))]
 
     def _launch(self, slot: WorkerPlace, n_trials: int | None) -> None:
         timeout = self.settings.timeout
@@ -181,9 +180,7 @@ def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) ->
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `settings.n_trials` (or the timeout) are spent. Returns the study."""
     study, tracker, parent, epochs = open_run(settings, workers)
-    if settings.pbt is None:  # PBT's budget is its population
-        settings = dataclasses.replace(settings, study_total=set_total(
-            study, settings.n_trials, settings.add_trials))
+    settings = resolve_budget(study, settings)
     pids = {os.getpid()}  # the Supervisor adds its workers'
     progress = Progress(study, settings.study_total, epochs, pids=pids)
     progress.watch()

@@ -36,14 +36,13 @@ from search.errors import UserError
 from search.inputs.settings import RunSettings
 from search.launch.base import WorkersGaveUp, leave
 from search.logs import quiet_libraries, say
-from search.study.budget import set_total
 from search.study.checkpoints import DEFAULT_DIR
 from search.study.lifecycle import open_run
 from search.study.recovery import HOST, STOP
 from search.study.storage import redact, shared_across_machines
 from search.tracking.client import PARENT_ATTR, Tracker
 from search.ui.progress import Progress
-from search.worker.run import finished_by, run_worker, shares
+from search.worker.run import finished_by, resolve_budget, run_worker, shares
 
 JOB_ATTR = "slurm_job_id"
 
@@ -200,11 +199,9 @@ def run_slurm_task(spec_path: str) -> int:
     index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     threads = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK") \
         else None
-    share = shares(None if settings.study_total is not None else settings.n_trials, workers)[index]
-    bound = (f"share {share}" if share is not None else f"the study's {settings.study_total} "
-             "trials" if settings.study_total is not None else "until the timeout")
-    say(f"task {task or index} of study {settings.study_name} ({bound}) on {HOST}",
-        "search worker")
+    share = shares(settings.n_trials, workers)[index]
+    say(f"task {task or index} of study {settings.study_name} (share "
+        f"{share if share is not None else 'until the timeout'}) on {HOST}", "search worker")
     try:
         study = run_worker(settings, index, share, threads, signals=(signal.SIGTERM, signal.SIGINT),
                            slurm_task=task)
@@ -236,8 +233,7 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
     settings = dataclasses.replace(settings, checkpoint_dir=str(
         (Path.cwd() / (settings.checkpoint_dir or DEFAULT_DIR)).absolute()))
     study, tracker, parent, epochs = open_run(settings, workers)
-    settings = dataclasses.replace(settings, study_total=set_total(
-        study, settings.n_trials, settings.add_trials))
+    settings = resolve_budget(study, settings)
     job = submit(settings, workers, opts)
     study.set_user_attr(JOB_ATTR, job)
     tracker.tag(parent, JOB_ATTR, job)

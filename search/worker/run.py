@@ -4,6 +4,7 @@ task); how a budget is split between workers and who finished what is here too."
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 
 import optuna
@@ -11,7 +12,7 @@ import optuna
 from search.inputs.settings import RunSettings
 from search.inputs.values import cadence_value
 from search.logs import quiet_libraries, say
-from search.study.budget import counted
+from search.study.budget import counted, set_total
 from search.study.checkpoints import CheckpointStore
 from search.study.lifecycle import open_study
 from search.study.recovery import HOST, STOP, RetryDeadTrial, reap_dead_local_trials, retried_numbers
@@ -82,6 +83,24 @@ def worker_device(index: int, overrides: dict) -> dict:
     return out
 
 
+def resolve_budget(study: optuna.Study, settings: RunSettings) -> RunSettings:
+    """The study's total after this command (`--n-trials`, `--add-trials`) and what is left of
+    it for this command's workers to share (`n_trials`), counted once the trials of dead
+    workers were re-queued; unchanged for a PBT study (its budget is its population)."""
+    if settings.pbt is not None:
+        return settings
+    total = set_total(study, settings.n_trials, settings.add_trials)
+    if total is None:
+        return settings
+    handler = RetryDeadTrial(settings.max_retry, settings.mlflow_uri)
+    if has_heartbeat(settings.storage):
+        optuna.storages.fail_stale_trials(study)
+    else:
+        reap_dead_local_trials(study, handler)
+    left = max(0, total - counted(study.get_trials(deepcopy=False)))
+    return dataclasses.replace(settings, study_total=total, n_trials=left)
+
+
 def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads: int | None,
                signals: tuple = (signal.SIGINT, signal.SIGTERM),
                slurm_task: str | None = None) -> optuna.Study:
@@ -95,8 +114,6 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         torch.set_num_threads(threads)
     space = settings.load_space()
     study, _ = open_study(settings, space, worker=index)
-    if settings.study_total is not None:  # the study's total bounds every worker instead
-        n_trials = None
     if slurm_task is not None and n_trials is not None:
         n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
     tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
@@ -112,7 +129,7 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
                          settings.constraints, cadence_value(settings.checkpoint_every))
     if reaper is not None:
         reaper(study)
-    if n_trials == 0 or settings.study_total == 0:  # only tidy up (stale trials re-queued)
+    if n_trials == 0:  # only tidy up (stale trials failed and re-queued)
         optuna.storages.fail_stale_trials(study)
         return study
     STOP.install(signals)
@@ -124,9 +141,7 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
             PbtLoop(study, runner, Pbt(**settings.pbt), settings.timeout, handler,
                     settings.stop_within, settings.seed).run()
         else:
-            left = n_trials if settings.study_total is None else max(
-                0, settings.study_total - counted(study.get_trials(deepcopy=False)))
-            pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, left)
+            pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
             run_trials(study, runner, pack, n_trials, settings.timeout, handler,
                        settings.stop_within, settings.ramp, settings.study_total)
         if STOP.requested:  # stopped between trials: nothing to re-queue, still an interruption
