@@ -196,7 +196,7 @@ def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) ->
             Supervisor(settings, study, workers, max_restarts, pids).run()
         status = "FINISHED"
         total = settings.study_total
-        if total is not None and finished_by(study, pids) == 0 and not room(study, total):
+        if total and finished_by(study, pids) == 0 and not room(study, total):
             say(f"study {study.study_name} already holds its {total} trials (--n-trials is the "
                 "study's total); nothing to run: --add-trials K runs K more", "search run")
     except KeyboardInterrupt:

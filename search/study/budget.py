@@ -32,6 +32,8 @@ def set_total(study: optuna.Study, n_trials: int | None, add_trials: int | None)
     `--n-trials N` is N; None without either (a `--timeout` run: no total)."""
     if add_trials is not None:
         total = counted(study.get_trials(deepcopy=False)) + add_trials
+    elif n_trials == 0:  # `--n-trials 0`: only tidy the study up; it keeps its total
+        return 0
     elif n_trials is not None:
         total = n_trials
     else:
