@@ -125,7 +125,8 @@ class Supervisor:
         what = f"worker {slot.index} (pid {proc.pid}) {describe_exit(code)}; {trials}"
         timed_out = (self.settings.timeout is not None
                      and time.monotonic() - self.start_time >= self.settings.timeout)
-        if left == 0 or timed_out or not room(self.study, self.settings.study_total):
+        total = self.settings.study_total
+        if (left == 0 and total is None) or timed_out or not room(self.study, total):
             say(f"{what}; its share is done", "search run")
             slot.ended = True
         elif slot.strikes > self.max_restarts:
@@ -137,7 +138,7 @@ class Supervisor:
         else:
             say(f"{what}; starting a replacement ({slot.strikes} of "
                 f"{self.max_restarts} in a row)", "search run")
-            self._launch(slot, left)
+            self._launch(slot, left if total is None else None)  # a total bounds it instead
 
     def run(self) -> None:
         for slot in self.slots:

@@ -5,6 +5,13 @@ total to K more than the study holds. The total is the study attribute `n_trials
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import optuna
 
 from search.study.recovery import retried_numbers
@@ -45,3 +52,22 @@ def set_total(study: optuna.Study, n_trials: int | None, add_trials: int | None)
 def room(study: optuna.Study, total: int | None) -> bool:
     """True while the study holds fewer trials than its total (one storage read)."""
     return total is None or counted(study.get_trials(deepcopy=False)) < total
+
+
+@contextlib.contextmanager
+def ask_lock(study_name: str, needed: bool = True) -> Iterator[None]:
+    """One worker at a time on this machine counts the study and asks (a file lock in the
+    temporary folder, per study name): the workers of one command, or of several commands on
+    one machine, then never ask past the total. Across machines the count and the ask are not
+    one step: each machine may ask one trial past it when they ask at the same moment."""
+    if not needed:
+        yield
+        return
+    digest = hashlib.sha256(study_name.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"search-ask-{digest}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

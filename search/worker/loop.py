@@ -30,7 +30,7 @@ from search import optuna_seam
 from search.errors import AttemptLost, StorageUnavailable
 from search.inputs.algorithms import RoundPruner
 from search.logs import say
-from search.study.budget import room
+from search.study.budget import ask_lock, room
 from search.study.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study.session import TrialRunner, TrialSession
 from search.study.storage import StorageBusy, no_waiting
@@ -112,7 +112,7 @@ class WorkerLoop:
         return ((self.n_trials is None or self.asked < self.n_trials)
                 and not optuna_seam.stop_requested(self.study)
                 and (self.timeout is None or time.monotonic() - self.start < self.timeout)
-                and not STOP.requested and room(self.study, self.study_total))
+                and not STOP.requested)
 
     def _refill(self) -> None:
         """Asks new trials into free slots while the budget lasts (one storage read for the
@@ -121,14 +121,22 @@ class WorkerLoop:
         width = (in_flight_limit(self.study, pack, self.ramp, len(self.in_flight))
                  if len(self.in_flight) < pack else pack)
         while len(self.in_flight) < width and self._budget_left():
-            self._ask()
+            if not self._ask():
+                return
 
-    def _ask(self) -> None:
+    def _ask(self) -> bool:
+        """Asks one trial and starts it; False when the study holds its total already. The
+        count and the ask are one step for every worker on this machine (`ask_lock`), so the
+        workers of a command never overshoot the total."""
         optuna.storages.fail_stale_trials(self.study)
-        trial = self.study.ask()
+        with ask_lock(self.study.study_name, self.study_total is not None):
+            if not room(self.study, self.study_total):
+                return False
+            trial = self.study.ask()
         self.asked += 1
         self._asked(trial)
         self._admit(trial)
+        return True
 
     def _asked(self, trial: optuna.Trial) -> None:
         """A hook for loops that mark their trials before they start (PBT's members)."""

@@ -54,7 +54,7 @@ class PbtLoop(WorkerLoop):
         self.member_index: dict[Any, int] = {}
         self.vacant: list[tuple[int, tuple, int]] = []  # (member, shape key, failed trial)
 
-    def _ask(self) -> None:
+    def _ask(self) -> bool:
         optuna.storages.fail_stale_trials(self.study)
         replaced = superseded(self.study.get_trials(deepcopy=False))
         trial = self.study.ask()
@@ -65,9 +65,10 @@ class PbtLoop(WorkerLoop):
             trial.set_user_attr("pruned_reason", f"superseded by trial {newer} (a worker died "
                                 "while this member was being replaced)")
             self.study.tell(trial, state=State.PRUNED)
-            return
+            return True
         self._asked(trial)
         self._admit(trial)
+        return True
 
     def _asked(self, trial: optuna.Trial) -> None:
         if "pbt_member" not in trial.user_attrs:  # a new member (a retry keeps its attributes)

@@ -98,6 +98,7 @@ def resolve_budget(study: optuna.Study, settings: RunSettings) -> RunSettings:
     else:
         reap_dead_local_trials(study, handler)
     left = max(0, total - counted(study.get_trials(deepcopy=False)))
+    # n_trials: what is left now (0: nothing to run); the workers are bounded by the total
     return dataclasses.replace(settings, study_total=total, n_trials=left)
 
 
@@ -114,6 +115,8 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         torch.set_num_threads(threads)
     space = settings.load_space()
     study, _ = open_study(settings, space, worker=index)
+    if settings.study_total is not None and n_trials:  # the study's total bounds it instead:
+        n_trials = None  # retries of other workers' trials must not use up a share
     if slurm_task is not None and n_trials is not None:
         n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
     tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
