@@ -39,7 +39,7 @@ def study_dir(tmp_path_factory):
     (d / "mini.yaml").write_text(STUDY)
     r = _search(d, "run", "--study", "mini.yaml", "--workers", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _search(d, "run", "--study", "mini.yaml", "--n-trials", "2")  # resume
+    r = _search(d, "run", "--study", "mini.yaml", "--add-trials", "2")  # resume: 2 more
     assert r.returncode == 0, r.stderr[-3000:]
     return d
 

@@ -176,10 +176,11 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
     n_trials = pick(args.n_trials, "n_trials", None)
     pbt = pbt_settings(args, src, objectives)
     add_trials = getattr(args, "add_trials", None)
-    if add_trials is not None and n_trials is not None:
-        source = "--n-trials" if args.n_trials is not None else f"{src.where}n_trials"
-        raise UserError(f"--add-trials with {source}: give one (--n-trials N is the study's "
+    if add_trials is not None and args.n_trials is not None:
+        raise UserError("--add-trials with --n-trials: give one (--n-trials N is the study's "
                         "total, --add-trials K is K more than it holds)")
+    if add_trials is not None:  # over a study file's n_trials, as any flag is
+        n_trials = None
     if n_trials is None and timeout is None and add_trials is None:
         n_trials = max(DEFAULT_TRIALS, len(src.fixed))
     settings = RunSettings(
