@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from search.inputs.constraints import feasible
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
+from search.study.budget import finished
 from search.study.lineage import schedule_text
 from search.study.recovery import HOST, retried_numbers
 
@@ -159,8 +160,7 @@ class Progress:
                                                                State.FAIL)}
         # against the study's total, the study's finished trials (any command's); else this
         # command's own
-        shown = len(done) if self.total is None else sum(
-            t.state.is_finished() and t.number not in retried for t in trials)
+        shown = len(done) if self.total is None else finished(trials)
         # the best of the feasible trials; a multi-objective study has a front, not a best
         complete = [t for t in trials if t.state == State.COMPLETE and t.values and feasible(t)]
         running = [t for t in trials if t.state == State.RUNNING]
