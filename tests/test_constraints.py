@@ -3,9 +3,15 @@ A constrained two-objective study keeps infeasible trials off its front everywhe
 shown; a local method whose H outlasts the run is warned about, or refused as a fixed trial."""
 
 import json
+import subprocess
+import sys
+import time
+import urllib.request
 
 import optuna
 from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port
 
 State = optuna.trial.TrialState
 SPACE = """
@@ -37,8 +43,12 @@ def test_infeasible_trials_stay_off_the_front_everywhere(cli, tmp_path):
         assert (t.constraints["val_acc>=0.5"] > 0) == (t.number in infeasible)
     front = {t.number for t in study.best_trials}
     assert front and front <= feasible
-    assert f"Pareto front: {len(front)} trials {sorted(front)}" in r.stdout  # the last line
+    word = "trial" if len(front) == 1 else "trials"
+    assert f"Pareto front: {len(front)} {word} {sorted(front)}" in r.stdout  # the last line
+    assert f"4 complete ({len(infeasible)} infeasible)" in r.stdout
     assert "best 0." not in r.stderr and "front" in r.stderr  # the progress lines
+    for n in infeasible:  # its own line says so first, not only the study's front size
+        assert f"trial {n} infeasible (val_acc>=0.5) val_acc" in r.stderr
 
     status = json.loads(cli("status", "--json").stdout)
     assert set(status[0]["pareto_front"]) == front
@@ -61,6 +71,39 @@ def test_infeasible_trials_stay_off_the_front_everywhere(cli, tmp_path):
     assert parent.data.params["constraints"] == "val_acc>=0.5"
     marked = {int(run.data.tags["trial_number"]) for run in runs if "infeasible" in run.data.tags}
     assert marked == infeasible
+    # the runs table's state column: infeasible, or on the front, or complete
+    states = {int(run.data.tags["trial_number"]): run.data.tags["state"] for run in runs
+              if "trial_number" in run.data.tags}
+    assert states == {n: "infeasible" if n in infeasible else "complete · Pareto" if n in front
+                      else "complete" for n in feasible | infeasible}
+
+    # optuna-dashboard (started by `search dashboard`) agrees: no infeasible trial is best, and
+    # its plots can grey the infeasible ones out (the constraint list it reads)
+    port = free_port()
+    dash = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        detail = _get_json(f"http://127.0.0.1:{port}/api/studies/{study._study_id}")
+    finally:
+        dash.terminate()
+        dash.wait(timeout=30)
+    assert {t["number"] for t in detail["best_trials"]} == front
+    for t in detail["trials"]:
+        assert (max(t["constraints"]) > 0) == (t["number"] in infeasible)
+        note = t["note"]["body"]
+        assert ("**Infeasible**: misses `val_acc>=0.5`" in note) == (t["number"] in infeasible)
+
+
+def _get_json(url: str, seconds: float = 120.0) -> dict:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def test_a_bad_constraint_is_one_line(cli, tmp_path):

@@ -101,6 +101,12 @@ def test_mlflow_parent_and_children(study_dir):
             assert len(client.get_metric_history(run.info.run_id, key)) == len(history)
         expected = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}[trial.state.name]
         assert run.info.status == expected
+        # the runs table's state column tells what its status does not
+        assert run.data.tags["state"] == (
+            ("complete · best" if trial.number == study.best_trial.number else "complete")
+            if trial.state.name == "COMPLETE" else
+            f"pruned at epoch {max(trial.intermediate_values)}" if trial.state.name == "PRUNED"
+            else "failed")
         assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"] == "search run"
         assert run.data.tags["command"].startswith("search run --space digits.yaml")
         [data] = run.inputs.dataset_inputs
@@ -201,6 +207,7 @@ def test_diverged_trial_fails_with_reason_and_the_study_goes_on(cli, tmp_path):
     run = client.get_run(trials[1.0].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["reason"].startswith("diverged")
     assert run.info.run_name == f"failed · trial-{trials[1.0].number}"
+    assert run.data.tags["state"] == "failed"
 
 
 def test_missing_dataset_stops_before_the_study_starts(cli, tmp_path):

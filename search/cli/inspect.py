@@ -19,7 +19,7 @@ from search.study.budget import TOTAL_ATTR, finished
 from search.study.lineage import is_pbt
 from search.study.storage import is_file, open_storage, redact, storage_url
 from search.tracking.client import RUN_ATTR
-from search.ui.progress import describe_counts, state_counts
+from search.ui.progress import describe_counts, short_params, state_counts, trials_word
 
 State = optuna.trial.TrialState
 
@@ -132,8 +132,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         of = f" ({r['finished']} of {r['n_trials_total']} trials)" if "n_trials_total" in r else ""
         line = f"{r['study']}{of}: {describe_counts(r['counts'])}"
         if "pareto_front" in r:
-            line += (f"; Pareto front ({', '.join(r['objectives'])}): {len(r['pareto_front'])} "
-                     f"trials {r['pareto_front']}")
+            line += (f"; Pareto front ({', '.join(r['objectives'])}): "
+                     f"{trials_word(len(r['pareto_front']))} {r['pareto_front']}")
         if "pbt" in r:
             line += (f"; PBT: {r['pbt']['members']} members, {r['pbt']['segments']} segments, "
                      f"generation {r['pbt']['generation']}")
@@ -146,7 +146,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += (f"; {len(unsafe)} running without crash safety (checkpoint writes fail): "
                      f"trial {', '.join(map(str, unsafe))}")
         if r["best"]:
-            line += f"; best #{r['best']['number']} {r['best']['value']:.4f} {r['best']['params']}"
+            line += (f"; best #{r['best']['number']} {r['best']['value']:.4f} "
+                     f"{short_params(r['best']['params'])}")
         print(line)
     return 0
 
@@ -236,10 +237,10 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     print(f"search dashboard: loading {redact(storage_url(args.storage))} ...", file=sys.stderr,
           flush=True)  # the import and a long journal take a while; say so at once
-    from optuna_dashboard import run_server
+    from search.ui.dashboard import serve
 
     storage = open_storage(args.storage)
     print(f"optuna-dashboard for {redact(storage_url(args.storage))} on "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    run_server(storage, host=args.host, port=args.port)
+    serve(storage, host=args.host, port=args.port)
     return 0

@@ -103,12 +103,15 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     test_acc = result.val_acc  # with holdout="test" the held-out split is the test set
     model = log_model(tracker, run_id, final["state"], config,
                       name=f"{study.study_name}-trial-{best.number}")
-    data = dataset_input(config.to_dict(), retrain=True).dataset
-    # on the run and on the logged model (its Metrics), measured after training on train+val
+    # measured on the test split (a dataset input of its own, so the run's Datasets column and
+    # the model's Metrics name it), after training on train+val
+    tested = dataset_input(config.to_dict(), test=True)
+    tracker.client.log_inputs(run_id, datasets=[tested])
+    data = tested.dataset
     tracker.client.log_metric(run_id, "test_acc", test_acc, step=result.epochs,
                               model_id=model.model_id, dataset_name=data.name,
                               dataset_digest=data.digest)
-    tracker.end_trial(run_id, "COMPLETE")
+    tracker.end_trial(run_id, "COMPLETE", state="retrain (test_acc on the test split)")
     tracker.flush()
     study.set_user_attr("retrain", {"trial": best.number, "test_acc": test_acc,
                                     "epochs": result.epochs, RUN_ATTR: run_id,

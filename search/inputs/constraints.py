@@ -62,3 +62,14 @@ def violations(constraints: list[str], history: list[dict[str, Any]]) -> dict[st
 def feasible(trial) -> bool:
     """False for a trial that misses a constraint (Optuna's record of it)."""
     return all(v <= 0 for v in getattr(trial, "constraints", {}).values())
+
+
+#: the trial system attribute optuna-dashboard 0.21's plots read feasibility from: a list of
+#: floats, <= 0 satisfied (the format Optuna 3's samplers wrote; Optuna 5 reads it as well)
+DASHBOARD_KEY = "constraints"
+
+
+def record_for_dashboard(storage: Any, trial_id: int, amounts: list[float]) -> None:
+    """What optuna-dashboard's plots read to grey out an infeasible trial (it does not read
+    `set_constraint`'s per-name records)."""
+    storage.set_trial_system_attr(trial_id, DASHBOARD_KEY, [float(a) for a in amounts])

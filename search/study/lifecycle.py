@@ -19,7 +19,7 @@ from search.inputs.space import Space
 from search.logs import say
 from search.study.recovery import RetryDeadTrial
 from search.study.storage import DEFAULT_STORAGE, open_storage, redact, wait_for_attr
-from search.tracking.client import PARENT_ATTR, Tracker
+from search.tracking.client import PARENT_ATTR, RUN_ATTR, Tracker
 from trainer.config import TrainConfig
 
 State = optuna.trial.TrialState
@@ -143,6 +143,8 @@ def open_run(settings: RunSettings, workers: int) -> tuple[optuna.Study, Tracker
                                 describe_study(settings), data)
     if known is None:
         study.set_user_attr(PARENT_ATTR, parent)
+    tracker.set_view(settings.objectives, [d == "minimize" for d in directions(settings.objectives)],
+                     [p.name for p in space.params])
     if tracker.run_url() and created:
         say(f"MLflow experiment {tracker.run_url()}", "search run")
     enqueue_fixed_trials(study, settings.fixed_trials, created)
@@ -165,8 +167,12 @@ def leave_study(study: optuna.Study, tracker: Tracker, parent: str, status: str)
     if len(study.directions) == 1:
         complete = [t for t in trials if t.state == State.COMPLETE and feasible(t)]
         if complete:
-            summary["best_value"] = primary(min(complete, key=best_first(study)))
+            best = min(complete, key=best_first(study))
+            summary["best_value"] = primary(best)
+            summary["best"] = [{"trial": best.number,
+                                "mlflow_run_id": best.user_attrs.get(RUN_ATTR)}]
     else:
         summary["pareto_front"] = [{"trial": t.number, **dict(zip(
-            study_objectives(study), t.values, strict=True))} for t in study.best_trials]
+            study_objectives(study), t.values, strict=True)),
+            "mlflow_run_id": t.user_attrs.get(RUN_ATTR)} for t in study.best_trials]
     tracker.finish_parent(parent, summary, None if others else status)

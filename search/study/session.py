@@ -15,7 +15,7 @@ import optuna
 
 from search import optuna_seam
 from search.errors import AttemptLost
-from search.inputs.constraints import violations
+from search.inputs.constraints import record_for_dashboard, violations
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import objective_values
 from search.inputs.space import Space
@@ -122,8 +122,9 @@ class TrialRunner:
 
         return created
 
-    def _note(self, trial: optuna.Trial, run_id: str) -> None:
-        """The trial's note in optuna-dashboard (Markdown): its MLflow run as a link."""
+    def _note(self, trial: optuna.Trial, run_id: str, more: str = "") -> None:
+        """The trial's note in optuna-dashboard (Markdown): its MLflow run as a link, and
+        `more` (what the dashboard cannot show itself, e.g. that the trial is infeasible)."""
         from optuna_dashboard import save_note
 
         url = self.tracker.run_url(run_id)
@@ -131,7 +132,7 @@ class TrialRunner:
                  f"MLflow run `{run_id}` in {self.tracker.uri} (`mlflow ui --backend-store-uri "
                  f"{self.tracker.uri}`, then Experiments → {self.tracker.study_name})")
         try:
-            save_note(trial, f"**{where}** — per-epoch metrics, params, dataset.")
+            save_note(trial, more + f"**{where}** — per-epoch metrics, params, dataset.")
         except Exception:  # a note is a convenience; never fail a trial for it
             pass
 
@@ -288,7 +289,8 @@ class TrialSession:
         self._record_run(wait=True)
         self.trial.set_user_attr("pruned_reason", reason)
         self.runner.tracker.end_trial(self.run_id, "PRUNED", reason,
-                                      run_name=f"{word}@{epoch} · {self.run_name}")
+                                      run_name=f"{word}@{epoch} · {self.run_name}",
+                                      state=f"{word} at epoch {epoch}")
         self._cleanup()
 
     def interrupted(self, reason: str) -> bool:
@@ -328,11 +330,19 @@ class TrialSession:
         missed = violations(self.runner.constraints, history or [])
         for text, amount in missed.items():
             self.trial.set_constraint(text, amount)
-        if any(v > 0 for v in missed.values()):
-            self.runner.tracker.tag(self.run_id, "infeasible", ", ".join(
-                t for t, v in missed.items() if v > 0))
+        if missed:  # what optuna-dashboard's plots read (it does not read set_constraint's)
+            record_for_dashboard(optuna_seam.storage_of(self.trial.study),
+                                 optuna_seam.trial_id(self.trial), list(missed.values()))
+        failed = [t for t, v in missed.items() if v > 0]
+        if failed:
+            self.runner.tracker.tag(self.run_id, "infeasible", ", ".join(failed))
+            if run_id_of(self.run_id):
+                self.runner._note(self.trial, run_id_of(self.run_id), (
+                    f"**Infeasible**: misses {', '.join(f'`{t}`' for t in failed)}, so it is "
+                    "not among the study's best trials (`search status`).\n\n"))
         self.runner.tracker.end_trial(self.run_id, "COMPLETE", objectives=dict(
-            zip(self.runner.objectives, values, strict=True)), step=epoch)
+            zip(self.runner.objectives, values, strict=True)), step=epoch,
+            state="infeasible" if failed else "complete")  # which: the `infeasible` tag
         self._cleanup()
 
     def _cleanup(self) -> None:

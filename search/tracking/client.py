@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
 import threading
 import time
@@ -145,6 +146,10 @@ def run_id_of(run: str | PendingRun | None) -> str | None:
     return run.id if isinstance(run, PendingRun) else run
 
 
+# MLflow's shared view state: an experiment tag named by a key, opened by `?viewStateShareKey=`
+VIEW_TAG, VIEW_PARAM, VIEW_KEY = "mlflow.sharedViewState.", "viewStateShareKey", "search-trials"
+
+
 class Tracker:
     """MLflow runs of one study."""
 
@@ -182,12 +187,36 @@ class Tracker:
     def run_url(self, run_id: str | None = None) -> str | None:
         """The run's (or the experiment's) page in the MLflow UI, when the tracking URI is a
         server. `workflowType=machine_learning`: MLflow 3's UI opens in its GenAI view unless
-        the link says otherwise (its experimentKind tag is not enough in 3.17)."""
+        the link says otherwise (its experimentKind tag is not enough in 3.17). The
+        experiment's page opens on the study's view (`set_view`)."""
         if not self.uri.startswith(("http://", "https://")):
             return None
-        page = f"/runs/{run_id}" if run_id else ""
+        page = f"/runs/{run_id}?" if run_id else f"/runs?{VIEW_PARAM}={VIEW_KEY}&"
         return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}{page}"
-                "?workflowType=machine_learning")
+                "workflowType=machine_learning")
+
+    def set_view(self, objectives: list[str], minimize: list[bool], params: list[str]) -> None:
+        """The runs table as the study's link opens it (MLflow's shared view state, an
+        experiment tag the UI reads from `?viewStateShareKey=`): the trials only, flat, ranked
+        by the first objective, with their state (complete, infeasible, pruned at epoch N,
+        failed, best / Pareto, retrain), objectives, val_acc, searched params and dataset as
+        columns -- MLflow shows none of them by default."""
+        metrics = (["objective"] if len(objectives) == 1
+                   else [f"objective_{n}" for n in objectives])
+        columns = (["tags.`state`"] + [f"metrics.`{m}`" for m in metrics]
+                   + [f"metrics.`{m}`" for m in ("val_acc", "test_acc")]
+                   + [f"params.`{p}`" for p in params])
+        view = {"searchFilter": "tags.trial_number LIKE '%'", "orderByKey": f"metrics.`{metrics[0]}`",
+                "orderByAsc": minimize[0], "startTime": "ALL", "lifecycleFilter": "Active",
+                "modelVersionFilter": "All Runs", "datasetsFilter": [],
+                "selectedColumns": columns, "columnOrder": columns,
+                "columnWidths": {"tags.`state`": 190}, "runListHidden": False,
+                "viewMaximized": False}
+        now = int(time.time() * 1000)  # MLflow 3.17's saved-view envelope (its Views menu)
+        envelope = {"name": f"search: trials by {objectives[0]}", "createdAt": now,
+                    "updatedAt": now, "state": json.dumps(view)}
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + VIEW_KEY,
+                                       json.dumps(envelope))
 
     def parent_run(self, run_id: str | None, study_name: str, space_text: str, space_hash: str,
                    settings: dict[str, Any] | None = None, description: str = "",
@@ -222,8 +251,25 @@ class Tracker:
             self.client.set_tag(run_id, "pareto_trials",
                                 ", ".join(str(p["trial"]) for p in front)[:5000])
             self.client.log_dict(run_id, front, "pareto_front.json")
+        best = [p["mlflow_run_id"] for p in front or summary.get("best", [])
+                if p.get("mlflow_run_id")]
+        self.mark_best(best, "Pareto" if front is not None else "best")
         if status is not None:
             self.client.set_terminated(run_id, status)
+
+    def mark_best(self, run_ids: list[str], word: str) -> None:
+        """The study's best runs say so in the runs table's `state` column (`complete ·
+        Pareto`, `complete · best`); runs that no longer are go back to `complete`."""
+        try:
+            marked = self.client.search_runs([self.experiment_id],
+                                             "tags.state LIKE 'complete · %'", max_results=5000)
+            for run in marked:
+                if run.info.run_id not in run_ids:
+                    self.client.set_tag(run.info.run_id, "state", "complete")
+            for rid in run_ids:
+                self.client.set_tag(rid, "state", f"complete · {word}")
+        except MlflowException as exc:  # a convenience: the storage holds the front
+            say(f"MLflow: the best runs' state column not updated: {str(exc).splitlines()[0]}")
 
     def drain(self, seconds: float = 60.0) -> None:
         """At a trial's end where a record must be there, and at a worker's end: sends
@@ -280,7 +326,7 @@ class Tracker:
         self.patient.update_run(run_id, status="RUNNING", name=run_name)
         self.patient.set_tag(run_id, "retried_as_trial", str(trial_number))
         tags = self.patient.get_run(run_id).data.tags
-        for stale in ("reason", "optuna_state"):
+        for stale in ("reason", "optuna_state", "state"):
             if stale in tags:
                 self.patient.delete_tag(run_id, stale)
 
@@ -367,10 +413,12 @@ class Tracker:
 
     def end_trial(self, run_id: str, optuna_state: str, reason: str | None = None,
                   objectives: dict[str, float] | None = None, step: int = 0,
-                  run_name: str | None = None) -> None:
+                  run_name: str | None = None, state: str | None = None) -> None:
         """Closes a child run: FINISHED for complete and for pruned (as Optuna's own MLflow
         integration does: pruning is a normal end; the run name starts `pruned@N ·` and the tag
         `optuna_state` is PRUNED), KILLED when stopped by a signal, FAILED for failed. The
+        `state` tag (a column of the study's view, `view_link`) says it in words: complete,
+        infeasible, pruned at epoch N, failed, stopped; `mark_best` adds best / Pareto. The
         objective values are logged at the trial's last epoch (`objective` for a single one,
         `objective_NAME` for each of several)."""
         status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "KILLED": "KILLED"}.get(
@@ -378,6 +426,9 @@ class Tracker:
         if run_name:
             self._send("set_tag", run_id, MLFLOW_RUN_NAME, run_name)
         self._send("set_tag", run_id, "optuna_state", optuna_state)
+        words = {"COMPLETE": "complete", "PRUNED": f"pruned at epoch {step}",
+                 "KILLED": "stopped"}.get(optuna_state, "failed")
+        self._send("set_tag", run_id, "state", state or words)
         if reason:
             self._send("set_tag", run_id, "reason", reason[:5000])
         if objectives:

@@ -18,10 +18,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFL
 from trainer.config import dataset_sizes, dataset_source, train_split_size
 
 
-def dataset_input(config: dict[str, Any], retrain: bool = False) -> DatasetInput:
+def dataset_input(config: dict[str, Any], retrain: bool = False,
+                  test: bool = False) -> DatasetInput:
     """The run's training data as MLflow's Datasets column shows it: name, digest, source and
     the split sizes (the digest names the split: dataset, sizes, split seed). A retrain trains
-    on train+val (`DIGITS train+val`) and tests on the test split."""
+    on train+val (`DIGITS train+val`) and tests on the test split (`test=True`: `DIGITS test`,
+    context "testing", the dataset its `test_acc` names)."""
     name = config["dataset"]
     n_train, n_test, classes = dataset_sizes(name)
     train = train_split_size(name, config["val_fraction"])
@@ -29,6 +31,8 @@ def dataset_input(config: dict[str, Any], retrain: bool = False) -> DatasetInput
                "split_seed": config["split_seed"], "classes": classes}
     if retrain:
         profile = {"train+val": n_train, "test": n_test, "classes": classes}
+    if test:
+        profile = {"test": n_test, "classes": classes}
     digest = hashlib.sha256(json.dumps([name, profile], sort_keys=True).encode()).hexdigest()[:8]
     kind, where = dataset_source(name)
     source = json.dumps({"url": where} if kind == "url" else {"uri": where} if kind == "local"
@@ -37,9 +41,9 @@ def dataset_input(config: dict[str, Any], retrain: bool = False) -> DatasetInput
         [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, 3, 32, 32]}}]),
         "targets": json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "int64",
                                                                  "shape": [-1]}}])}})
-    shown = f"{name} train+val" if retrain else name
+    shown = f"{name} test" if test else f"{name} train+val" if retrain else name
     return DatasetInput(Dataset(shown, digest, kind, source, schema, json.dumps(profile)),
-                        tags=[InputTag("mlflow.data.context", "training")])
+                        tags=[InputTag("mlflow.data.context", "testing" if test else "training")])
 
 
 def system_tags(command: str | None) -> dict[str, str]:

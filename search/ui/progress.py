@@ -22,15 +22,20 @@ from search.study.recovery import HOST, retried_numbers
 State = optuna.trial.TrialState
 
 
+def trials_word(n: int) -> str:
+    """`1 trial`, `3 trials`."""
+    return f"{n} trial" if n == 1 else f"{n} trials"
+
+
 def print_summary(study: optuna.Study) -> None:
     line = f"study {study.study_name}: {describe_counts(state_counts(study))}"
     if len(study.directions) > 1:
         front = sorted(pareto_numbers(study))
-        line += f"; Pareto front: {len(front)} trials {front}"
+        line += f"; Pareto front: {trials_word(len(front))} {front}"
     else:
         try:
             best = study.best_trial
-            line += f"; best trial {best.number}: {best.value:.4f} {best.params}"
+            line += f"; best trial {best.number}: {best.value:.4f} {short_params(best.params)}"
         except ValueError:
             best = None
         if best is not None and best.user_attrs.get("pbt_schedule"):
@@ -51,12 +56,17 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     out = dict.fromkeys([*COUNT_WORDS, "RETRIED"], 0)
     for t in trials:
         out["RETRIED" if t.number in retried else t.state.name] += 1
+    infeasible = sum(t.state == State.COMPLETE and not feasible(t) for t in trials)
+    if infeasible:
+        out["INFEASIBLE"] = infeasible
     return out
 
 
 def describe_counts(counts: dict[str, int]) -> str:
     """The same words in `run`, `status` and the progress line."""
     line = ", ".join(f"{counts[k]} {w}" for k, w in COUNT_WORDS.items())
+    if counts.get("INFEASIBLE"):  # complete, but missing a constraint: never among the best
+        line = line.replace(" complete,", f" complete ({counts['INFEASIBLE']} infeasible),", 1)
     if counts.get("RETRIED"):
         line += f" ({counts['RETRIED']} attempts retried)"
     return line
@@ -89,6 +99,9 @@ def finished_line(t: optuna.trial.FrozenTrial, names: list[str], count: str,
     secs = t.duration.total_seconds() if t.duration else 0.0
     # a complete trial shows its values; the others say their state instead
     state = "" if t.state == State.COMPLETE else f" {t.state.name.lower()}"
+    if t.state == State.COMPLETE and not feasible(t):  # said first: it is never the best
+        state = " infeasible (" + ", ".join(k for k, v in t.constraints.items()
+                                            if v > 0 and not k.isdigit()) + ")"
     ran = "" if t.state == State.COMPLETE else f"{epochs_run(t)} ep, "  # complete: all of them
     return (f"trial {t.number}{state}{value} ({ran}{duration(secs)}): {short_params(t.params)}"
             f"{pbt_words(t)}; {count}" + (f", {best}" if best is not None else ""))
@@ -167,7 +180,7 @@ class Progress:
         post = {"complete": counts[State.COMPLETE], "pruned": counts[State.PRUNED],
                 "failed": counts[State.FAIL]}
         if complete and len(self.names) > 1:
-            post["front"] = str(len(self.study.best_trials))
+            post["front"] = trials_word(len(self.study.best_trials))
         elif complete:
             post["best"] = f"{primary(min(complete, key=best_first(self.study))):.4f}"
         best = next((f"{k} {v}" for k, v in post.items() if k in ("best", "front")), None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import html
 import math
+import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,12 @@ def table(study: optuna.Study) -> tuple[list[str], list[list[str]], list[optuna.
             + ("" if feasible(t) else " · infeasible"),
             *[_cell(t.params.get(k, "")) for k in extra],
         ])
+    # the notes' numbers exist only for a study file's labelled rows: no empty column otherwise
+    at = header.index("reported")
+    if not any(r[at] for r in rows):
+        header.pop(at)
+        for r in rows:
+            r.pop(at)
     return header, rows, labelled + others
 
 
@@ -176,19 +184,21 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     figs: list[tuple[str, Any]] = []
     if multi:
         figs.append((f"Pareto front ({' vs '.join(names)})",
-                     vis.plot_pareto_front(study, target_names=names)))
+                     pareto_front(study, names)))
     figs.append(("Optimisation history", vis.plot_optimization_history(
         study, target=target, target_name=names[0])))
     complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
     varying = {k for t in complete for k in t.params
                if len({str(u.params.get(k)) for u in complete}) > 1}
     if len(complete) >= 2 and varying:
+        title = f"Parameter importances for {names[0]}"
         try:  # over the parameters that vary: a constant one has no importance to find
-            figs.append(("Parameter importances", vis.plot_param_importances(
-                study, params=sorted(varying), target=low_is_good,
-                target_name=names[0] if not multi else f"-{names[0]}")))
+            with warnings.catch_warnings():  # "low target values": negated above, on purpose
+                warnings.filterwarnings("ignore", message=".*low `target` values")
+                figs.append((title, vis.plot_param_importances(
+                    study, params=sorted(varying), target=low_is_good, target_name=names[0])))
         except (RuntimeError, ValueError) as exc:
-            figs.append(("Parameter importances", go.Figure().add_annotation(
+            figs.append((title, go.Figure().add_annotation(
                 text=f"not computable: {exc}", showarrow=False)))
     figs.append(("Parallel coordinates", vis.plot_parallel_coordinate(
         study, target=target, target_name=names[0])))
@@ -216,6 +226,28 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
                           xaxis_type="log" if log_x else None)
         figs.append((f"Accuracy versus {spec['columns']} per {spec['rows']}", fig))
     return figs
+
+
+# Optuna's Pareto plot names its traces in the hover text; one colour and a legend entry each
+# instead of its per-trial-number colour bars (whose scale means nothing to a reader)
+PARETO_TRACES = {"Best Trial": ("Pareto front", "#d62728"), "Trial": ("dominated", "#1f77b4"),
+                 "Feasible Trial": ("feasible, dominated", "#1f77b4"),
+                 "Infeasible Trial": ("infeasible (misses a constraint)", "#bbbbbb")}
+
+
+def pareto_front(study: optuna.Study, names: list[str]) -> Any:
+    """Optuna's Pareto-front plot (infeasible trials grey, off the front), coloured by kind."""
+    from optuna import visualization as vis
+
+    fig = vis.plot_pareto_front(study, target_names=names)
+    for trace in fig.data:
+        kind = re.search(r"<extra>(.*)</extra>", trace.hovertemplate or "")
+        name, colour = PARETO_TRACES.get(kind.group(1) if kind else "", (trace.name, None))
+        trace.update(name=name, showlegend=True)
+        if colour is not None:
+            trace.marker.update(color=colour, showscale=False)
+    fig.update_layout(legend={"orientation": "h", "y": -0.2})
+    return fig
 
 
 def member_curves(trials: list[optuna.trial.FrozenTrial]) -> Any:
