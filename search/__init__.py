@@ -7,9 +7,9 @@ own folder or the layers below it (tests/test_structure.py checks this):
     cli/       the `search` command: flags and one `cmd_*` per subcommand
     launch/    where workers run: local supervised processes, Slurm job arrays (one interface)
     worker/    one worker: its share of trials, the loop that keeps P in flight, pack sizing
-    ui/        the progress bar and trial lines, the table and the HTML report
+    ui/        the progress bar and trial lines, the table and the HTML report, the dashboard
     study/     storage, a study's life and parent run, a trial attempt, checkpoints, recovery
-    tracking/  MLflow runs, datasets, logged models
+    tracking/  MLflow runs, datasets, logged models, the runs table's view
     inputs/    spaces, study files, objectives, constraints, samplers and pruners, settings
     errors, logs, optuna_seam   one-line failures, stderr messages, Optuna's private internals
 """

@@ -3,6 +3,7 @@ optuna-dashboard study and trial pages, and the MLflow experiment and trial-run 
 study tracked on a real MLflow server. Screenshots land in artifacts/browser/ (CI keeps them)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,17 +46,39 @@ def render(url: str, name: str) -> str:
     return dom.stdout
 
 
+# a constrained trade-off whose three trials end three ways: diverged (failed), on the front,
+# and infeasible (lr 1e-4 cannot reach 50 % in 2 epochs)
+CONSTRAINED = """
+fixed: {optimizer: sgdm, epochs: 2, dataset: digits, augment: none, batch_size: 32}
+params:
+  lr: {type: categorical, choices: [1.0, 0.05, 0.0001]}
+objectives: [val_acc, seconds]
+"""
+LINKS: dict[str, str] = {}  # study -> the MLflow link `search run` printed
+
+
+def _search(work, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "search", *args], cwd=work, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 @pytest.fixture(scope="module")
 def tracked_study(mlflow_server, tmp_path_factory):
-    """A 4-trial study on digits tracked on the MLflow server, and optuna-dashboard serving it."""
+    """A 4-trial study on digits tracked on the MLflow server with its best trial retrained, a
+    constrained two-objective study beside it, and optuna-dashboard serving both."""
     _chromium()
     work = tmp_path_factory.mktemp("browser")
     (work / "b.yaml").write_text(SPACE)
-    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "b.yaml",
-                        "--mlflow-uri", mlflow_server, "--n-trials", "4", "--seed", "0",
-                        "--pruner-startup-trials", "1"], cwd=work, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    (work / "c.yaml").write_text(CONSTRAINED)
+    r = _search(work, "run", "--space", "b.yaml", "--mlflow-uri", mlflow_server, "--n-trials",
+                "4", "--seed", "0", "--pruner-startup-trials", "1")
+    LINKS["b"] = re.search(r"MLflow experiment (\S+)", r.stderr).group(1)
+    _search(work, "retrain", "--study", "b", "--mlflow-uri", mlflow_server)
+    r = _search(work, "run", "--space", "c.yaml", "--mlflow-uri", mlflow_server, "--sampler",
+                "grid", "--n-trials", "3", "--constraint", "val_acc>=0.5")
+    LINKS["c"] = re.search(r"MLflow experiment (\S+)", r.stderr).group(1)
     port = free_port()
     dash = subprocess.Popen([sys.executable, "-m", "search", "dashboard", "--port", str(port)],
                             cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -106,7 +129,8 @@ def test_mlflow_opens_on_the_runs_table_with_nested_trials_and_datasets(tracked_
     dom = render(f"{mlflow_server}/#/experiments/{exp.experiment_id}"
                  "?workflowType=machine_learning", "mlflow-experiment")
     assert "Token Usage" not in dom  # not the GenAI overview
-    assert "Run Name" in dom and f"{len(study.trials) + 1}</strong> matching runs" in dom
+    # the study run, its trials and the retrain run
+    assert "Run Name" in dom and f"{len(study.trials) + 2}</strong> matching runs" in dom
     child = study.trials[0].user_attrs["mlflow_run_id"]
     dom = render(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{child}"
                  "?workflowType=machine_learning", "mlflow-trial-run")
@@ -121,3 +145,40 @@ def test_mlflow_opens_on_the_runs_table_with_nested_trials_and_datasets(tracked_
                  "mlflow-pruned-run")
     name = f"pruned@{max(t.intermediate_values)} · trial-{t.number}"
     assert name in dom or name.replace("·", "&middot;") in dom
+
+
+def _text(dom: str) -> str:
+    return dom.replace("&middot;", "·")
+
+
+def test_the_mlflow_link_opens_the_trials_ranked_with_their_states(tracked_study):
+    """The link `search run` prints opens the trials flat, best first, with their state and
+    objective as columns: complete, best, pruned, retrain; infeasible, Pareto, failed."""
+    _, _, study = tracked_study
+    dom = _text(render(LINKS["b"], "mlflow-study-view"))
+    assert "shared view" in dom and "search: trials by val_acc" in dom  # the study's view
+    assert ">state<" in dom and ">objective<" in dom and ">lr<" in dom  # its columns
+    best = study.best_trial
+    assert "complete · best" in dom and "pruned at epoch" in dom
+    assert "retrain (test split)" in dom
+    # ranked: the best trial's row comes before every other trial's
+    rows = re.findall(r">((?:pruned@\d+ · )?trial-\d+)<", dom)
+    assert rows and rows[0] == f"trial-{best.number}", rows
+    dom = _text(render(LINKS["c"], "mlflow-constrained-view"))
+    for state in ("complete · Pareto", "infeasible", "failed"):
+        assert f">{state}<" in dom, state
+
+
+def test_the_dashboard_calls_only_feasible_trials_best(tracked_study):
+    work, url, _ = tracked_study
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(work / "search-journal.log")))
+    c = optuna.load_study(study_name="c", storage=storage)
+    front = {t.number for t in c.best_trials}
+    assert len(front) == 1  # lr 0.05: the one feasible trial
+    dom = render(f"{url}/dashboard/studies/{c._study_id}/trials", "dashboard-constrained-trials")
+    assert dom.count(">Best Trial<") == len(front)
+    infeasible = next(t for t in c.trials if t.state.name == "COMPLETE" and t.number not in front)
+    dom = render(f"{url}/dashboard/studies/{c._study_id}/trials?numbers={infeasible.number}",
+                 "dashboard-infeasible-trial")
+    assert "Infeasible" in dom

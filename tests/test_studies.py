@@ -109,7 +109,7 @@ def test_retrain_stores_test_accuracy(study_dir, monkeypatch):
     logits = model.predict(np.zeros((3, 3, 32, 32), dtype=np.uint8))
     assert np.asarray(logits).shape == (3, 10)
     # told apart from the trials (issue 21): its name and kind, no val_acc, test_acc on the run
-    # and on the logged model, which is named after the study and trial, with train+val linked
+    # and on the logged model, which is named after the study and trial, with the test split linked
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{study_dir}/mlflow.db")
@@ -117,12 +117,15 @@ def test_retrain_stores_test_accuracy(study_dir, monkeypatch):
     n = info["trial"]
     assert run.info.run_name == f"retrain · trial-{n}" and run.data.tags["kind"] == "retrain"
     assert "val_acc" not in run.data.metrics and run.data.metrics["test_acc"] == info["test_acc"]
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits train+val"]
+    # trained on train+val, tested on the test split: each a dataset input, named so
+    assert {d.dataset.name: d.tags[0].value for d in run.inputs.dataset_inputs} == {
+        "digits train+val": "training", "digits test": "testing"}
+    assert run.data.tags["state"] == "retrain (test split)"
     logged = client.get_logged_model(info["model_uri"].rsplit("/", 1)[-1])
     assert logged.name == f"mini-trial-{n}"
     [metric] = logged.metrics
     assert metric.key == "test_acc" and metric.value == info["test_acc"]
-    assert metric.dataset_name == "digits train+val"
+    assert metric.dataset_name == "digits test"  # measured on the test split
     assert f"for {info['epochs']} epoch" in r.stdout and "MLflow run" in r.stdout
 
 

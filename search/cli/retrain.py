@@ -111,7 +111,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     tracker.client.log_metric(run_id, "test_acc", test_acc, step=result.epochs,
                               model_id=model.model_id, dataset_name=data.name,
                               dataset_digest=data.digest)
-    tracker.end_trial(run_id, "COMPLETE", state="retrain (test_acc on the test split)")
+    tracker.end_trial(run_id, "COMPLETE", state="retrain (test split)")
     tracker.flush()
     study.set_user_attr("retrain", {"trial": best.number, "test_acc": test_acc,
                                     "epochs": result.epochs, RUN_ATTR: run_id,

@@ -20,6 +20,7 @@ from search.logs import say
 from search.study.recovery import RetryDeadTrial
 from search.study.storage import DEFAULT_STORAGE, open_storage, redact, wait_for_attr
 from search.tracking.client import PARENT_ATTR, RUN_ATTR, Tracker
+from search.tracking.views import set_view
 from trainer.config import TrainConfig
 
 State = optuna.trial.TrialState
@@ -143,8 +144,8 @@ def open_run(settings: RunSettings, workers: int) -> tuple[optuna.Study, Tracker
                                 describe_study(settings), data)
     if known is None:
         study.set_user_attr(PARENT_ATTR, parent)
-    tracker.set_view(settings.objectives, [d == "minimize" for d in directions(settings.objectives)],
-                     [p.name for p in space.params])
+    set_view(tracker.client, tracker.experiment_id, settings.objectives,  # the link's view
+             [d == "minimize" for d in directions(settings.objectives)], [p.name for p in space.params])
     if tracker.run_url() and created:
         say(f"MLflow experiment {tracker.run_url()}", "search run")
     enqueue_fixed_trials(study, settings.fixed_trials, created)

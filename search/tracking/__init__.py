@@ -1,4 +1,5 @@
 """MLflow: one experiment per study, a parent run per study, a nested child run per trial
 (`client`: runs, metrics, outages ridden out by queueing); what a run shows beside its metrics
 (`datasets`: the training data, user, source, commit); a retrained trial's logged model
-(`models`). Nothing here reads or writes the Optuna storage."""
+(`models`); the runs table's saved view and best-run marks (`views`). Nothing here reads or
+writes the Optuna storage."""

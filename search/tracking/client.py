@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import os
 import threading
 import time
@@ -40,6 +39,7 @@ from mlflow.utils.mlflow_tags import (
 from search.errors import UserError
 from search.logs import say
 from search.tracking.datasets import dataset_input, system_tags
+from search.tracking.views import VIEW_KEY, VIEW_PARAM, mark_best
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                  "seconds", "comm_rounds")
@@ -146,10 +146,6 @@ def run_id_of(run: str | PendingRun | None) -> str | None:
     return run.id if isinstance(run, PendingRun) else run
 
 
-# MLflow's shared view state: an experiment tag named by a key, opened by `?viewStateShareKey=`
-VIEW_TAG, VIEW_PARAM, VIEW_KEY = "mlflow.sharedViewState.", "viewStateShareKey", "search-trials"
-
-
 class Tracker:
     """MLflow runs of one study."""
 
@@ -195,29 +191,6 @@ class Tracker:
         return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}{page}"
                 "workflowType=machine_learning")
 
-    def set_view(self, objectives: list[str], minimize: list[bool], params: list[str]) -> None:
-        """The runs table as the study's link opens it (MLflow's shared view state, an
-        experiment tag the UI reads from `?viewStateShareKey=`): the trials only, flat, ranked
-        by the first objective, with their state (complete, infeasible, pruned at epoch N,
-        failed, best / Pareto, retrain), objectives, val_acc, searched params and dataset as
-        columns -- MLflow shows none of them by default."""
-        metrics = (["objective"] if len(objectives) == 1
-                   else [f"objective_{n}" for n in objectives])
-        columns = (["tags.`state`"] + [f"metrics.`{m}`" for m in metrics]
-                   + [f"metrics.`{m}`" for m in ("val_acc", "test_acc")]
-                   + [f"params.`{p}`" for p in params])
-        view = {"searchFilter": "tags.trial_number LIKE '%'", "orderByKey": f"metrics.`{metrics[0]}`",
-                "orderByAsc": minimize[0], "startTime": "ALL", "lifecycleFilter": "Active",
-                "modelVersionFilter": "All Runs", "datasetsFilter": [],
-                "selectedColumns": columns, "columnOrder": columns,
-                "columnWidths": {"tags.`state`": 190}, "runListHidden": False,
-                "viewMaximized": False}
-        now = int(time.time() * 1000)  # MLflow 3.17's saved-view envelope (its Views menu)
-        envelope = {"name": f"search: trials by {objectives[0]}", "createdAt": now,
-                    "updatedAt": now, "state": json.dumps(view)}
-        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + VIEW_KEY,
-                                       json.dumps(envelope))
-
     def parent_run(self, run_id: str | None, study_name: str, space_text: str, space_hash: str,
                    settings: dict[str, Any] | None = None, description: str = "",
                    data: dict[str, Any] | None = None) -> str:
@@ -253,23 +226,9 @@ class Tracker:
             self.client.log_dict(run_id, front, "pareto_front.json")
         best = [p["mlflow_run_id"] for p in front or summary.get("best", [])
                 if p.get("mlflow_run_id")]
-        self.mark_best(best, "Pareto" if front is not None else "best")
+        mark_best(self.client, self.experiment_id, best, "Pareto" if front is not None else "best")
         if status is not None:
             self.client.set_terminated(run_id, status)
-
-    def mark_best(self, run_ids: list[str], word: str) -> None:
-        """The study's best runs say so in the runs table's `state` column (`complete ·
-        Pareto`, `complete · best`); runs that no longer are go back to `complete`."""
-        try:
-            marked = self.client.search_runs([self.experiment_id],
-                                             "tags.state LIKE 'complete · %'", max_results=5000)
-            for run in marked:
-                if run.info.run_id not in run_ids:
-                    self.client.set_tag(run.info.run_id, "state", "complete")
-            for rid in run_ids:
-                self.client.set_tag(rid, "state", f"complete · {word}")
-        except MlflowException as exc:  # a convenience: the storage holds the front
-            say(f"MLflow: the best runs' state column not updated: {str(exc).splitlines()[0]}")
 
     def drain(self, seconds: float = 60.0) -> None:
         """At a trial's end where a record must be there, and at a worker's end: sends

@@ -183,7 +183,9 @@ class Progress:
             post["front"] = trials_word(len(self.study.best_trials))
         elif complete:
             post["best"] = f"{primary(min(complete, key=best_first(self.study))):.4f}"
-        best = next((f"{k} {v}" for k, v in post.items() if k in ("best", "front")), None)
+        # the study's best so far; a front is the study's, not the trial's: "front has 2 trials"
+        best = (f"best {post['best']}" if "best" in post else
+                f"front has {post['front']}" if "front" in post else None)
         if self.bar is not None:
             for t in running[:2]:
                 if (text := self._running(t)) is not None:
