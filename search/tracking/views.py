@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from search.logs import say
@@ -53,5 +52,5 @@ def mark_best(client: MlflowClient, experiment_id: str, run_ids: list[str], word
                 client.set_tag(run.info.run_id, "state", "complete")
         for rid in run_ids:
             client.set_tag(rid, "state", f"complete · {word}")
-    except MlflowException as exc:  # a convenience: the Optuna storage holds the front
+    except Exception as exc:  # a convenience (the Optuna storage holds the front): never fatal
         say(f"MLflow: the best runs' state column not updated: {str(exc).splitlines()[0]}")
