@@ -147,12 +147,13 @@ class Engine:
             torch.manual_seed(config.seed)
             init = LeNet5(self.setup.num_classes)
         dev, k = self.setup.device, self.k
-        params = {n: p.detach().to(dev).unsqueeze(0).repeat(k, *[1] * p.ndim)
+        # views of the fresh model's tensors (K workers start alike): restacking copies them
+        params = {n: p.detach().to(dev).unsqueeze(0).expand(k, *p.shape)
                   for n, p in init.named_parameters()}
         keep_outer = self.local and not plain(self.beta, self.alpha)
         return {
             "params": params,
-            "optimizer": StackedOptimizer(config.optimizer, self.layout, k, {}).state_rows(slice(None)),
+            "optimizer": None,  # zeros, made where the pack is restacked (not once per trial)
             "slowmo_sync": {n: p[0].clone() for n, p in params.items()} if keep_outer else {},
             "slowmo_u": {n: torch.zeros_like(p[0]) for n, p in params.items()} if keep_outer else {},
         }
@@ -182,8 +183,8 @@ class Engine:
 
         self.sync, self.u = outer("slowmo_sync"), outer("slowmo_u")
         self.optimizer = StackedOptimizer(self.setup.config.optimizer, self.layout,
-                                          len(self.flat), self._per_row())
-        self.optimizer.load_rows([s["optimizer"] for s in states])
+                                          0, self._per_row())  # its rows: load_rows
+        self.optimizer.load_rows([s["optimizer"] for s in states], self.k)
         for i, m in enumerate(self.members):
             m.row, m.pending = i, None
         self._restack_needed = False
@@ -200,6 +201,9 @@ class Engine:
     def state(self, member: Member) -> dict[str, Any]:
         """The trial's checkpoint after its last epoch: tensors (copied) and plain data."""
         tensors = member.pending if member.pending is not None else self._tensors(member.row)
+        if tensors["optimizer"] is None:  # a fresh trial not trained yet: zero state
+            tensors = {**tensors, "optimizer": StackedOptimizer(
+                member.config.optimizer, self.layout, self.k, {}).state_rows(slice(None))}
 
         def copy(tree):
             if isinstance(tree, dict):

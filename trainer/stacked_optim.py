@@ -144,10 +144,20 @@ class StackedOptimizer:
         return {"steps": self.steps[index],
                 "buffers": {b: self.layout.views(flat[index]) for b, flat in self.buffers.items()}}
 
-    def load_rows(self, states: list[dict]) -> None:
-        """Replaces the whole state by stacking per-trial states (as `state_rows` gives them)."""
-        dev = self.layout.device
-        self.steps = torch.cat([s["steps"].to(dev) for s in states])
+    def load_rows(self, states: list[dict | None], k: int = 1) -> None:
+        """Replaces the whole state by stacking per-trial states (as `state_rows` gives them;
+        None: a fresh trial's `k` zero rows, written straight into the new buffer)."""
+        dev, size = self.layout.device, self.layout.size
+        self.steps = torch.cat([torch.zeros(k, device=dev) if s is None else s["steps"].to(dev)
+                                for s in states])
         for b in self.buffers:
-            self.buffers[b] = torch.cat([self.layout.flatten(s["buffers"][b]).to(dev)
-                                         for s in states])
+            out = torch.empty(len(self.steps), size, device=dev)
+            row = 0
+            for s in states:
+                n = k if s is None else len(s["steps"])
+                if s is None:
+                    out[row:row + n].zero_()
+                else:
+                    out[row:row + n] = self.layout.flatten(s["buffers"][b]).to(dev)
+                row += n
+            self.buffers[b] = out
