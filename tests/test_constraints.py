@@ -88,6 +88,8 @@ def test_infeasible_trials_stay_off_the_front_everywhere(cli, tmp_path):
         dash.terminate()
         dash.wait(timeout=30)
     assert {t["number"] for t in detail["best_trials"]} == front
+    assert "**Constraints**: `val_acc>=0.5`" in detail["note"]["body"]  # the study's own note
+    assert study.user_attrs["constraints"] == "val_acc>=0.5"
     for t in detail["trials"]:
         assert (max(t["constraints"]) > 0) == (t["number"] in infeasible)
         note = t["note"]["body"]

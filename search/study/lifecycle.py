@@ -127,6 +127,14 @@ def _first_attributes(study: optuna.Study, settings: RunSettings, space: Space,
     names = searched if searched and "dataset" not in settings.overrides else [data["dataset"]]
     study.set_user_attr("dataset", ", ".join(names) + (
         "" if set(names) == {"cifar100"} else " (not CIFAR-100)"))
+    if settings.constraints:  # the dashboard's study note: what it cannot show by itself
+        study.set_user_attr("constraints", ", ".join(settings.constraints))
+        from optuna_dashboard import save_note
+
+        save_note(study, f"**Constraints**: {', '.join(f'`{c}`' for c in settings.constraints)}. "
+                  "A trial that misses one is *infeasible*: never among the best trials "
+                  "(`search dashboard` and `search status` leave it out; plain `optuna-dashboard` "
+                  "does not), greyed out in the plots, and its note says which it missed.")
 
 
 def open_run(settings: RunSettings, workers: int) -> tuple[optuna.Study, Tracker, str, int]:
