@@ -146,18 +146,11 @@ class StackedOptimizer:
 
     def load_rows(self, states: list[dict | None], k: int = 1) -> None:
         """Replaces the whole state by stacking per-trial states (as `state_rows` gives them;
-        None: a fresh trial's `k` zero rows, written straight into the new buffer)."""
+        None: a fresh trial's `k` zero rows)."""
         dev, size = self.layout.device, self.layout.size
         self.steps = torch.cat([torch.zeros(k, device=dev) if s is None else s["steps"].to(dev)
                                 for s in states])
         for b in self.buffers:
-            out = torch.empty(len(self.steps), size, device=dev)
-            row = 0
-            for s in states:
-                n = k if s is None else len(s["steps"])
-                if s is None:
-                    out[row:row + n].zero_()
-                else:
-                    out[row:row + n] = self.layout.flatten(s["buffers"][b]).to(dev)
-                row += n
-            self.buffers[b] = out
+            self.buffers[b] = torch.cat([torch.zeros(k, size, device=dev) if s is None
+                                         else self.layout.flatten(s["buffers"][b]).to(dev)
+                                         for s in states])

@@ -64,6 +64,12 @@ def feasible(trial) -> bool:
     return all(v <= 0 for v in getattr(trial, "constraints", {}).values())
 
 
+def missed(trial) -> list[str]:
+    """The constraints a trial misses, by name (Optuna reads the dashboard's unnamed list,
+    `record_for_dashboard`, as keys "0", "1", ...: those are left out)."""
+    return [k for k, v in getattr(trial, "constraints", {}).items() if v > 0 and not k.isdigit()]
+
+
 #: the trial system attribute optuna-dashboard 0.21's plots read feasibility from: a list of
 #: floats, <= 0 satisfied (the format Optuna 3's samplers wrote; Optuna 5 reads it as well)
 DASHBOARD_KEY = "constraints"

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from tqdm import tqdm
 
-from search.inputs.constraints import feasible
+from search.inputs.constraints import feasible, missed
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
 from search.study.budget import finished
 from search.study.lineage import schedule_text
@@ -100,8 +100,7 @@ def finished_line(t: optuna.trial.FrozenTrial, names: list[str], count: str,
     # a complete trial shows its values; the others say their state instead
     state = "" if t.state == State.COMPLETE else f" {t.state.name.lower()}"
     if t.state == State.COMPLETE and not feasible(t):  # said first: it is never the best
-        state = " infeasible (" + ", ".join(k for k, v in t.constraints.items()
-                                            if v > 0 and not k.isdigit()) + ")"
+        state = f" infeasible ({', '.join(missed(t))})"
     ran = "" if t.state == State.COMPLETE else f"{epochs_run(t)} ep, "  # complete: all of them
     return (f"trial {t.number}{state}{value} ({ran}{duration(secs)}): {short_params(t.params)}"
             f"{pbt_words(t)}; {count}" + (f", {best}" if best is not None else ""))
