@@ -16,6 +16,11 @@ makes between epochs is timed by kind:
     storage     fencing reads and other storage reads (stale trials, the ramp)
     end         tell, and the run closed, checkpoints removed, per trial
     other       the rest of the time outside run_epoch
+    exit        the queues drained when the command ends (MLflow calls still queued, checkpoint
+                writes), once per command: in ms per command, not in the per-trial-epoch sum
+
+Checkpoints follow `--checkpoint-every` as `search run` does (default `auto`; `1` is every
+epoch, the default before `auto`).
 
 and again after the study already holds 500 and 2,000 finished trials (`--study-sizes`), so
 its growth shows. The validation split is 90 % of digits' training set, only to keep the
@@ -24,6 +29,7 @@ engine's share of a CPU run short; it changes nothing measured here.
     python benchmarks/bookkeeping.py [--server] [--packs 1,16,64] [--study-sizes 0,500,2000]
     python benchmarks/bookkeeping.py --quick   # P 1 and 4, sizes 0 and 100, both stores
     python benchmarks/bookkeeping.py --against REV ...   # the same at commit REV, side by side
+    python benchmarks/bookkeeping.py --checkpoint-every 1 ...  # every epoch (auto: default)
 
 `--against REV` runs this same script in a git worktree of REV (the loop's names it times must
 exist there: from the restructured layout on) with the same arguments, and prints its table
@@ -51,8 +57,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-KINDS = ("start", "checkpoint", "report", "pruner", "tracking", "storage", "end", "other")
+KINDS = ("start", "checkpoint", "report", "pruner", "tracking", "storage", "end", "other", "exit")
 PER_TRIAL = ("start", "end")
+ONCE = ("exit",)  # per command
 SPACE = """
 name: bookkeeping
 fixed: {optimizer: adamw, dataset: digits, batch_size: 128, augment: none, val_fraction: 0.9}
@@ -108,6 +115,7 @@ def instrument(clock: Clock) -> None:
     for owner, name, kind in (
             (loop.WorkerLoop, "_ask", "start"),  # the sampler, the run, the data, the new row
             (engine.Engine, "state", "checkpoint"), (session.TrialSession, "save", "checkpoint"),
+            (session.TrialSession, "checkpoint", "checkpoint"),
             (session.TrialSession, "on_epoch", "report"),
             (optuna.Trial, "should_prune", "pruner"),
             (client.Tracker, "log_epoch", "tracking"), (client.Tracker, "tag", "tracking"),
@@ -152,7 +160,7 @@ def prefill(study, n: int, epochs: int) -> None:
 
 
 def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, workdir: Path,
-            label: str) -> dict:
+            label: str, cadence: str | None = None) -> dict:
     """One pack of `pack` trials, `epochs` each, on a study that holds `size` finished ones."""
     import optuna
     import torch
@@ -178,27 +186,35 @@ def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, wo
     prefill(study, size, epochs)
     tracker = Tracker(mlflow_uri, name)
     parent = tracker.parent_run(None, name, space.text, space.hash)
-    runner = TrialRunner(space, {"epochs": epochs, "seed": 0}, tracker, parent,
-                         CheckpointStore(workdir / "checkpoints", name))
+    store = CheckpointStore(workdir / "checkpoints", name)
+    if cadence is None:  # the tree's own default
+        runner = TrialRunner(space, {"epochs": epochs, "seed": 0}, tracker, parent, store)
+    else:
+        from search.inputs.values import cadence_value
+        runner = TrialRunner(space, {"epochs": epochs, "seed": 0}, tracker, parent, store,
+                             checkpoint_every=cadence_value(cadence))
     clock = Clock()
     instrument_once(clock)
     CLOCK[0] = clock
     start = time.perf_counter()
     loop.run_trials(study, runner, pack, pack, None, RetryDeadTrial(0, tracker.uri), ramp=None)
+    ended = time.perf_counter()
+    store.drain()
     tracker.drain()
     wall = time.perf_counter() - start
+    clock.spent["exit"] = wall - (ended - start)
     ran = [t for t in study.get_trials(deepcopy=False) if t.number >= size]
     trial_epochs = sum(len(t.intermediate_values) for t in ran)
     spent = dict(clock.spent)
     outside = wall - spent.pop("epoch", 0.0)
     spent["other"] = max(0.0, outside - sum(spent.get(k, 0.0) for k in KINDS if k != "other"))
-    recurring = sum(spent.get(k, 0.0) for k in KINDS if k not in PER_TRIAL)
+    recurring = sum(spent.get(k, 0.0) for k in KINDS if k not in PER_TRIAL + ONCE)
     return {"label": label, "pack": pack, "size": size, "trials": len(ran),
             "trial_epochs": trial_epochs, "wall_s": wall, "outside_s": outside,
-            "ms": {k: 1000 * spent.get(k, 0.0) / (len(ran) if k in PER_TRIAL else trial_epochs)
-                   for k in KINDS},
+            "ms": {k: 1000 * spent.get(k, 0.0) / (len(ran) if k in PER_TRIAL else 1 if k in ONCE
+                                                  else trial_epochs) for k in KINDS},
             "per_trial_epoch_ms": 1000 * recurring / trial_epochs,
-            "all_told_ms": 1000 * outside / trial_epochs}
+            "all_told_ms": 1000 * (outside - spent.get("exit", 0.0)) / trial_epochs}
 
 
 CLOCK: list[Clock | None] = [None]
@@ -277,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", action="store_true", help="also PostgreSQL + an mlflow server")
     ap.add_argument("--quick", action="store_true", help="P 1 and 4, sizes 0 and 100, 2 epochs, "
                     "both stores (CI)")
+    ap.add_argument("--checkpoint-every", metavar="CADENCE",
+                    help="as `search run --checkpoint-every` (default: the tree's own, auto)")
     ap.add_argument("--against", metavar="REV", help="also run this at commit REV; print ratios")
     ap.add_argument("--json", help=argparse.SUPPRESS)  # rows for --against
     args = ap.parse_args(argv)
@@ -290,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip() or "?"
     print(f"bookkeeping: digits (not CIFAR-100), {args.epochs}-epoch trials, one pack of P; "
-          f"ms per trial-epoch (start, end: per trial); commit {commit}; {platform.node()}, "
+          f"ms per trial-epoch (start, end: per trial; exit: per command); commit {commit}; {platform.node()}, "
           f"{os.cpu_count()} cores; python {' '.join(sys.argv[1:]) or '(defaults)'}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bookkeeping-") as tmp:
@@ -304,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 for pack in packs:
                     for size in (sizes if pack == max(packs) else [0]):
                         rows.append(measure(pack, size, args.epochs, storage, mlflow_uri, work,
-                                            label))
+                                            label, args.checkpoint_every))
                         print(table(rows[-1:]).splitlines()[-1], flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows))

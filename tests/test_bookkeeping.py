@@ -4,6 +4,7 @@ background yet there when a retry needs them and never written for an attempt th
 benchmark's quick form (its table and last line; no timings asserted)."""
 
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +14,8 @@ import optuna
 import torch
 from mlflow.tracking import MlflowClient
 
-from search.study.checkpoints import CheckpointStore
+from search.inputs.values import cadence_value
+from search.study.checkpoints import CheckpointStore, due
 from tests.conftest import ROOT, run_cli
 from trainer.config import CHECKPOINT_FORMAT
 
@@ -81,13 +83,60 @@ def test_checkpoint_every_sets_the_cadence_and_bad_values_are_one_line(cli, tmp_
         assert r.returncode == 2 and "--checkpoint-every" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_auto_checkpoints_every_epoch_while_cheap_and_at_least_once_a_minute():
+    auto = cadence_value("auto")
+    assert auto == ("auto", 60.0)
+    # 10 ms a checkpoint, 64 trials in flight: at most 2 % of the time is one per 32 s
+    assert not due(auto, epochs_since=1, seconds_since=5.0, cost=0.01, in_flight=64)
+    assert due(auto, epochs_since=3, seconds_since=33.0, cost=0.01, in_flight=64)
+    # alone on a long epoch: every epoch; a costly checkpoint: still once a minute
+    assert due(auto, epochs_since=1, seconds_since=2.0, cost=0.01, in_flight=1)
+    assert due(auto, epochs_since=1, seconds_since=61.0, cost=10.0, in_flight=64)
+    assert not due(auto, epochs_since=0, seconds_since=600.0, cost=0.0, in_flight=1)
+    assert due(cadence_value("2"), 2, 0.0, 1.0, 1) and not due(cadence_value("2"), 1, 1e6, 0, 1)
+    assert due(cadence_value("5m"), 1, 300.0, 0, 1) and not due(cadence_value("5m"), 9, 299, 0, 1)
+
+
+def test_a_stop_between_epochs_saves_what_the_cadence_had_not(tmp_path):
+    """A cadence that has not come round yet (an hour) loses nothing to a SIGTERM: the worker
+    finishes its epoch, saves it, and the retry resumes there."""
+    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=6))
+    cmd = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "1",
+           "--pruner", "none", "--checkpoint-every", "1h", "--stop-within", "600"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    journal = optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            trials = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
+                journal)).trials
+        except Exception:
+            continue
+        if trials and len(trials[0].intermediate_values) >= 2:
+            break
+    store = CheckpointStore(tmp_path / "checkpoints", "s")
+    assert store.files(0) == []  # an hour's cadence: nothing written yet
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    saved = store.load(0)
+    assert saved is not None and saved["epoch"] >= 2 and "partial" not in saved, err[-2000:]
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(journal))
+    [retry] = [t for t in study.trials if t.state == State.COMPLETE]
+    assert retry.user_attrs["resumed_from_epoch"] == saved["epoch"]
+
+
 def test_a_restarted_chain_logs_each_epoch_once(tmp_path):
     """A retry that restarts from epoch 0 (its checkpoint unreadable) recomputes epochs its run
     already holds: MLflow keeps one value per epoch, as Optuna keeps the first report."""
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=8))
     proc = subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
-                             "--n-trials", "1", "--pruner", "none"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--n-trials", "1", "--pruner", "none", "--checkpoint-every", "1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = CheckpointStore(tmp_path / "checkpoints", "s")
     deadline = time.time() + 300
     while time.time() < deadline:

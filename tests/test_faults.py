@@ -33,7 +33,7 @@ def _command(tmp_path, url, mlflow_uri, n_trials, *extra):
         [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--storage", url,
          "--study", url.rsplit("/", 1)[1],
          "--mlflow-uri", mlflow_uri, "--pruner", "none", "--heartbeat", "2",
-         "--keep-checkpoints", "--n-trials", str(n_trials), *extra],
+         "--keep-checkpoints", "--checkpoint-every", "1", "--n-trials", str(n_trials), *extra],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
@@ -200,7 +200,8 @@ def test_a_storage_silent_past_its_patience_stops_the_command_in_one_line(
     time.sleep(7)
     done = run_cli("run", "--space", "s.yaml", "--study", "patience", "--storage", url,
                    "--mlflow-uri", mlflow_server,
-                   "--pruner", "none", "--heartbeat", "2", "--n-trials", "1", cwd=tmp_path)
+                   "--pruner", "none", "--heartbeat", "2", "--n-trials", "1", "--checkpoint-every", "1",
+                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     retry = next(t for t in _study(url).get_trials()
                  if t.system_attrs.get("failed_trial") == trial.number)
@@ -217,7 +218,7 @@ def _journal_trials(d):
 def test_an_unreadable_checkpoint_is_moved_aside_and_the_trial_restarts(tmp_path, damage):
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=12))
     args = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "1",
-            "--pruner", "none"]
+            "--pruner", "none", "--checkpoint-every", "1"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = CheckpointStore(tmp_path / "checkpoints", "s")
     _wait(lambda: store.path(0).is_file() and store.load(0)["epoch"] >= 2, "a checkpoint")
@@ -227,7 +228,7 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_the_trial_restarts(tmp_path
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
     again = run_cli("run", "--space", "s.yaml", "--n-trials", "1", "--pruner", "none",
-                    cwd=tmp_path)
+                    "--checkpoint-every", "1", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     err = again.stderr
     assert "Traceback" not in err and "weights_only" not in err
@@ -264,7 +265,7 @@ def test_a_full_checkpoint_disk_is_one_line_and_every_trial_completes(tmp_path, 
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=12))
     proc = subprocess.Popen(
         [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "2",
-         "--pruner", "none", "--checkpoint-dir", str(tiny_disk)], cwd=tmp_path,
+         "--pruner", "none", "--checkpoint-every", "1", "--checkpoint-dir", str(tiny_disk)], cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def unsafe_in_status():

@@ -75,7 +75,8 @@ def test_a_pack_out_of_device_memory_is_halved_and_its_trials_resume(cli, tmp_pa
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(SMALL_DEVICE)
     r = cli("run", "--space", "s.yaml", "--n-trials", "4", "--pack", str(pack), "--pruner",
-            "none", "--storage", f"sqlite:///{tmp_path}/s.db", env={"PYTHONPATH": str(tmp_path / "inject")})
+            "none", "--checkpoint-every", "1", "--storage", f"sqlite:///{tmp_path}/s.db",
+            env={"PYTHONPATH": str(tmp_path / "inject")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db").trials

@@ -67,7 +67,7 @@ def test_killed_packed_trial_resumes_from_its_checkpoint(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 3", "epochs: 5")
                                      .replace("choices: [32, 64]", "choices: [64]"))
     cmd = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "2",
-           "--pack", "2", "--pruner", "none"]
+           "--pack", "2", "--pruner", "none", "--checkpoint-every", "1"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     store = CheckpointStore(tmp_path / "checkpoints", "s")
@@ -103,7 +103,8 @@ def test_sigterm_stops_a_pack_after_its_epoch_and_requeues_every_trial(tmp_path)
     (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 3", "epochs: 5")
                                      .replace("choices: [32, 64]", "choices: [64]"))
     proc = subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
-                             "--n-trials", "2", "--pack", "2", "--pruner", "none"], cwd=tmp_path,
+                             "--n-trials", "2", "--pack", "2", "--pruner", "none",
+                             "--checkpoint-every", "1"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     store = CheckpointStore(tmp_path / "checkpoints", "s")
     deadline = time.time() + 300

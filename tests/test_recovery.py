@@ -25,7 +25,7 @@ State = optuna.trial.TrialState
 
 def _start(d, *extra):
     return subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
-                             "--n-trials", "1", *extra], cwd=d, stdout=subprocess.PIPE,
+                             "--n-trials", "1", "--checkpoint-every", "1", *extra], cwd=d, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -52,7 +52,7 @@ def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml",
-                        "--n-trials", "1"], cwd=tmp_path, capture_output=True, text=True,
+                        "--n-trials", "1", "--checkpoint-every", "1"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     first, retry = _trials(tmp_path)
@@ -85,7 +85,7 @@ def test_sigterm_stops_at_a_safe_point_and_requeues(tmp_path):
     saved = CheckpointStore(tmp_path / "checkpoints", "s").load(0)["epoch"]
     assert saved == max(first.intermediate_values)  # stopped right after a saved epoch
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml",
-                        "--n-trials", "1"], cwd=tmp_path, capture_output=True, text=True,
+                        "--n-trials", "1", "--checkpoint-every", "1"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     trials = _trials(tmp_path)

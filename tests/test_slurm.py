@@ -60,7 +60,7 @@ def test_a_study_runs_as_one_job_array(slurm_cluster, postgres, mlflow_server, t
     run = run_cli("run", "--space", "s.yaml", "--study", "slurm_array", "--storage", url,
                   "--mlflow-uri", mlflow_server, "--pruner", "none", "--slurm", "--workers", "2",
                   "--pack", "2", "--n-trials", "6", "--slurm-cpus-per-worker", "1",
-                  "--slurm-wait", cwd=tmp_path)
+                  "--slurm-wait", "--checkpoint-every", "1", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
     job = _job_id(run.stdout)
     for says in (f"squeue -r -j {job}", f"scancel {job}", "search dashboard --storage",
@@ -91,7 +91,8 @@ def test_a_preempted_task_requeues_itself_and_its_trial_resumes(slurm_cluster, p
     run = run_cli("run", "--space", "s.yaml", "--study", "slurm_preempt", "--storage", url,
                   "--mlflow-uri", mlflow_server, "--pruner", "none", "--slurm", "--workers", "2",
                   "--pack", "2", "--n-trials", "6", "--slurm-cpus-per-worker", "1",
-                  "--heartbeat", "2", "--stop-within", "0.01", cwd=tmp_path)
+                  "--heartbeat", "2", "--stop-within", "0.01", "--checkpoint-every", "1",
+                  cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     job = _job_id(run.stdout)
     store = CheckpointStore(tmp_path / "checkpoints", "slurm_preempt")

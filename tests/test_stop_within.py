@@ -22,7 +22,7 @@ params:
 """
 STOP_WITHIN = 6.0  # well under this epoch's length: the signal lands mid-epoch
 ARGS = ("run", "--space", "s.yaml", "--n-trials", "1", "--pruner", "none", "--seed", "3",
-        "--stop-within", str(STOP_WITHIN))
+        "--stop-within", str(STOP_WITHIN), "--checkpoint-every", "1")
 
 
 def _history(d):

@@ -30,7 +30,7 @@ def _start(tmp_path, url, mlflow_uri, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--storage", url,
          "--mlflow-uri", mlflow_uri, "--workers", "2", "--pruner", "none", "--heartbeat", "2",
-         *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--checkpoint-every", "1", *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -115,7 +115,8 @@ def test_sigterm_to_the_parent_alone_stops_every_worker_and_closes_every_run(
 def test_workers_stop_when_their_parent_is_killed(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 5", "epochs: 30"))
     proc = subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
-                             "--workers", "2", "--n-trials", "2", "--pruner", "none"],
+                             "--workers", "2", "--n-trials", "2", "--pruner", "none",
+                             "--checkpoint-every", "1"],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = CheckpointStore(tmp_path / "checkpoints", "s")
     deadline = time.time() + 300
@@ -233,7 +234,8 @@ def test_an_mlflow_outage_mid_study_loses_no_trial_and_no_metric(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 5", "epochs: 4"))
     proc = subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
-                             "--mlflow-uri", uri, "--n-trials", "3", "--pruner", "none"],
+                             "--mlflow-uri", uri, "--n-trials", "3", "--pruner", "none",
+                             "--checkpoint-every", "1"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     store = CheckpointStore(tmp_path / "checkpoints", "s")

@@ -55,7 +55,7 @@ def ramp_size(text: str) -> int | None:
 
 
 def checkpoint_cadence(text: str) -> str:
-    """argparse type of --checkpoint-every: N epochs or a time (30s, 5m); kept as written."""
+    """argparse type of --checkpoint-every: auto, N epochs or a time (30s, 5m); kept as written."""
     try:
         cadence_value(text)
     except ValueError as exc:

@@ -88,10 +88,11 @@ def add_parsers(sub) -> None:
                    help="times a trial whose worker died or was stopped is re-queued (default 3)")
     p.add_argument("--checkpoint-dir", help="per-epoch trial checkpoints, shared by all workers "
                    "(default ./checkpoints)")
-    p.add_argument("--checkpoint-every", type=checkpoint_cadence, default="1",
-                   help="how often a trial checkpoints: every N epochs, or a time such as 30s "
-                   "or 5m (written in the background while training goes on; a crash loses at "
-                   "most this much of a trial; default 1)")
+    p.add_argument("--checkpoint-every", type=checkpoint_cadence, default="auto",
+                   help="how often a trial checkpoints: auto (every epoch while that costs "
+                   "under 2%% of the worker's time, else less often, at least once a minute), "
+                   "every N epochs, or a time such as 30s or 5m (written in the background; a "
+                   "crash loses at most this much of a trial; default auto)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
     pbt_flags(p)

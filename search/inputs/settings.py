@@ -54,7 +54,7 @@ class RunSettings:
     stop_within: float = 20.0  # seconds a signalled worker may take to stop (mid-epoch)
     max_retry: int = 3
     checkpoint_dir: str | None = None
-    checkpoint_every: str = "1"  # epochs, or a time (30s): how often a trial checkpoints
+    checkpoint_every: str = "auto"  # auto, epochs or a time (30s): how often a trial checkpoints
     keep_checkpoints: bool = False
     pack: int | str = "auto"  # trials each worker trains together as one model (worker.sizing)
     ramp: int | None = DEFAULT_RAMP  # in flight <= max(ramp, trials heard from) (worker.sizing)

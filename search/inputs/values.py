@@ -26,12 +26,17 @@ def ramp_value(value: Any) -> int | None:
     raise ValueError(f"expected off or an integer >= 1, got {value!r}")
 
 
+AUTO_LONGEST = 60.0  # `auto`: a trial checkpoints at least once a minute
+
+
 def cadence_value(value: Any) -> tuple[str, float]:
-    """`--checkpoint-every`: N epochs (an integer >= 1) or a time, `30s` / `5m`, as
-    ("epochs", N) or ("seconds", S); ValueError says what was expected."""
+    """`--checkpoint-every`: `auto`, N epochs (an integer >= 1) or a time, `30s` / `5m`, as
+    ("auto", 60), ("epochs", N) or ("seconds", S); ValueError says what was expected."""
     text = str(value).strip()
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
     try:
+        if text == "auto":
+            return "auto", AUTO_LONGEST
         if text and text[-1] in units:
             seconds = float(text[:-1]) * units[text[-1]]
             if seconds > 0 and seconds < float("inf"):
@@ -40,4 +45,4 @@ def cadence_value(value: Any) -> tuple[str, float]:
             return "epochs", int(text)
     except ValueError:
         pass
-    raise ValueError(f"expected a number of epochs >= 1 or a time such as 30s or 5m, got {value!r}")
+    raise ValueError(f"expected auto, a number of epochs >= 1 or a time such as 30s or 5m, got {value!r}")

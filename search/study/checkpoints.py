@@ -37,6 +37,23 @@ from search.logs import say
 from trainer.config import CHECKPOINT_FORMAT, CHECKPOINT_KEYS
 
 DEFAULT_DIR = "checkpoints"
+AUTO_SHARE = 0.02  # `--checkpoint-every auto`: checkpoints take at most this share of the time
+
+
+def due(cadence: tuple[str, float], epochs_since: int, seconds_since: float, cost: float,
+        in_flight: int) -> bool:
+    """Whether a trial checkpoints at this epoch's end. `cadence` is ("epochs", N), ("seconds",
+    S) or ("auto", S): every epoch while the worker's checkpoints (`cost` seconds each on the
+    critical path, `in_flight` of them per epoch) take under AUTO_SHARE of its time, less often
+    where epochs are short (a wide pack on a fast device), and at least every S seconds."""
+    kind, every = cadence
+    if epochs_since < 1:
+        return False
+    if kind == "epochs":
+        return epochs_since >= every
+    if kind == "seconds":
+        return seconds_since >= every
+    return seconds_since >= min(every, cost * max(1, in_flight) / AUTO_SHARE)
 
 
 class CheckpointStore:

@@ -19,8 +19,9 @@ from search.inputs.constraints import record_for_dashboard, violations
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import objective_values
 from search.inputs.space import Space
+from search.inputs.values import AUTO_LONGEST
 from search.logs import say
-from search.study.checkpoints import CheckpointStore
+from search.study.checkpoints import CheckpointStore, due
 from search.study.recovery import chain_root, mark_worker
 from search.study.storage import StorageBusy, no_waiting
 from search.tracking.client import RUN_ATTR, PendingRun, Tracker, run_id_of
@@ -43,9 +44,10 @@ class TrialRunner:
                  parent_run_id: str, checkpoints: CheckpointStore | None = None,
                  reaper: Callable[[optuna.Study], Any] | None = None,
                  objectives: list[str] | None = None, constraints: list[str] | None = None,
-                 checkpoint_every: tuple[str, float] = ("epochs", 1)):
+                 checkpoint_every: tuple[str, float] = ("auto", AUTO_LONGEST)):
         self.space, self.overrides = space, overrides
-        self.checkpoint_every = checkpoint_every  # ("epochs", N) or ("seconds", S)
+        self.checkpoint_every = checkpoint_every  # ("auto" | "epochs" | "seconds", N or S)
+        self.checkpoint_cost = 0.0  # seconds a trial's checkpoint holds the loop (recent mean)
         self.objectives = objectives or list(DEFAULT_OBJECTIVES)
         self.constraints = constraints or []
         self.tracker, self.parent_run_id = tracker, parent_run_id
@@ -228,14 +230,30 @@ class TrialSession:
         """The trial's objective values, in the study's order."""
         return objective_values(self.runner.objectives, history)
 
-    def save(self, state: dict[str, Any], epoch_end: bool = True) -> None:
-        """This attempt's checkpoint (after `on_epoch` confirmed the attempt), queued for the
-        store's background writer when the cadence (`--checkpoint-every`) says it is due; a
-        stop inside an epoch (`epoch_end=False`) always saves. A failed write is one line from
-        the store; the trial carries `crash_safe: false` from its next save until a write
-        succeeds, which `search status` shows."""
+    def checkpoint(self, epoch: int, state_of: Callable[[], dict[str, Any]],
+                   in_flight: int = 1) -> None:
+        """At the end of `epoch`: the attempt's checkpoint when the cadence
+        (`--checkpoint-every`) says it is due; `state_of` copies it from the engine only then.
+        The time that takes (the copy and the queueing: what the device waits for) feeds
+        `auto`'s cadence."""
+        runner = self.runner
+        if runner.checkpoints is None or not due(
+                runner.checkpoint_every, epoch - self.saved_epoch,
+                time.monotonic() - self.saved_at, runner.checkpoint_cost, in_flight):
+            return
+        started = time.perf_counter()
+        self.save(state_of())
+        took = time.perf_counter() - started
+        runner.checkpoint_cost = took if not runner.checkpoint_cost else (
+            0.8 * runner.checkpoint_cost + 0.2 * took)
+
+    def save(self, state: dict[str, Any]) -> None:
+        """This attempt's checkpoint now (after `on_epoch` confirmed the attempt), queued for the
+        store's background writer (a stop, a PBT copy, or `checkpoint` found it due). A failed
+        write is one line from the store; the trial carries `crash_safe: false` from its next
+        save until a write succeeds, which `search status` shows."""
         store = self.runner.checkpoints
-        if store is None or (epoch_end and not self._due(int(state["epoch"]))):
+        if store is None:
             return
         run_id = run_id_of(self.run_id)  # a retry continues this run (unknown yet: its trial's)
         ok = store.submit(self.root, {**state, **({"mlflow_run_id": run_id} if run_id else {})},
@@ -245,11 +263,9 @@ class TrialSession:
             self.crash_safe = ok
             self.trial.set_user_attr("crash_safe", ok)
 
-    def _due(self, epoch: int) -> bool:
-        kind, every = self.runner.checkpoint_every
-        if kind == "epochs":
-            return epoch - self.saved_epoch >= every
-        return time.monotonic() - self.saved_at >= every
+    def unsaved(self, epoch: int) -> bool:
+        """Whether epochs up to `epoch` are not in a checkpoint yet (a stop saves them)."""
+        return self.runner.checkpoints is not None and self.saved_epoch < epoch
 
     def _still_owned(self) -> bool:
         """For the writer, just before a file lands: False only when the storage says the

@@ -191,7 +191,7 @@ class WorkerLoop:
             for member in engine.members:
                 session = self.in_flight[member].session
                 if session.owned():
-                    session.save(engine.state(member), epoch_end=False)
+                    session.save(engine.state(member))
             raise Interrupted
         running = self._running_ids()
         self._new_round()
@@ -230,7 +230,7 @@ class WorkerLoop:
             session.completed(values, member.epoch, member.history)
             self._tell(engine, member, State.COMPLETE, values)
         else:
-            session.save(engine.state(member))
+            session.checkpoint(member.epoch, lambda: engine.state(member), len(self.in_flight))
 
     def _new_round(self) -> None:
         """The pruner reads the study's complete trials afresh at its next call."""
@@ -312,6 +312,8 @@ class WorkerLoop:
             for member in list(engine.members):
                 session = self.in_flight[member].session
                 if isinstance(exc, Interrupted | KeyboardInterrupt):
+                    if member.partial is None and session.unsaved(member.epoch) and session.owned():
+                        session.save(engine.state(member))  # the epochs since the cadence's last
                     where = (f"interrupted in epoch {member.epoch + 1} after step "
                              f"{member.partial['at_step']}" if member.partial is not None
                              else f"interrupted after epoch {member.epoch}")
