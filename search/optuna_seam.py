@@ -77,6 +77,15 @@ def fail_if_running(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> boo
         return False
 
 
+def ask_waiting(study: optuna.Study) -> optuna.Trial | None:
+    """`study.ask()` for a waiting trial only (a retry): None when none waits, where `ask`
+    would create a new trial. Claiming it is the storage's atomic WAITING -> RUNNING, as in
+    `ask` (`Study._pop_waiting_trial_id`)."""
+    study._thread_local.cached_all_trials = None
+    trial_id_ = study._pop_waiting_trial_id()
+    return None if trial_id_ is None else optuna.Trial(study, trial_id_)
+
+
 def start_trial(study: optuna.Study, params: dict[str, Any],
                 distributions: dict[str, Any], user_attrs: dict[str, Any]) -> optuna.Trial:
     """A RUNNING trial of this process with the given parameters (a PBT segment: a donor's

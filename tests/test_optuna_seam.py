@@ -38,6 +38,15 @@ def test_another_process_trial_is_failed_once(study):
     assert optuna_seam.fail_if_running(study, frozen) is False  # someone ended it first
 
 
+def test_only_a_waiting_trial_is_asked(study):
+    assert optuna_seam.ask_waiting(study) is None and study.trials == []  # nothing created
+    study.enqueue_trial({"x": 0.5})
+    trial = optuna_seam.ask_waiting(study)
+    assert trial.suggest_float("x", 0.0, 1.0) == 0.5
+    assert optuna_seam.get_trial(study, trial).state == State.RUNNING
+    assert optuna_seam.ask_waiting(study) is None  # claimed once
+
+
 def test_grid_sampler_may_stop_inside_our_optimize_loop(study):
     grid = optuna.create_study(sampler=optuna.samplers.GridSampler({"x": [0, 1]}))
     with optuna_seam.optimize_loop(grid):

@@ -3,6 +3,7 @@ space; a population on digits evolves through exploit steps that every tool show
 trials with their lineage, MLflow runs with its tags, the printed schedule); a stopped PBT study
 resumes its members and runs no generation twice."""
 
+import os
 import random
 import signal
 import subprocess
@@ -47,7 +48,7 @@ def load(tmp_path, name="pbt"):
     (["--pruner", "median"], "--pbt with pruner median"),
     (["--objective", "val_acc,seconds"], "--pbt with objectives"),
     (["--n-trials", "5"], "--n-trials"),
-    (["--workers", "2"], "--workers 2"),
+    (["--pbt-population", "2", "--workers", "3"], "--workers 3: more workers than the 2 PBT"),
 ])
 def test_bad_pbt_settings_are_one_line_each(cli, tmp_path, flags, names):
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=6))
@@ -248,3 +249,68 @@ def test_shipped_pbt_study_files_resolve(name):
     pbt = resolve_pbt(sf.options["pbt"], sf.space, sf.space.fixed["epochs"],
                       sf.options.get("pruner"), sf.space.objectives)
     assert pbt.population == 16 and set(pbt.mutate) == {"lr", "momentum", "weight_decay", "t_max"}
+
+
+def _replays(trials, complete, threads):
+    """Each finished member's lineage, replayed from scratch (with the workers' threads: a
+    reduction's order follows them), gives the curve the study made: every exploit copied its
+    donor's weights, optimiser state, generator and epoch."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _replay_each(trials, complete)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _replay_each(trials, complete):
+    for t in complete:
+        schedule = segments(trials, t.number)
+        base = t.user_attrs["config"]
+        result = replay([(TrainConfig.from_dict({**base, **s["params"]}), s["last"])
+                         for s in schedule])
+        made = [trials[s["trial"]].intermediate_values[e] for s in schedule
+                for e in range(s["first"], s["last"] + 1)]
+        assert [h["val_acc"] for h in result.history] == made, t.number
+
+
+def test_a_population_shared_by_two_workers_survives_a_killed_worker(tmp_path):
+    """`--workers 2`: each worker trains half the population; generations meet in the storage
+    and exploits cross workers through published states. Worker 1 killed mid-generation: its
+    members resume elsewhere, the study finishes, no generation runs twice."""
+    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=6))
+    cmd = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--pbt",
+           "--pbt-population", "4", "--pbt-interval", "2", "--workers", "2", "--seed", "5"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    victim, deadline = None, time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:  # worker 1 holds members 1 and 3
+        time.sleep(0.2)
+        if not (tmp_path / "search-journal.log").exists():
+            continue
+        for t in load(tmp_path).trials:
+            if (t.state == State.RUNNING and t.user_attrs.get("pbt_member") in (1, 3)
+                    and 3 in t.intermediate_values):  # between the generations at 2 and 4
+                victim = t
+                break
+    assert victim is not None, "worker 1 never reached epoch 3"
+    pid = victim.user_attrs["worker_pid"]
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "killed by SIGKILL" in err and "Traceback" not in err, err[-3000:]
+    trials = load(tmp_path).trials
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    assert sorted(t.user_attrs["pbt_member"] for t in complete) == [0, 1, 2, 3]
+    assert all(max(t.intermediate_values) == 6 for t in complete)
+    member = victim.user_attrs["pbt_member"]  # finished by another worker than the killed one
+    assert [t for t in complete if t.user_attrs["pbt_member"] == member
+            and t.user_attrs["worker_pid"] != pid]
+    retried = retried_numbers(trials)
+    steps = [(t.user_attrs["pbt_member"], t.user_attrs["pbt_start_epoch"]) for t in trials
+             if t.user_attrs.get("pbt_parent") is not None and t.number not in retried]
+    assert steps and len(steps) == len(set(steps))  # each member steps once per generation
+    _replays(trials, complete, max(1, (os.cpu_count() or 1) // 2))  # --workers 2's threads
+    assert not list((tmp_path / "checkpoints").rglob("*.pt"))  # published states removed

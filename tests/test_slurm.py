@@ -162,3 +162,26 @@ def test_what_cannot_work_on_a_cluster_is_refused_before_anything_is_submitted(t
     assert no_slurm.returncode == 2
     [line] = no_slurm.stderr.strip().splitlines()
     assert "`sbatch` is not on PATH" in line
+
+
+def test_a_pbt_population_is_shared_by_the_tasks_of_a_job_array(slurm_cluster, postgres,
+                                                                  mlflow_server, tmp_path):
+    """`--pbt --slurm --workers 2`: each task trains half the population; generations meet in
+    PostgreSQL, exploits cross tasks through the shared checkpoint folder."""
+    (tmp_path / "s.yaml").write_text(SPACE.format(epochs=4) + "  weight_decay: {type: float, "
+                                     "low: 1.0e-6, high: 1.0e-3, log: true}\n")
+    url = postgres.create_database("slurm_pbt")
+    run = run_cli("run", "--space", "s.yaml", "--study", "slurm_pbt", "--storage", url,
+                  "--mlflow-uri", mlflow_server, "--slurm", "--workers", "2",
+                  "--slurm-cpus-per-worker", "1", "--slurm-wait", "--pbt", "--pbt-population",
+                  "4", "--pbt-interval", "2", "--seed", "5", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
+    trials = optuna.load_study(study_name="slurm_pbt", storage=url).get_trials()
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    assert sorted(t.user_attrs["pbt_member"] for t in complete) == [0, 1, 2, 3]
+    assert all(max(t.intermediate_values) == 4 for t in complete)
+    job = _job_id(run.stdout)
+    assert {t.user_attrs["slurm_task"] for t in trials} == {f"{job}_0", f"{job}_1"}
+    replaced = [t for t in trials if "pbt_replaced_by" in t.user_attrs]
+    assert replaced and all(t.state == State.PRUNED for t in replaced)
+    assert [t for t in trials if t.user_attrs.get("pbt_parent") is not None]

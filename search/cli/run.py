@@ -160,8 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                        " ".join(["search", *map(shlex.quote, sys.argv[1:])]))
     launcher = launcher_for(args, sources.options.get("slurm"), sources.where)
     if settings.pbt is not None and args.workers > 1:
-        raise UserError(f"--workers {args.workers}: --pbt runs its population in one worker "
-                        "(one pack) for now; drop --workers")
+        population = settings.pbt["population"]
+        if args.workers > population:
+            raise UserError(f"--workers {args.workers}: more workers than the {population} PBT "
+                            f"members to share (--pbt-population); at most {population}")
+        settings.pbt["workers"] = args.workers
     launcher.check(settings)
     return launcher.launch(settings, args.workers)
 

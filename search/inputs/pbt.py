@@ -41,6 +41,7 @@ class Pbt:
     quantile: float = 0.25
     resample_probability: float = 0.25
     mutate: list[str] = field(default_factory=list)  # filled from the space when empty
+    workers: int = 1  # the command's workers (--workers): the population is shared by them
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

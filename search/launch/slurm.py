@@ -284,9 +284,6 @@ class SlurmLauncher:
         self.opts = opts
 
     def check(self, settings: RunSettings) -> None:
-        if settings.pbt is not None:
-            raise UserError("--slurm: --pbt runs its population in one worker (one pack) for "
-                            "now; run it without --slurm (an sbatch job of its own works)")
         check_can_submit(settings.storage, settings.mlflow_uri)
 
     def launch(self, settings: RunSettings, workers: int) -> int:

@@ -86,14 +86,19 @@ class CheckpointStore:
         """Writes the attempt's checkpoint now; False (said once, with errno and path) when the
         disk refuses it: the trial trains on without crash safety. None, nothing written,
         when `still_owned` says the attempt was lost meanwhile."""
+        return self._write(self.path(chain_root, attempt), state, f"trial {chain_root}",
+                           still_owned)
+
+    def _write(self, target: Path, state: dict[str, Any], whose: str,
+               still_owned: Callable[[], bool] | None = None) -> bool | None:
         import torch
 
         buffer = io.BytesIO()
         torch.save(state, buffer)  # serialised in memory: a write error is then an OSError
-        target, tmp = self.path(chain_root, attempt), None
+        tmp = None
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".tmp-{target.stem}-", suffix=".pt")
             with os.fdopen(fd, "wb") as f:
                 f.write(buffer.getbuffer())
                 f.flush()
@@ -107,7 +112,7 @@ class CheckpointStore:
                 Path(tmp).unlink(missing_ok=True)
             error = f"{exc.strerror or exc}, errno {exc.errno}"
             if self.write_error != error:
-                say(f"cannot write checkpoint {target.absolute()} ({error}); trial {chain_root} trains on "
+                say(f"cannot write checkpoint {target.absolute()} ({error}); {whose} trains on "
                      "without crash safety until a write succeeds")
             self.write_error = error
             return False
@@ -115,6 +120,33 @@ class CheckpointStore:
             say(f"checkpoints are written again ({target})")
             self.write_error = None
         return True
+
+    # --- PBT across workers: a member's state at a generation's epoch, for other workers ---
+
+    def generation_path(self, member: int, epoch: int) -> Path:
+        return self.dir / "pbt" / f"member-{member}.epoch-{epoch}.pt"
+
+    def save_generation(self, member: int, epoch: int, state: dict[str, Any]) -> bool:
+        """The member's state at `epoch`, written now (atomically), for exploits elsewhere;
+        False (one line from `save`) when the disk refuses it."""
+        return self._write(self.generation_path(member, epoch), state, f"member {member}") is True
+
+    def load_generation(self, member: int, epoch: int) -> dict[str, Any] | None:
+        state, problem = _read(self.generation_path(member, epoch))
+        if state is None:
+            say(f"PBT: member {member}'s state at epoch {epoch} cannot be read ({problem})")
+        return state
+
+    def remove_generations(self, member: int, before: int) -> None:
+        """The member's published states older than epoch `before` (no step reads them)."""
+        folder = self.dir / "pbt"
+        if self.keep or not folder.is_dir():
+            return
+        pattern = re.compile(rf"(?:\.tmp-)?member-{member}\.epoch-(\d+)[.-].*")
+        for path in folder.iterdir():  # with what a killed writer left half written
+            m = pattern.fullmatch(path.name)
+            if m and int(m.group(1)) < before:
+                path.unlink(missing_ok=True)
 
     def load(self, chain_root: int) -> dict[str, Any] | None:
         """The newest attempt's checkpoint that reads; an unreadable one is moved aside with
@@ -160,7 +192,10 @@ class CheckpointStore:
         self.writer.cancel(lambda key: key[0] == chain_root)
         if self.keep:
             return
-        for _, path in self.files(chain_root):
+        half = re.compile(rf"\.tmp-trial-{chain_root}[.-].*")  # a killed writer's, half written
+        leftovers = [p for p in self.dir.iterdir() if half.fullmatch(p.name)] \
+            if self.dir.is_dir() else []
+        for path in [p for _, p in self.files(chain_root)] + leftovers:
             try:
                 path.unlink(missing_ok=True)
             except OSError:  # a read-only or vanished share: the files are only left behind

@@ -61,3 +61,62 @@ def superseded(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
         if newer:
             out[t.number] = newer[0].number
     return out
+
+
+# --- a population shared by several workers: its generations, read from the storage ---
+
+def current_segments(trials: list[optuna.trial.FrozenTrial]) -> dict[int, optuna.trial.FrozenTrial]:
+    """Each member's current segment: its live trial (running, waiting for a retry, or
+    complete) with the latest start epoch. A member whose segments all ended otherwise (it
+    diverged, or is between its death and its retry) has none."""
+    State = optuna.trial.TrialState
+    out: dict[int, optuna.trial.FrozenTrial] = {}
+
+    def order(t: optuna.trial.FrozenTrial) -> tuple[int, int]:
+        return int(t.user_attrs.get("pbt_start_epoch", 0)), t.number
+
+    for t in trials:
+        if "pbt_member" in t.user_attrs and t.state in (State.RUNNING, State.WAITING, State.COMPLETE):
+            member = int(t.user_attrs["pbt_member"])
+            if member not in out or order(t) > order(out[member]):
+                out[member] = t
+    return out
+
+
+def generation_ready(trials: list[optuna.trial.FrozenTrial], population: int, epoch: int) -> bool:
+    """Whether every member of the population stands at `epoch` with its state published
+    (`pbt_ready`), or has no current segment (diverged: refilled at the step)."""
+    created = {int(t.user_attrs["pbt_member"]) for t in trials if "pbt_member" in t.user_attrs}
+    if len(created) < population:  # a worker has not started its members yet
+        return False
+    return all(int(t.user_attrs.get("pbt_ready", -1)) >= epoch
+               or int(t.user_attrs.get("pbt_start_epoch", 0)) >= epoch
+               for t in current_segments(trials).values())
+
+
+def segment_at(trials: list[optuna.trial.FrozenTrial], member: int, epoch: int
+               ) -> optuna.trial.FrozenTrial | None:
+    """The member's segment that reported `epoch` (any attempt of it: a retry recomputes the
+    same values), newest first."""
+    found = [t for t in trials if t.user_attrs.get("pbt_member") == member
+             and epoch in t.intermediate_values]
+    return max(found, key=lambda t: t.number) if found else None
+
+
+def ranking_at(trials: list[optuna.trial.FrozenTrial], epoch: int, maximize: bool) -> list[int]:
+    """The live members, best first by the value each reported at `epoch` (ties: the lower
+    member first): the same list in every worker that reads the same storage."""
+    scored = []
+    for member in current_segments(trials):
+        seg = segment_at(trials, member, epoch)
+        if seg is not None:
+            value = seg.intermediate_values[epoch]
+            scored.append((-value if maximize else value, member))
+    return [member for _, member in sorted(scored)]
+
+
+def replaced_at(trials: list[optuna.trial.FrozenTrial], member: int, epoch: int) -> bool:
+    """Whether the member already has a segment that starts at `epoch` (its step there is done)."""
+    return any(t.user_attrs.get("pbt_member") == member
+               and int(t.user_attrs.get("pbt_start_epoch", 0)) == epoch
+               and t.user_attrs.get("pbt_parent") is not None for t in trials)

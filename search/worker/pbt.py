@@ -50,7 +50,7 @@ class PbtLoop(WorkerLoop):
                          stop_within, ramp=None)
         self.pbt = pbt
         self.next_member = max(members, default=-1) + 1
-        self.rng = random.Random(seed)
+        self.seed, self.rng = seed, random.Random(seed)
         self.member_index: dict[Any, int] = {}
         self.vacant: list[tuple[int, tuple, int]] = []  # (member, shape key, failed trial)
 
@@ -132,13 +132,19 @@ class PbtLoop(WorkerLoop):
         """A new segment of member `index`: the donor's state at `epoch`, its values explored."""
         donor_trial = self.in_flight[donor].session.trial
         frozen = optuna_seam.get_trial(self.study, donor_trial)
-        params = explore(frozen.params, frozen.distributions, self.pbt.mutate,
-                         self.pbt.resample_probability, self.rng)
-        attrs = {"pbt_member": index, "pbt_parent": donor_trial.number,
+        state = engine.state(donor)  # copied on the device: the donor trains on unchanged
+        return self._start_segment(state, frozen, epoch, index, replaces, self.rng)
+
+    def _start_segment(self, state: dict[str, Any], donor: optuna.trial.FrozenTrial, epoch: int,
+                       index: int, replaces: int, rng: random.Random) -> int:
+        """Member `index` goes on as a new trial from `state` (the donor's at `epoch`) with the
+        donor's values explored; returns its number."""
+        params = explore(donor.params, donor.distributions, self.pbt.mutate,
+                         self.pbt.resample_probability, rng)
+        attrs = {"pbt_member": index, "pbt_parent": donor.number,
                  "pbt_start_epoch": epoch, "pbt_generation": epoch // self.pbt.interval,
                  "pbt_replaces": replaces}
-        state = engine.state(donor)  # copied on the device: the donor trains on unchanged
-        trial = optuna_seam.start_trial(self.study, params, frozen.distributions, attrs)
+        trial = optuna_seam.start_trial(self.study, params, donor.distributions, attrs)
         member = self._admit(trial, inherit=state)
         if member is not None:  # its first checkpoint now: a crash resumes it from the copy
             self.in_flight[member].session.save(state)
@@ -148,7 +154,12 @@ class PbtLoop(WorkerLoop):
         loser_session = self.in_flight[loser].session
         number = self._copy(engine, donor, epoch, self.member_index[loser],
                             loser_session.trial.number)
-        donor_number = self.in_flight[donor].session.trial.number
+        self._replaced(engine, loser, self.in_flight[donor].session.trial.number, number, epoch)
+
+    def _replaced(self, engine: Any, loser: Any, donor_number: int, number: int,
+                  epoch: int) -> None:
+        """The loser's segment ends PRUNED: replaced by trial `number`, a copy of the donor."""
+        loser_session = self.in_flight[loser].session
         loser_session.trial.set_user_attr("pbt_replaced_by", number)
         loser_session.pruned(f"replaced by a copy of trial {donor_number} at epoch {epoch} "
                              f"(continues as trial {number})", epoch, word="replaced")

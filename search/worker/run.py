@@ -140,9 +140,15 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         if settings.pbt is not None:  # the population is the pack and the budget
             from search.inputs.pbt import Pbt
             from search.worker.pbt import PbtLoop
+            from search.worker.pbt_shared import SharedPbtLoop
 
-            PbtLoop(study, runner, Pbt(**settings.pbt), settings.timeout, handler,
-                    settings.stop_within, settings.seed).run()
+            pbt = Pbt(**settings.pbt)
+            if pbt.workers > 1:  # the population shared by the command's workers
+                SharedPbtLoop(study, runner, pbt, settings.timeout, handler, settings.stop_within,
+                              settings.seed, worker=index, workers=pbt.workers).run()
+            else:
+                PbtLoop(study, runner, pbt, settings.timeout, handler, settings.stop_within,
+                        settings.seed).run()
         else:
             pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
             run_trials(study, runner, pack, n_trials, settings.timeout, handler,
