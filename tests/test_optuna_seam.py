@@ -3,6 +3,7 @@ the seam says; and importing our modules changes nothing outside them. An Optuna
 renames one of them fails here, by name, instead of in a worker."""
 
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -89,5 +90,8 @@ def test_importing_search_changes_nothing_outside_it():
         "assert 'get_all_trials' in vars(s.ResilientRDBStorage)\n"
         "assert not hasattr(optuna.storages.RDBStorage.get_all_trials, '__wrapped__')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # MLflow's telemetry session (its own variable, set at import unless disabled, as in CI)
+    env = {k: v for k, v in os.environ.items() if k != "_MLFLOW_TELEMETRY_SESSION_ID"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert r.returncode == 0, r.stderr[-2000:]
