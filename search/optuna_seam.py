@@ -77,6 +77,64 @@ def fail_if_running(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> boo
         return False
 
 
+def write_reports(study: optuna.Study, values: list[tuple[optuna.Trial, int, float]],
+                  attrs: list[tuple[optuna.Trial, str, Any]]) -> bool:
+    """A pack's epoch written at once: each trial's intermediate value and user attributes in
+    one transaction (PostgreSQL, MySQL, SQLite) or one append (the journal file) instead of
+    one per call -- Optuna writes (and commits, and fsyncs) every report on its own. False,
+    nothing written, on a storage without such a path (each trial then reports itself).
+    Each `Trial` keeps its own copy of what it reported (`should_prune` reads it there), so
+    that copy is updated as `Trial.report` / `set_user_attr` update it."""
+    storage = storage_of(study)
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    if hasattr(backend, "write_reports"):  # search.study.storage.ResilientRDBStorage
+        backend.write_reports([(trial_id(t), s, v) for t, s, v in values],
+                              [(trial_id(t), k, v) for t, k, v in attrs])
+    elif isinstance(storage, optuna.storages.JournalStorage):
+        from optuna.storages.journal._storage import JournalOperation
+
+        worker = storage._replay_result.worker_id
+        logs = [{"op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE, "worker_id": worker,
+                 "trial_id": trial_id(t), "step": s, "intermediate_value": v}
+                for t, s, v in values]
+        logs += [{"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker,
+                  "trial_id": trial_id(t), "user_attr": {k: v}} for t, k, v in attrs]
+        with storage._thread_lock:  # as JournalStorage's own writes: append, then replay
+            storage._backend.append_logs(logs)
+            storage._sync_with_backend()
+    else:
+        return False
+    for t, s, v in values:
+        t._cached_frozen_trial.intermediate_values[s] = v
+    for t, k, v in attrs:
+        t._cached_frozen_trial.user_attrs[k] = v
+    return True
+
+
+def reported(trial: optuna.Trial, step: int) -> bool:
+    """Whether the trial holds a report at `step` (a retry inherits its predecessor's; Optuna
+    keeps an epoch's first report). `Trial` keeps them private."""
+    return step in trial._cached_frozen_trial.intermediate_values
+
+
+def rdb_write_reports(storage: optuna.storages.RDBStorage, values: list[tuple[int, int, float]],
+                      attrs: list[tuple[int, str, Any]]) -> None:
+    """`write_reports` on a database: RDBStorage's own per-call steps (each checks that its
+    trial still runs), in one transaction instead of one per call."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        for trial_id_ in {t for t, _, _ in values} | {t for t, _, _ in attrs}:  # all, first:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id_, session)  # none is
+            storage.check_trial_is_updatable(trial_id_, trial.state)  # written if one ended
+        for trial_id_, step, value in values:
+            storage._set_trial_intermediate_value_without_commit(session, trial_id_, step, value)
+        for trial_id_, key, value in attrs:
+            storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
+                                                   trial_id_, key, value)
+
+
 def ask_waiting(study: optuna.Study) -> optuna.Trial | None:
     """`study.ask()` for a waiting trial only (a retry): None when none waits, where `ask`
     would create a new trial. Claiming it is the storage's atomic WAITING -> RUNNING, as in

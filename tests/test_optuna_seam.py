@@ -95,3 +95,21 @@ def test_importing_search_changes_nothing_outside_it():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**env, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["database", "journal"])
+def test_a_pack_epoch_is_written_at_once(tmp_path, kind):
+    from search.study.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/s.db" if kind == "database" else str(tmp_path / "j.log")
+    study = optuna.create_study(storage=open_storage(url), study_name="s")
+    a, b = study.ask(), study.ask()
+    assert optuna_seam.write_reports(study, [(a, 1, 0.5), (b, 1, 0.25)], [(a, "run", "r1")])
+    assert [t.intermediate_values for t in study.get_trials()] == [{1: 0.5}, {1: 0.25}]
+    assert study.get_trials()[0].user_attrs == {"run": "r1"} and a.user_attrs == {"run": "r1"}
+    assert optuna_seam.reported(a, 1) and not optuna_seam.reported(a, 2)  # what should_prune reads
+    study.tell(b, 0.25)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # b no longer runs
+        optuna_seam.write_reports(study, [(a, 2, 0.7), (b, 2, 0.1)], [])
+    if kind == "database":  # one transaction: nothing of it landed
+        assert study.get_trials()[0].intermediate_values == {1: 0.5}

@@ -163,6 +163,7 @@ class TrialSession:
         self.owed: list[dict[str, Any]] = []  # epochs not yet reported (a storage outage)
         self.logged = 0  # the last epoch its MLflow run holds (a retry's predecessor's)
         self.recorded = isinstance(run_id, str)  # the run is on the trial (RUN_ATTR)
+        self.written = -1  # the epoch whose report the pack's one write made (`prewrite`)
         self.saved_epoch = int(resume["epoch"]) if resume else 0  # the last checkpoint's
         self.saved_at = time.monotonic()
 
@@ -206,6 +207,23 @@ class TrialSession:
         if prune:
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
 
+    def prewrite(self, metrics: dict[str, Any]) -> tuple[list, list] | None:
+        """This epoch's storage writes for the pack's one write (`optuna_seam.write_reports`):
+        its value and, the first time, its MLflow run's id. None when it reports on its own:
+        owed epochs, several objectives, a local method's rounds, an epoch reported before."""
+        epoch = int(metrics["epoch"])
+        if (self.owed or len(self.runner.objectives) > 1 or "comm_rounds" in metrics
+                or optuna_seam.reported(self.trial, epoch)):
+            return None
+        run_id = None if self.recorded else self.run_id.wait(0.0)
+        return ([(self.trial, epoch, float(metrics["val_acc"]))],
+                [(self.trial, RUN_ATTR, run_id)] if run_id is not None else [])
+
+    def prewritten(self, writes: tuple[list, list]) -> None:
+        """The pack's one write made these writes: `on_epoch` does not make them again."""
+        self.written = writes[0][0][1]
+        self.recorded = self.recorded or bool(writes[1])
+
     def _send_owed(self, running: bool | None = None) -> None:
         """Confirms the attempt, then reports each owed epoch: Optuna first (it may meet the
         outage again), then MLflow (queued by the tracker, never fails; an epoch its run
@@ -219,7 +237,7 @@ class TrialSession:
                 self.trial.set_user_attr("comm_rounds", m["comm_rounds"])
             if len(self.runner.objectives) > 1:  # Optuna keeps no intermediate values for these
                 self.trial.set_user_attr("epochs_run", int(m["epoch"]))
-            else:
+            elif int(m["epoch"]) != self.written:
                 self.trial.report(m["val_acc"], m["epoch"])
             if int(m["epoch"]) > self.logged:
                 self.runner.tracker.log_epoch(self.run_id, m)

@@ -219,6 +219,10 @@ def _with_retry(method):
     return call
 
 
+# a pack's epoch in one transaction (`optuna_seam.write_reports`), ridden out like every call
+ResilientRDBStorage.write_reports = _with_retry(optuna_seam.rdb_write_reports)  # type: ignore[attr-defined]
+
+
 @functools.cache
 def resilient_storage() -> type[ResilientRDBStorage]:
     """ResilientRDBStorage, its RDBStorage calls wrapped in the retry on first use (importing

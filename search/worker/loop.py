@@ -195,8 +195,35 @@ class WorkerLoop:
             raise Interrupted
         running = self._running_ids()
         self._new_round()
+        self._write_reports(results, running)
         for member, metrics, error in results:
             self._after_epoch(engine, member, metrics, error, running)
+
+    def _write_reports(self, results: list, running: set[int] | None) -> None:
+        """The epoch's reports of the trials the fencing read found running, written at once
+        (one transaction or append instead of one per trial: `optuna_seam.write_reports`).
+        A trial left out -- or all, when the write fails (an outage, a trial taken over
+        meanwhile) -- reports on its own in `on_epoch`, as it always did."""
+        if running is None:
+            return
+        writes = []
+        for member, metrics, error in results:
+            session = self.in_flight[member].session
+            if error is None and optuna_seam.trial_id(session.trial) in running:
+                mine = session.prewrite(metrics)
+                if mine is not None:
+                    writes.append((session, mine))
+        if not writes:
+            return
+        try:
+            with no_waiting(optuna_seam.storage_of(self.study)):
+                done = optuna_seam.write_reports(self.study, [v for _, w in writes for v in w[0]],
+                                                 [a for _, w in writes for a in w[1]])
+        except Exception:  # noqa: BLE001 -- each trial's own report meets it and says it
+            return
+        if done:
+            for session, mine in writes:
+                session.prewritten(mine)
 
     def _running_ids(self) -> set[int] | None:
         """The fencing read for the whole pack, once an epoch: the study's RUNNING trials (None
