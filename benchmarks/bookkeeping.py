@@ -117,6 +117,7 @@ def instrument(clock: Clock) -> None:
             (engine.Engine, "state", "checkpoint"), (session.TrialSession, "save", "checkpoint"),
             (session.TrialSession, "checkpoint", "checkpoint"),
             (session.TrialSession, "on_epoch", "report"),
+            (loop.WorkerLoop, "_write_reports", "report"),  # the pack's one write of its reports
             (optuna.Trial, "should_prune", "pruner"),
             (client.Tracker, "log_epoch", "tracking"), (client.Tracker, "tag", "tracking"),
             (session.TrialSession, "owned", "storage"),
