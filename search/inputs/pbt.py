@@ -46,10 +46,12 @@ class Pbt:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def replaced_per_step(self) -> int:
-        """How many members copy others at each step: the quantile of the population, at
-        least one, never more than half (a member is never both donor and recipient)."""
-        return max(1, min(self.population // 2, math.ceil(self.population * self.quantile)))
+    def replaced_per_step(self, ranked: int | None = None) -> int:
+        """How many members copy others at each step (of `ranked` members; default the
+        population): the quantile of them, at least one, never more than half (a member is
+        never both donor and recipient)."""
+        n = self.population if ranked is None else ranked
+        return max(1, min(n // 2, math.ceil(n * self.quantile)))
 
 
 def mutable_names(space: Space) -> list[str]:

@@ -16,7 +16,6 @@ their checkpoints like any trial.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import defaultdict
 from typing import Any
@@ -58,16 +57,22 @@ class PbtLoop(WorkerLoop):
         optuna.storages.fail_stale_trials(self.study)
         replaced = superseded(self.study.get_trials(deepcopy=False))
         trial = self.study.ask()
+        if self._superseded(trial, replaced):
+            return True  # it was not a member of this command's share
         self.asked += 1
-        newer = replaced.get(trial.number)
-        if newer is not None:  # a kill mid-exploit left both segments: the newer goes on
-            self.asked -= 1  # it was not a member of this command's share
-            trial.set_user_attr("pruned_reason", f"superseded by trial {newer} (a worker died "
-                                "while this member was being replaced)")
-            self.study.tell(trial, state=State.PRUNED)
-            return True
         self._asked(trial)
         self._admit(trial)
+        return True
+
+    def _superseded(self, trial: optuna.Trial, replaced: dict[int, int]) -> bool:
+        """A retry a newer segment of its member replaces (a kill mid-exploit left both):
+        ended PRUNED, the newer goes on."""
+        newer = replaced.get(trial.number)
+        if newer is None:
+            return False
+        trial.set_user_attr("pruned_reason", f"superseded by trial {newer} (a worker died "
+                            "while this member was being replaced)")
+        self.study.tell(trial, state=State.PRUNED)
         return True
 
     def _asked(self, trial: optuna.Trial) -> None:
@@ -109,7 +114,7 @@ class PbtLoop(WorkerLoop):
         if len(group) < 2:
             return
         ranked = sorted(group, key=lambda em: self._score(em[1]), reverse=True)
-        n = max(1, min(len(ranked) // 2, math.ceil(len(ranked) * self.pbt.quantile)))
+        n = self.pbt.replaced_per_step(len(ranked))
         top, bottom = ranked[:n], ranked[-n:]
         for engine, loser in bottom:
             donors = [d for e, d in top if e is engine]

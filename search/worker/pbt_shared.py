@@ -22,7 +22,6 @@ trials still running and beating).
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from typing import Any
@@ -70,11 +69,7 @@ class SharedPbtLoop(PbtLoop):
             return False
         self.asked += 1
         if "pbt_member" in trial.user_attrs:  # a retry
-            newer = superseded(self.study.get_trials(deepcopy=False)).get(trial.number)
-            if newer is not None:  # a kill mid-exploit left both segments: the newer goes on
-                trial.set_user_attr("pruned_reason", f"superseded by trial {newer} (a worker "
-                                    "died while this member was being replaced)")
-                self.study.tell(trial, state=State.PRUNED)
+            if self._superseded(trial, superseded(self.study.get_trials(deepcopy=False))):
                 return True
         else:
             for key, value in (("pbt_member", self.to_create.pop(0)), ("pbt_start_epoch", 0),
@@ -168,19 +163,21 @@ class SharedPbtLoop(PbtLoop):
             confirmed = confirmed + 1 if ready else 0
             if confirmed >= 2:
                 return True
-            if not ready:
+            if not ready:  # a dead worker's members: re-queued (by `_ask` too), taken over
                 if self.runner.reaper is not None:
                     self.runner.reaper(self.study)
-                optuna.storages.fail_stale_trials(self.study)
-                if len(self.in_flight) < self.pack and self._ask():
-                    return False
+                if len(self.in_flight) < self.pack:
+                    if self._ask():
+                        return False
+                else:
+                    optuna.storages.fail_stale_trials(self.study)
             time.sleep(POLL)
 
     def _step_shared(self, epoch: int, group: list[tuple[Any, Any]]) -> None:
         trials = self.study.get_trials(deepcopy=False)
         maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
         ranked = ranking_at(trials, epoch, maximize)
-        n = max(1, min(len(ranked) // 2, math.ceil(len(ranked) * self.pbt.quantile)))
+        n = self.pbt.replaced_per_step(len(ranked))
         top, bottom = ranked[:n], set(ranked[-n:]) if len(ranked) >= 2 else set()
         mine = {self.member_index[m]: (e, m) for e, m in group}
         vacant = {index: number for index, _, number in self.vacant}
