@@ -154,3 +154,124 @@ def start_trial(study: optuna.Study, params: dict[str, Any],
                                          distributions=distributions, user_attrs=user_attrs)
     trial_id_ = storage_of(study).create_new_trial(study._study_id, template_trial=template)
     return optuna.Trial(study, trial_id_)
+
+
+def frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """What the storage held for an asked trial when it was asked (its system attributes say
+    whether it is a retry), without reading it again. `Trial` keeps it private."""
+    return trial._cached_frozen_trial
+
+
+def ask_new(study: optuna.Study) -> optuna.Trial:
+    """`study.ask()` that creates a new trial without first looking for a waiting one (one
+    read of every unfinished trial, per ask): for a caller that read, for a whole batch of
+    asks, that none waits."""
+    study._thread_local.cached_all_trials = None  # as `ask`: the sampler reads afresh
+    return optuna.Trial(study, storage_of(study).create_new_trial(study._study_id))
+
+
+@contextlib.contextmanager
+def one_write(trial: optuna.Trial) -> Iterator[None]:
+    """A trial's start written at once: the parameters its suggest calls draw and the
+    attributes set on it inside the block go to the storage in one transaction (a database) or
+    one append (the journal file) when the block ends, even by an exception; Optuna writes,
+    commits and fsyncs each on its own. The trial's own copy is updated call by call as
+    Optuna updates it, so the block reads back what it set. Another storage: call by call."""
+    storage = trial.storage
+    deferred = _Deferred(storage)
+    trial.storage = deferred
+    try:
+        yield
+    finally:
+        trial.storage = storage
+        deferred.flush()
+
+
+class _Deferred:
+    """A storage stand-in that holds a trial's writes until `flush` (`one_write`), and passes
+    every other call, and every write after the flush (a thread may still hold it), through."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage):
+        import threading
+
+        self._storage, self._lock, self._flushed = storage, threading.Lock(), False
+        self._params: list[tuple[int, str, float, Any]] = []
+        self._attrs: list[tuple[int, str, Any, bool]] = []  # (trial, key, value, system?)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def set_trial_param(self, trial_id_: int, name: str, value: float, distribution: Any) -> None:
+        with self._lock:
+            if not self._flushed:
+                return self._params.append((trial_id_, name, value, distribution))
+        self._storage.set_trial_param(trial_id_, name, value, distribution)
+
+    def set_trial_user_attr(self, trial_id_: int, key: str, value: Any) -> None:
+        self._attr(trial_id_, key, value, False)
+
+    def set_trial_system_attr(self, trial_id_: int, key: str, value: Any) -> None:
+        self._attr(trial_id_, key, value, True)
+
+    def _attr(self, trial_id_: int, key: str, value: Any, system: bool) -> None:
+        with self._lock:
+            if not self._flushed:
+                return self._attrs.append((trial_id_, key, value, system))
+        setter = self._storage.set_trial_system_attr if system else self._storage.set_trial_user_attr
+        setter(trial_id_, key, value)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flushed = True
+            params, attrs = self._params, self._attrs
+        if params or attrs:
+            _write_start(self._storage, params, attrs)
+
+
+def _write_start(storage: optuna.storages.BaseStorage, params: list, attrs: list) -> None:
+    backend = getattr(storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
+    if hasattr(backend, "write_start"):  # search.study.storage.ResilientRDBStorage
+        with storage._lock:  # as `_CachedStorage.set_trial_param`: the study's known distribution
+            studies = [storage._studies[storage._trial_id_to_study_id_and_number[t][0]]
+                       for t, _, _, _ in params]
+            known = [study.param_distribution.get(p[1]) for study, p in zip(studies, params, strict=True)]
+        backend.write_start([(*p, k) for p, k in zip(params, known, strict=True)], attrs)
+        with storage._lock:
+            for study, (_, name, _, distribution) in zip(studies, params, strict=True):
+                study.param_distribution.setdefault(name, distribution)
+    elif isinstance(storage, optuna.storages.JournalStorage):
+        from optuna.distributions import distribution_to_json
+        from optuna.storages.journal._storage import JournalOperation as Op
+
+        worker = storage._replay_result.worker_id
+        logs = [{"op_code": Op.SET_TRIAL_PARAM, "worker_id": worker, "trial_id": t,
+                 "param_name": name, "param_value_internal": value,
+                 "distribution": distribution_to_json(dist)} for t, name, value, dist in params]
+        logs += [{"op_code": Op.SET_TRIAL_SYSTEM_ATTR if system else Op.SET_TRIAL_USER_ATTR,
+                  "worker_id": worker, "trial_id": t,
+                  "system_attr" if system else "user_attr": {key: value}}
+                 for t, key, value, system in attrs]
+        with storage._thread_lock:  # as JournalStorage's own writes: append, then replay
+            storage._backend.append_logs(logs)
+            storage._sync_with_backend()
+    else:
+        for t, name, value, dist in params:
+            storage.set_trial_param(t, name, value, dist)
+        for t, key, value, system in attrs:
+            (storage.set_trial_system_attr if system else storage.set_trial_user_attr)(t, key, value)
+
+
+def rdb_write_start(storage: optuna.storages.RDBStorage, params: list[tuple[int, str, float, Any, Any]],
+                    attrs: list[tuple[int, str, Any, bool]]) -> None:
+    """`one_write` on a database: RDBStorage's own per-call steps (each checks that its trial
+    still runs, a parameter's distribution against the study's), in one transaction."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        for trial_id_, name, value, distribution, known in params:
+            storage._set_trial_param_without_commit(session, trial_id_, name, value, distribution,
+                                                    known)
+        for trial_id_, key, value, system in attrs:
+            model = models.TrialSystemAttributeModel if system else models.TrialUserAttributeModel
+            storage._set_trial_attr_without_commit(session, model, trial_id_, key, value)

@@ -113,3 +113,30 @@ def test_a_pack_epoch_is_written_at_once(tmp_path, kind):
         optuna_seam.write_reports(study, [(a, 2, 0.7), (b, 2, 0.1)], [])
     if kind == "database":  # one transaction: nothing of it landed
         assert study.get_trials()[0].intermediate_values == {1: 0.5}
+
+
+@pytest.mark.parametrize("kind", ["database", "journal"])
+def test_a_trial_start_is_written_at_once(tmp_path, kind):
+    from search.study.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/s.db" if kind == "database" else str(tmp_path / "j.log")
+    study = optuna.create_study(storage=open_storage(url), study_name="s")
+    study.enqueue_trial({"x": 0.5})
+    trial = optuna_seam.ask_new(study)  # new, though one waits
+    assert trial.number == 1 and [t.state for t in study.get_trials()] == [State.WAITING, State.RUNNING]
+    with optuna_seam.one_write(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr("host", "h")
+        assert trial.params == {"x": x} and trial.user_attrs == {"host": "h"}  # read back
+        stored = optuna.load_study(storage=open_storage(url), study_name="s").trials[1]
+        assert stored.params == {} and stored.user_attrs == {}  # nothing written yet
+    stored = optuna.load_study(storage=open_storage(url), study_name="s").trials[1]
+    assert stored.params == {"x": x} and stored.user_attrs == {"host": "h"}
+    other = optuna_seam.ask_new(study)
+    with pytest.raises(ValueError):  # the study's distribution of x is checked, as suggest does
+        with optuna_seam.one_write(other):
+            other.suggest_int("x", 0, 3)
+    if kind == "database":  # one transaction: nothing of it landed
+        assert optuna.load_study(storage=open_storage(url), study_name="s").trials[2].params == {}
+    retry = study.ask()  # the waiting one, its system attributes as made
+    assert retry.number == 0 and optuna_seam.frozen(retry).system_attrs["fixed_params"] == {"x": 0.5}

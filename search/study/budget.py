@@ -54,6 +54,11 @@ def room(study: optuna.Study, total: int | None) -> bool:
     return total is None or counted(study.get_trials(deepcopy=False)) < total
 
 
+def room_left(trials: list[optuna.trial.FrozenTrial], total: int | None) -> int | float:
+    """How many more trials the study's total allows, from its trials as read."""
+    return float("inf") if total is None else max(0, total - counted(trials))
+
+
 @contextlib.contextmanager
 def ask_lock(study_name: str, needed: bool = True) -> Iterator[None]:
     """One worker at a time on this machine counts the study and asks (a file lock in the

@@ -55,10 +55,16 @@ class TrialRunner:
 
     def begin(self, trial: optuna.Trial) -> TrialSession:
         """Samples the trial, finds its chain's checkpoint, opens (or reopens) its MLflow run.
-        Raises ConfigError (recorded as the trial's fail_reason) for an impossible combination."""
-        mark_worker(trial)  # first: a retry carries its dead predecessor's worker attributes
-        if self.reaper is not None:
-            self.reaper(trial.study)
+        Raises ConfigError (recorded as the trial's fail_reason) for an impossible combination.
+        Its parameters and attributes reach the storage in one write (`one_write`)."""
+        with optuna_seam.one_write(trial):
+            session = self._begin(trial)
+        if self.reaper is not None:  # after: a retry has this worker's marks by then, not the
+            self.reaper(trial.study)  # dead one's it was copied with
+        return session
+
+    def _begin(self, trial: optuna.Trial) -> TrialSession:
+        mark_worker(trial)
         values = {**self.space.sample(trial), **self.overrides}
         try:
             config = TrainConfig.from_dict(values)
@@ -68,7 +74,7 @@ class TrialRunner:
         if (steps := never_averages(config)) is not None:  # H longer than the whole run
             say(f"trial {trial.number} averages every {config.local_steps} local steps but runs "
                 f"only about {steps}: its workers never average (0 communication rounds)")
-        root = chain_root(optuna_seam.get_trial(trial.study, trial))
+        root = chain_root(optuna_seam.frozen(trial))  # a retry's history: set when it was made
         resume = self.checkpoints.load(root) if self.checkpoints else None
         discarded = self.checkpoints.discarded.pop(root, None) if self.checkpoints else None
         label = trial.user_attrs.get("label")

@@ -221,6 +221,8 @@ def _with_retry(method):
 
 # a pack's epoch in one transaction (`optuna_seam.write_reports`), ridden out like every call
 ResilientRDBStorage.write_reports = _with_retry(optuna_seam.rdb_write_reports)  # type: ignore[attr-defined]
+# a trial's start (parameters, attributes) in one transaction (`optuna_seam.one_write`)
+ResilientRDBStorage.write_start = _with_retry(optuna_seam.rdb_write_start)  # type: ignore[attr-defined]
 
 
 @functools.cache

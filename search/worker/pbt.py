@@ -53,7 +53,7 @@ class PbtLoop(WorkerLoop):
         self.member_index: dict[Any, int] = {}
         self.vacant: list[tuple[int, tuple, int]] = []  # (member, shape key, failed trial)
 
-    def _ask(self) -> bool:
+    def _ask(self, slots: int = 1) -> bool:  # one at a time: members are numbered
         optuna.storages.fail_stale_trials(self.study)
         replaced = superseded(self.study.get_trials(deepcopy=False))
         trial = self.study.ask()

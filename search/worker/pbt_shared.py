@@ -62,7 +62,7 @@ class SharedPbtLoop(PbtLoop):
 
     # --- members: this worker's share, and any waiting retry ---
 
-    def _ask(self) -> bool:
+    def _ask(self, slots: int = 1) -> bool:  # one at a time: members are numbered
         optuna.storages.fail_stale_trials(self.study)
         trial = self.study.ask() if self.to_create else optuna_seam.ask_waiting(self.study)
         if trial is None:
