@@ -120,16 +120,30 @@ def reported(trial: optuna.Trial, step: int) -> bool:
 def rdb_write_reports(storage: optuna.storages.RDBStorage, values: list[tuple[int, int, float]],
                       attrs: list[tuple[int, str, Any]]) -> None:
     """`write_reports` on a database: RDBStorage's own per-call steps (each checks that its
-    trial still runs), in one transaction instead of one per call."""
+    trial still runs; a step's value is inserted, or replaces the one stored), in one
+    transaction of a few statements for the whole pack instead of a few per call."""
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
+    Value = models.TrialIntermediateValueModel  # noqa: N806 (a model class)
+    ids = {t for t, _, _ in values} | {t for t, _, _ in attrs}
     with _create_scoped_session(storage.scoped_session, True) as session:
-        for trial_id_ in {t for t, _, _ in values} | {t for t, _, _ in attrs}:  # all, first:
-            trial = models.TrialModel.find_or_raise_by_id(trial_id_, session)  # none is
-            storage.check_trial_is_updatable(trial_id_, trial.state)  # written if one ended
+        states = dict(session.query(models.TrialModel.trial_id, models.TrialModel.state)
+                      .filter(models.TrialModel.trial_id.in_(ids)).all())
+        for trial_id_ in ids:  # all, first: none is written if one ended
+            if trial_id_ not in states:
+                raise KeyError(models.NOT_FOUND_MSG)
+            storage.check_trial_is_updatable(trial_id_, states[trial_id_])
+        stored = {(row.trial_id, row.step): row for row in session.query(Value).filter(
+            Value.trial_id.in_({t for t, _, _ in values}),
+            Value.step.in_({s for _, s, _ in values}))} if values else {}
         for trial_id_, step, value in values:
-            storage._set_trial_intermediate_value_without_commit(session, trial_id_, step, value)
+            number, kind = Value.intermediate_value_to_stored_repr(value)
+            if (row := stored.get((trial_id_, step))) is None:
+                session.add(Value(trial_id=trial_id_, step=step, intermediate_value=number,
+                                  intermediate_value_type=kind))
+            else:
+                row.intermediate_value, row.intermediate_value_type = number, kind
         for trial_id_, key, value in attrs:
             storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
                                                    trial_id_, key, value)
@@ -168,6 +182,33 @@ def ask_new(study: optuna.Study) -> optuna.Trial:
     asks, that none waits."""
     study._thread_local.cached_all_trials = None  # as `ask`: the sampler reads afresh
     return optuna.Trial(study, storage_of(study).create_new_trial(study._study_id))
+
+
+@contextlib.contextmanager
+def reads_once(study: optuna.Study) -> Iterator[None]:
+    """Inside the block, the study's trials are read from its database once (at the first
+    read), not at every read: Optuna's cache of a database re-reads every unfinished trial
+    (a pack's 64, with their reports) each time its sampler reads the study. A batch of trials
+    sampled inside sees that read plus what this process writes (`one_write` writes through
+    the cache); trials other workers start meanwhile are seen by the next batch, as by a
+    sampler that read a moment earlier. Other storages read as they do."""
+    storage = storage_of(study)
+    read = getattr(storage, "_read_trials_from_remote_storage", None)
+    if read is None:
+        yield
+        return
+    done: set[int] = set()
+
+    def once(study_id: int) -> None:
+        if study_id not in done:
+            read(study_id)
+            done.add(study_id)
+
+    storage._read_trials_from_remote_storage = once
+    try:
+        yield
+    finally:
+        del storage._read_trials_from_remote_storage
 
 
 @contextlib.contextmanager
@@ -239,6 +280,7 @@ def _write_start(storage: optuna.storages.BaseStorage, params: list, attrs: list
         with storage._lock:
             for study, (_, name, _, distribution) in zip(studies, params, strict=True):
                 study.param_distribution.setdefault(name, distribution)
+            _write_through(storage, params, attrs)
     elif isinstance(storage, optuna.storages.JournalStorage):
         from optuna.distributions import distribution_to_json
         from optuna.storages.journal._storage import JournalOperation as Op
@@ -259,6 +301,24 @@ def _write_start(storage: optuna.storages.BaseStorage, params: list, attrs: list
             storage.set_trial_param(t, name, value, dist)
         for t, key, value, system in attrs:
             (storage.set_trial_system_attr if system else storage.set_trial_user_attr)(t, key, value)
+
+
+def _write_through(storage: Any, params: list, attrs: list) -> None:
+    """The writes into Optuna's cache of the database's trials too (`reads_once`); the next
+    read from the database replaces a running trial's copy whole anyway."""
+    for t, name, value, distribution in params:
+        if (trial := _cached(storage, t)) is not None:
+            trial.params[name] = distribution.to_external_repr(value)
+            trial.distributions[name] = distribution
+    for t, key, value, system in attrs:
+        if (trial := _cached(storage, t)) is not None:
+            (trial.system_attrs if system else trial.user_attrs)[key] = value
+
+
+def _cached(storage: Any, trial_id_: int) -> optuna.trial.FrozenTrial | None:
+    study_id, number = storage._trial_id_to_study_id_and_number.get(trial_id_, (None, None))
+    trial = storage._studies[study_id].trials.get(number) if study_id is not None else None
+    return trial if trial is not None and not trial.state.is_finished() else None
 
 
 def rdb_write_start(storage: optuna.storages.RDBStorage, params: list[tuple[int, str, float, Any, Any]],

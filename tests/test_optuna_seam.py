@@ -140,3 +140,24 @@ def test_a_trial_start_is_written_at_once(tmp_path, kind):
         assert optuna.load_study(storage=open_storage(url), study_name="s").trials[2].params == {}
     retry = study.ask()  # the waiting one, its system attributes as made
     assert retry.number == 0 and optuna_seam.frozen(retry).system_attrs["fixed_params"] == {"x": 0.5}
+
+
+def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
+    from search.study.storage import open_storage
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(storage=open_storage(url), study_name="s")
+    elsewhere = optuna.load_study(storage=open_storage(url), study_name="s")  # another worker
+    a, b = optuna_seam.ask_new(study), optuna_seam.ask_new(study)
+    with optuna_seam.reads_once(study):
+        assert len(study.get_trials()) == 2  # the one read
+        elsewhere.ask()
+        with optuna_seam.one_write(a):
+            x = a.suggest_float("x", 0.0, 1.0)
+            a.set_user_attr("host", "h")
+        seen = study.get_trials()
+        assert len(seen) == 2  # the other worker's trial: at the next read
+        assert seen[0].params == {"x": x} and seen[0].user_attrs == {"host": "h"}  # written through
+        assert seen[1].params == {}
+    assert len(study.get_trials()) == 3 and study.get_trials()[0].params == {"x": x}
+    study.tell(b, 1.0)

@@ -77,7 +77,6 @@ class WorkerLoop:
         self.rule = stop_rule(stop_within)
         self.engines: dict[tuple, Any] = {}  # shape key -> trainer.engine.Engine
         self.in_flight: dict[Any, InFlight] = {}  # engine member -> its trial
-        self.beating: dict[int, Any] = {}  # asked, not started yet: number -> its heartbeat
         self.asked, self.start = 0, time.monotonic()
 
     # --- the loop ---
@@ -126,36 +125,27 @@ class WorkerLoop:
                 return
 
     def _ask(self, slots: int = 1) -> bool:
-        """Asks up to `slots` trials and starts them; False when the study holds its total
+        """Asks up to `slots` trials and starts each; False when the study holds its total
         already. The count and the asks are one step for every worker on this machine
         (`ask_lock`), so the workers of a command never overshoot the total. The stale-trial
-        check, the count and the look for waiting trials (retries, enqueued trials) are one
-        storage read each for all of them, not for each."""
+        check, the count, the look for waiting trials (retries, enqueued trials) and the
+        sampler's read of the study are one storage read each for all of them, not for each."""
         optuna.storages.fail_stale_trials(self.study)
         if self.n_trials is not None:
             slots = min(slots, self.n_trials - self.asked)
-        asked = []
         with ask_lock(self.study.study_name, self.study_total is not None):
             trials = self.study.get_trials(deepcopy=False)
             slots = int(min(slots, room_left(trials, self.study_total)))
             waiting = sum(t.state == State.WAITING for t in trials)
-            for i in range(slots):
-                trial = self.study.ask() if i < waiting else optuna_seam.ask_new(self.study)
-                # beating from the ask on: a worker killed while it starts them (opens their
-                # MLflow runs) leaves trials that go stale, not ones RUNNING for ever
-                self.beating[trial.number] = optuna_seam.heartbeat_thread(trial, self.study)
-                self.beating[trial.number].start()
-                asked.append(trial)
-        try:
-            for trial in asked:
-                self.asked += 1
-                self._asked(trial)
-                self._admit(trial)
-        finally:  # an exception: the rest stop beating, go stale and are retried
-            for trial in asked:
-                if (beat := self.beating.pop(trial.number, None)) is not None:
-                    beat.join()
-        return bool(asked)
+            with optuna_seam.reads_once(self.study):
+                for i in range(slots):
+                    if i and not self._budget_left():  # e.g. a grid sampler's grid is done
+                        break
+                    trial = self.study.ask() if i < waiting else optuna_seam.ask_new(self.study)
+                    self.asked += 1
+                    self._asked(trial)
+                    self._admit(trial)
+        return slots > 0
 
     def _asked(self, trial: optuna.Trial) -> None:
         """A hook for loops that mark their trials before they start (PBT's members)."""
@@ -169,10 +159,8 @@ class WorkerLoop:
 
         # beating from the ask on: a worker killed while it opens the trial's MLflow run
         # leaves a trial that goes stale, not one RUNNING for ever
-        heartbeat = self.beating.pop(trial.number, None)
-        if heartbeat is None:
-            heartbeat = optuna_seam.heartbeat_thread(trial, self.study)
-            heartbeat.start()
+        heartbeat = optuna_seam.heartbeat_thread(trial, self.study)
+        heartbeat.start()
         try:
             session = self.runner.begin(trial)
         except ConfigError:
