@@ -160,4 +160,8 @@ def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
         assert seen[0].params == {"x": x} and seen[0].user_attrs == {"host": "h"}  # written through
         assert seen[1].params == {}
     assert len(study.get_trials()) == 3 and study.get_trials()[0].params == {"x": x}
-    study.tell(b, 1.0)
+    optuna_seam.tell(study, b, [1.0], State.COMPLETE)
+    assert study.get_trials()[1].value == 1.0
+    optuna_seam.tell(study, a, None, State.PRUNED)  # its last report, if any, is its value
+    with pytest.raises(ValueError):
+        optuna_seam.tell(study, a, None, State.FAIL)  # once

@@ -285,8 +285,8 @@ class WorkerLoop:
               values: list[float] | None = None) -> None:
         flight = self._release(engine, member)
         try:
-            self.study.tell(flight.session.trial, values if state == State.COMPLETE else None,
-                            state=state)
+            optuna_seam.tell(self.study, flight.session.trial,
+                             values if state == State.COMPLETE else None, state)
         except optuna.exceptions.UpdateFinishedTrialError:  # taken over since its last check
             say(flight.session.lost_line())
         if state == State.COMPLETE:
