@@ -16,6 +16,8 @@ makes between epochs is timed by kind:
     storage     fencing reads and other storage reads (stale trials, the ramp)
     end         tell, and the run closed, checkpoints removed, per trial
     other       the rest of the time outside run_epoch
+    setup       the dataset loaded and put on the device for the pack's shape (`prepare`), once
+                per command: in ms per command, not in the per-trial-epoch sum nor in start
     exit        the queues drained when the command ends (MLflow calls still queued, checkpoint
                 writes), once per command: in ms per command, not in the per-trial-epoch sum
 
@@ -57,9 +59,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-KINDS = ("start", "checkpoint", "report", "pruner", "tracking", "storage", "end", "other", "exit")
+KINDS = ("start", "checkpoint", "report", "pruner", "tracking", "storage", "end", "other", "setup",
+         "exit")
 PER_TRIAL = ("start", "end")
-ONCE = ("exit",)  # per command
+ONCE = ("setup", "exit")  # per command
 SPACE = """
 name: bookkeeping
 fixed: {optimizer: adamw, dataset: digits, batch_size: 128, augment: none, val_fraction: 0.9}
@@ -80,7 +83,8 @@ class Clock:
     @contextlib.contextmanager
     def measure(self, kind: str):
         outer = self.stack[0][0] if self.stack else None
-        if outer in PER_TRIAL or (outer is not None and outer != "report" and kind != "epoch"):
+        if kind != "setup" and (outer in PER_TRIAL or (outer is not None and outer != "report"
+                                                         and kind != "epoch")):
             yield  # counted by the enclosing start or end (or checkpoint)
             return
         self.stack.append((kind, time.perf_counter(), 0.0))
@@ -128,6 +132,9 @@ def instrument(clock: Clock) -> None:
             (engine.Engine, "run_epoch", "epoch")):
         if hasattr(owner, name):  # an older tree (--against) may not have each of them
             clock.wrap(owner, name, kind)
+    from trainer import runtime  # the loop imports `prepare` from it when it needs it
+
+    runtime.prepare = _timed(clock, runtime.prepare, "setup")
     # the loop looks these up in its own module's namespace
     loop.in_flight_limit = _timed(clock, sizing.in_flight_limit, "storage")
 
@@ -215,7 +222,7 @@ def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, wo
             "ms": {k: 1000 * spent.get(k, 0.0) / (len(ran) if k in PER_TRIAL else 1 if k in ONCE
                                                   else trial_epochs) for k in KINDS},
             "per_trial_epoch_ms": 1000 * recurring / trial_epochs,
-            "all_told_ms": 1000 * (outside - spent.get("exit", 0.0)) / trial_epochs}
+            "all_told_ms": 1000 * (outside - sum(spent.get(k, 0.0) for k in ONCE)) / trial_epochs}
 
 
 CLOCK: list[Clock | None] = [None]
@@ -252,7 +259,8 @@ def server_stores(workdir: Path):
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
          str(port), "--backend-store-uri", f"sqlite:///{base}/mlflow.db",
          "--artifacts-destination", str(base / "artifacts"), "--workers", "1"],
-        cwd=base, stdout=open(base / "log", "w"), stderr=subprocess.STDOUT)
+        cwd=base, stdout=open(base / "log", "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # see tests/conftest
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip() or "?"
     print(f"bookkeeping: digits (not CIFAR-100), {args.epochs}-epoch trials, one pack of P; "
-          f"ms per trial-epoch (start, end: per trial; exit: per command); commit {commit}; {platform.node()}, "
+          f"ms per trial-epoch (start, end: per trial; setup, exit: per command); commit {commit}; {platform.node()}, "
           f"{os.cpu_count()} cores; python {' '.join(sys.argv[1:]) or '(defaults)'}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bookkeeping-") as tmp:

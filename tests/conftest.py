@@ -70,6 +70,9 @@ def mlflow_server(tmp_path_factory):
          "--port", str(port), "--backend-store-uri", f"sqlite:///{base}/mlflow.db",
          "--artifacts-destination", str(base / "artifacts"), "--workers", "1"],
         cwd=base, stdout=open(base / "log", "w"), stderr=subprocess.STDOUT,
+        # MLflow 3's server otherwise starts ~8 job-queue processes that poll all the time (for
+        # GenAI evaluation jobs, unused here): a few % of a core each on a 2-core machine
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120

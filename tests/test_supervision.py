@@ -213,7 +213,8 @@ def _mlflow_server(base, port):
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
          str(port), "--backend-store-uri", f"sqlite:///{base}/mlflow.db",
          "--artifacts-destination", str(base / "artifacts"), "--workers", "1"],
-        cwd=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cwd=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # see conftest
     deadline = time.time() + 120
     while time.time() < deadline:
         try:

@@ -143,9 +143,9 @@ class Engine:
         self._restack_needed = True
 
     def _fresh(self, config: TrainConfig) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            init = LeNet5(self.setup.num_classes)
+        with torch.random.fork_rng(devices=[]):  # the model is made on the CPU: only its
+            torch.default_generator.manual_seed(config.seed)  # generator (torch.manual_seed
+            init = LeNet5(self.setup.num_classes)  # would seed, and queue seeds for, every device)
         dev, k = self.setup.device, self.k
         # views of the fresh model's tensors (K workers start alike): restacking copies them
         params = {n: p.detach().to(dev).unsqueeze(0).expand(k, *p.shape)
