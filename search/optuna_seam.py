@@ -8,6 +8,7 @@ the installed Optuna no longer has them, instead of a worker breaking somewhere 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,17 +92,13 @@ def write_reports(study: optuna.Study, values: list[tuple[optuna.Trial, int, flo
         backend.write_reports([(trial_id(t), s, v) for t, s, v in values],
                               [(trial_id(t), k, v) for t, k, v in attrs])
     elif isinstance(storage, optuna.storages.JournalStorage):
-        from optuna.storages.journal._storage import JournalOperation
+        from optuna.storages.journal._storage import JournalOperation as Op
 
-        worker = storage._replay_result.worker_id
-        logs = [{"op_code": JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE, "worker_id": worker,
-                 "trial_id": trial_id(t), "step": s, "intermediate_value": v}
-                for t, s, v in values]
-        logs += [{"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker,
-                  "trial_id": trial_id(t), "user_attr": {k: v}} for t, k, v in attrs]
-        with storage._thread_lock:  # as JournalStorage's own writes: append, then replay
-            storage._backend.append_logs(logs)
-            storage._sync_with_backend()
+        _journal_append(storage, [
+            *({"op_code": Op.SET_TRIAL_INTERMEDIATE_VALUE, "trial_id": trial_id(t), "step": s,
+               "intermediate_value": v} for t, s, v in values),
+            *({"op_code": Op.SET_TRIAL_USER_ATTR, "trial_id": trial_id(t), "user_attr": {k: v}}
+              for t, k, v in attrs)])
     else:
         return False
     for t, s, v in values:
@@ -109,6 +106,16 @@ def write_reports(study: optuna.Study, values: list[tuple[optuna.Trial, int, flo
     for t, k, v in attrs:
         t._cached_frozen_trial.user_attrs[k] = v
     return True
+
+
+def _journal_append(storage: optuna.storages.JournalStorage, logs: list[dict[str, Any]]) -> None:
+    """Several of JournalStorage's operations as one append, as its own writes make each: this
+    process's worker id on every one, the append, then the replay (which raises what the
+    operation would have raised)."""
+    worker = storage._replay_result.worker_id
+    with storage._thread_lock:
+        storage._backend.append_logs([{**log, "worker_id": worker} for log in logs])
+        storage._sync_with_backend()
 
 
 def reported(trial: optuna.Trial, step: int) -> bool:
@@ -242,8 +249,6 @@ class _Deferred:
     every other call, and every write after the flush (a thread may still hold it), through."""
 
     def __init__(self, storage: optuna.storages.BaseStorage):
-        import threading
-
         self._storage, self._lock, self._flushed = storage, threading.Lock(), False
         self._params: list[tuple[int, str, float, Any]] = []
         self._attrs: list[tuple[int, str, Any, bool]] = []  # (trial, key, value, system?)
@@ -294,17 +299,13 @@ def _write_start(storage: optuna.storages.BaseStorage, params: list, attrs: list
         from optuna.distributions import distribution_to_json
         from optuna.storages.journal._storage import JournalOperation as Op
 
-        worker = storage._replay_result.worker_id
-        logs = [{"op_code": Op.SET_TRIAL_PARAM, "worker_id": worker, "trial_id": t,
-                 "param_name": name, "param_value_internal": value,
-                 "distribution": distribution_to_json(dist)} for t, name, value, dist in params]
-        logs += [{"op_code": Op.SET_TRIAL_SYSTEM_ATTR if system else Op.SET_TRIAL_USER_ATTR,
-                  "worker_id": worker, "trial_id": t,
-                  "system_attr" if system else "user_attr": {key: value}}
-                 for t, key, value, system in attrs]
-        with storage._thread_lock:  # as JournalStorage's own writes: append, then replay
-            storage._backend.append_logs(logs)
-            storage._sync_with_backend()
+        _journal_append(storage, [
+            *({"op_code": Op.SET_TRIAL_PARAM, "trial_id": t, "param_name": name,
+               "param_value_internal": value, "distribution": distribution_to_json(dist)}
+              for t, name, value, dist in params),
+            *({"op_code": Op.SET_TRIAL_SYSTEM_ATTR if system else Op.SET_TRIAL_USER_ATTR,
+               "trial_id": t, "system_attr" if system else "user_attr": {key: value}}
+              for t, key, value, system in attrs)])
     else:
         for t, name, value, dist in params:
             storage.set_trial_param(t, name, value, dist)

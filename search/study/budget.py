@@ -51,7 +51,7 @@ def set_total(study: optuna.Study, n_trials: int | None, add_trials: int | None)
 
 def room(study: optuna.Study, total: int | None) -> bool:
     """True while the study holds fewer trials than its total (one storage read)."""
-    return total is None or counted(study.get_trials(deepcopy=False)) < total
+    return total is None or room_left(study.get_trials(deepcopy=False), total) > 0
 
 
 def room_left(trials: list[optuna.trial.FrozenTrial], total: int | None) -> int | float:
