@@ -8,6 +8,7 @@ the installed Optuna no longer has them, instead of a worker breaking somewhere 
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -124,36 +125,30 @@ def reported(trial: optuna.Trial, step: int) -> bool:
     return step in trial._cached_frozen_trial.intermediate_values
 
 
-def rdb_write_reports(storage: optuna.storages.RDBStorage, values: list[tuple[int, int, float]],
-                      attrs: list[tuple[int, str, Any]]) -> None:
-    """`write_reports` on a database: RDBStorage's own per-call steps (each checks that its
-    trial still runs; a step's value is inserted, or replaces the one stored), in one
-    transaction of a few statements for the whole pack instead of a few per call."""
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
+_PERCENTILE = threading.Lock()
 
-    Value = models.TrialIntermediateValueModel  # noqa: N806 (a model class)
-    ids = {t for t, _, _ in values} | {t for t, _, _ in attrs}
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        states = dict(session.query(models.TrialModel.trial_id, models.TrialModel.state)
-                      .filter(models.TrialModel.trial_id.in_(ids)).all())
-        for trial_id_ in ids:  # all, first: none is written if one ended
-            if trial_id_ not in states:
-                raise KeyError(models.NOT_FOUND_MSG)
-            storage.check_trial_is_updatable(trial_id_, states[trial_id_])
-        stored = {(row.trial_id, row.step): row for row in session.query(Value).filter(
-            Value.trial_id.in_({t for t, _, _ in values}),
-            Value.step.in_({s for _, s, _ in values}))} if values else {}
-        for trial_id_, step, value in values:
-            number, kind = Value.intermediate_value_to_stored_repr(value)
-            if (row := stored.get((trial_id_, step))) is None:
-                session.add(Value(trial_id=trial_id_, step=step, intermediate_value=number,
-                                  intermediate_value_type=kind))
-            else:
-                row.intermediate_value, row.intermediate_value_type = number, kind
-        for trial_id_, key, value in attrs:
-            storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
-                                                   trial_id_, key, value)
+
+@contextlib.contextmanager
+def percentiles_once(memo: dict) -> Iterator[None]:
+    """Inside the block, PercentilePruner's percentile of the complete trials' values at a
+    step is computed once per `memo` (a pass over every complete trial, per call otherwise):
+    for a caller that hands it the same complete trials until it clears the memo."""
+    from optuna.pruners import _percentile as module
+
+    compute = module._get_percentile_intermediate_result_over_trials
+
+    def once(completed: list, direction: Any, step: int, percentile: float, n_min: int) -> float:
+        key = (step, direction, percentile, n_min)
+        if key not in memo:
+            memo[key] = compute(completed, direction, step, percentile, n_min)
+        return memo[key]
+
+    with _PERCENTILE:
+        module._get_percentile_intermediate_result_over_trials = once
+        try:
+            yield
+        finally:
+            module._get_percentile_intermediate_result_over_trials = compute
 
 
 def ask_waiting(study: optuna.Study) -> optuna.Trial | None:
@@ -195,9 +190,24 @@ def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None,
 def ask_new(study: optuna.Study) -> optuna.Trial:
     """`study.ask()` that creates a new trial without first looking for a waiting one (one
     read of every unfinished trial, per ask): for a caller that read, for a whole batch of
-    asks, that none waits."""
+    asks, that none waits. On a database, the `Trial` is made from the trial the create
+    returned, not read back (`Trial()` reads it: six queries)."""
     study._thread_local.cached_all_trials = None  # as `ask`: the sampler reads afresh
-    return optuna.Trial(study, storage_of(study).create_new_trial(study._study_id))
+    storage = storage_of(study)
+    trial_id_ = storage.create_new_trial(study._study_id)
+    if not hasattr(storage, "_trial_id_to_study_id_and_number"):  # not Optuna's cache
+        return optuna.Trial(study, trial_id_)
+    with storage._lock:
+        made = _cached(storage, trial_id_)
+        made = None if made is None else copy.deepcopy(made)
+    if made is None:
+        return optuna.Trial(study, trial_id_)
+    read = type(storage).get_trial
+    storage.get_trial = lambda t: made if t == trial_id_ else read(storage, t)
+    try:
+        return optuna.Trial(study, trial_id_)
+    finally:
+        del storage.get_trial
 
 
 @contextlib.contextmanager
@@ -230,57 +240,78 @@ def reads_once(study: optuna.Study) -> Iterator[None]:
 @contextlib.contextmanager
 def one_write(trial: optuna.Trial) -> Iterator[None]:
     """A trial's start written at once: the parameters its suggest calls draw and the
-    attributes set on it inside the block go to the storage in one transaction (a database) or
-    one append (the journal file) when the block ends, even by an exception; Optuna writes,
-    commits and fsyncs each on its own. The trial's own copy is updated call by call as
-    Optuna updates it, so the block reads back what it set. Another storage: call by call."""
-    storage = trial.storage
-    deferred = _Deferred(storage)
-    trial.storage = deferred
+    attributes set on it inside the block (by us, or by its sampler: TPE's constant liar) go
+    to the storage in one transaction (a database) or one append (the journal file) when the
+    block ends, even by an exception; Optuna writes, commits and fsyncs each on its own. The
+    trial's own copy is updated call by call as Optuna updates it, so the block reads back
+    what it set. Another storage: call by call. Writes to other trials pass straight through."""
+    storage, held = trial.storage, _Held(trial_id(trial))
+    with _HOLDING:
+        holds = storage.__dict__.get("_search_held")
+        if holds is None:  # the storage's writes are routed through the holds while any is open
+            holds = storage._search_held = {}
+            for name in _Held.WRITES:
+                setattr(storage, name, _route(storage, holds, name))
+        holds[held.trial_id] = held
     try:
         yield
     finally:
-        trial.storage = storage
-        deferred.flush()
+        with _HOLDING:
+            del holds[held.trial_id]
+            if not holds:
+                for name in ("_search_held", *_Held.WRITES):
+                    delattr(storage, name)
+        params, attrs = held.take()
+        if params or attrs:
+            _write_start(storage, params, attrs)
 
 
-class _Deferred:
-    """A storage stand-in that holds a trial's writes until `flush` (`one_write`), and passes
-    every other call, and every write after the flush (a thread may still hold it), through."""
+_HOLDING = threading.Lock()
 
-    def __init__(self, storage: optuna.storages.BaseStorage):
-        self._storage, self._lock, self._flushed = storage, threading.Lock(), False
+
+def _route(storage: Any, holds: dict[int, _Held], name: str) -> Any:
+    write = getattr(type(storage), name)
+
+    def routed(trial_id_: int, *args: Any, **kwargs: Any) -> None:
+        held = holds.get(trial_id_)
+        if held is None or not held.hold(name, trial_id_, *args, **kwargs):
+            write(storage, trial_id_, *args, **kwargs)
+
+    return routed
+
+
+class _Held:
+    """One trial's writes held until its `one_write` block ends; False from `hold` once taken
+    (a thread may still write after the block: it writes through)."""
+
+    WRITES = ("set_trial_param", "set_trial_user_attr", "set_trial_system_attr")
+
+    def __init__(self, trial_id_: int):
+        self.trial_id, self._lock, self._taken = trial_id_, threading.Lock(), False
         self._params: list[tuple[int, str, float, Any]] = []
         self._attrs: list[tuple[int, str, Any, bool]] = []  # (trial, key, value, system?)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._storage, name)
-
-    def set_trial_param(self, trial_id_: int, name: str, value: float, distribution: Any) -> None:
+    def hold(self, name: str, trial_id_: int, *args: Any, **kwargs: Any) -> bool:
         with self._lock:
-            if not self._flushed:
-                return self._params.append((trial_id_, name, value, distribution))
-        self._storage.set_trial_param(trial_id_, name, value, distribution)
+            if self._taken:
+                return False
+            if name == "set_trial_param":
+                self._params.append((trial_id_, *_args(args, kwargs, "param_name",
+                                                       "param_value_internal", "distribution")))
+            else:
+                self._attrs.append((trial_id_, *_args(args, kwargs, "key", "value"),
+                                    name == "set_trial_system_attr"))
+            return True
 
-    def set_trial_user_attr(self, trial_id_: int, key: str, value: Any) -> None:
-        self._attr(trial_id_, key, value, False)
-
-    def set_trial_system_attr(self, trial_id_: int, key: str, value: Any) -> None:
-        self._attr(trial_id_, key, value, True)
-
-    def _attr(self, trial_id_: int, key: str, value: Any, system: bool) -> None:
+    def take(self) -> tuple[list, list]:
         with self._lock:
-            if not self._flushed:
-                return self._attrs.append((trial_id_, key, value, system))
-        setter = self._storage.set_trial_system_attr if system else self._storage.set_trial_user_attr
-        setter(trial_id_, key, value)
+            self._taken = True
+            return self._params, self._attrs
 
-    def flush(self) -> None:
-        with self._lock:
-            self._flushed = True
-            params, attrs = self._params, self._attrs
-        if params or attrs:
-            _write_start(self._storage, params, attrs)
+
+def _args(args: tuple, kwargs: dict[str, Any], *names: str) -> tuple:
+    """A storage call's arguments after the trial id, by position or by Optuna's names."""
+    return (*args, *(kwargs[n] for n in names[len(args):]))
 
 
 def _write_start(storage: optuna.storages.BaseStorage, params: list, attrs: list) -> None:
@@ -329,19 +360,3 @@ def _cached(storage: Any, trial_id_: int) -> optuna.trial.FrozenTrial | None:
     study_id, number = storage._trial_id_to_study_id_and_number.get(trial_id_, (None, None))
     trial = storage._studies[study_id].trials.get(number) if study_id is not None else None
     return trial if trial is not None and not trial.state.is_finished() else None
-
-
-def rdb_write_start(storage: optuna.storages.RDBStorage, params: list[tuple[int, str, float, Any, Any]],
-                    attrs: list[tuple[int, str, Any, bool]]) -> None:
-    """`one_write` on a database: RDBStorage's own per-call steps (each checks that its trial
-    still runs, a parameter's distribution against the study's), in one transaction."""
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        for trial_id_, name, value, distribution, known in params:
-            storage._set_trial_param_without_commit(session, trial_id_, name, value, distribution,
-                                                    known)
-        for trial_id_, key, value, system in attrs:
-            model = models.TrialSystemAttributeModel if system else models.TrialUserAttributeModel
-            storage._set_trial_attr_without_commit(session, model, trial_id_, key, value)

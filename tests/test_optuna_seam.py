@@ -97,11 +97,18 @@ def test_importing_search_changes_nothing_outside_it():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("kind", ["database", "journal"])
-def test_a_pack_epoch_is_written_at_once(tmp_path, kind):
+def _url(kind: str, tmp_path, request) -> str:
+    """SQLite, PostgreSQL (a multi-row upsert of its own dialect) or the journal file."""
+    if kind == "postgres":
+        return request.getfixturevalue("postgres").create_database(f"seam{abs(hash(tmp_path))}")
+    return f"sqlite:///{tmp_path}/s.db" if kind == "database" else str(tmp_path / "j.log")
+
+
+@pytest.mark.parametrize("kind", ["database", "postgres", "journal"])
+def test_a_pack_epoch_is_written_at_once(tmp_path, kind, request):
     from search.study.storage import open_storage
 
-    url = f"sqlite:///{tmp_path}/s.db" if kind == "database" else str(tmp_path / "j.log")
+    url = _url(kind, tmp_path, request)
     study = optuna.create_study(storage=open_storage(url), study_name="s")
     a, b = study.ask(), study.ask()
     assert optuna_seam.write_reports(study, [(a, 1, 0.5), (b, 1, 0.25)], [(a, "run", "r1")])
@@ -111,33 +118,47 @@ def test_a_pack_epoch_is_written_at_once(tmp_path, kind):
     study.tell(b, 0.25)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # b no longer runs
         optuna_seam.write_reports(study, [(a, 2, 0.7), (b, 2, 0.1)], [])
-    if kind == "database":  # one transaction: nothing of it landed
+    if kind != "journal":  # one transaction: nothing of it landed
         assert study.get_trials()[0].intermediate_values == {1: 0.5}
 
 
-@pytest.mark.parametrize("kind", ["database", "journal"])
-def test_a_trial_start_is_written_at_once(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["database", "postgres", "journal"])
+def test_a_trial_start_is_written_at_once(tmp_path, kind, request):
     from search.study.storage import open_storage
 
-    url = f"sqlite:///{tmp_path}/s.db" if kind == "database" else str(tmp_path / "j.log")
+    url = _url(kind, tmp_path, request)
     study = optuna.create_study(storage=open_storage(url), study_name="s")
     study.enqueue_trial({"x": 0.5})
     trial = optuna_seam.ask_new(study)  # new, though one waits
     assert trial.number == 1 and [t.state for t in study.get_trials()] == [State.WAITING, State.RUNNING]
+    assert optuna_seam.frozen(trial) == study._storage.get_trial(trial._trial_id)  # made, not read
+    bystander = optuna_seam.ask_new(study)
     with optuna_seam.one_write(trial):
         x = trial.suggest_float("x", 0.0, 1.0)
-        trial.set_user_attr("host", "h")
+        trial.set_user_attr("host", "before")
+        trial.set_user_attr("host", "h")  # the last value stands
+        study._storage.set_trial_system_attr(trial._trial_id, "liar", [x])  # as TPE writes
+        bystander.set_user_attr("elsewhere", 1)  # another trial's write: straight through
         assert trial.params == {"x": x} and trial.user_attrs == {"host": "h"}  # read back
-        stored = optuna.load_study(storage=open_storage(url), study_name="s").trials[1]
-        assert stored.params == {} and stored.user_attrs == {}  # nothing written yet
+        stored = optuna.load_study(storage=open_storage(url), study_name="s").trials
+        assert stored[1].params == {} and stored[1].user_attrs == {}  # nothing written yet
+        assert "liar" not in stored[1].system_attrs
+        assert stored[2].user_attrs == {"elsewhere": 1}
     stored = optuna.load_study(storage=open_storage(url), study_name="s").trials[1]
     assert stored.params == {"x": x} and stored.user_attrs == {"host": "h"}
+    assert stored.system_attrs["liar"] == [x]
+    assert "set_trial_param" not in vars(study._storage)  # the storage as it was
     other = optuna_seam.ask_new(study)
     with pytest.raises(ValueError):  # the study's distribution of x is checked, as suggest does
         with optuna_seam.one_write(other):
             other.suggest_int("x", 0, 3)
-    if kind == "database":  # one transaction: nothing of it landed
-        assert optuna.load_study(storage=open_storage(url), study_name="s").trials[2].params == {}
+    if kind != "journal":  # one transaction: nothing of it landed
+        assert optuna.load_study(storage=open_storage(url), study_name="s").trials[3].params == {}
+    fresh = optuna.load_study(storage=open_storage(url), study_name="s")  # no distribution known
+    late = optuna_seam.ask_new(fresh)
+    with pytest.raises(ValueError):  # checked against the one stored
+        with optuna_seam.one_write(late):
+            late.suggest_int("x", 0, 3)
     retry = study.ask()  # the waiting one, its system attributes as made
     assert retry.number == 0 and optuna_seam.frozen(retry).system_attrs["fixed_params"] == {"x": 0.5}
 
@@ -165,3 +186,35 @@ def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
     optuna_seam.tell(study, a, None, State.PRUNED)  # its last report, if any, is its value
     with pytest.raises(ValueError):
         optuna_seam.tell(study, a, None, State.FAIL)  # once
+
+
+def test_the_round_pruner_decides_as_the_median_pruner_from_one_percentile_per_step(monkeypatch):
+    import random
+
+    from optuna.pruners import _percentile
+
+    from search.inputs.algorithms import make_pruner
+
+    rng = random.Random(0)
+    study = optuna.create_study(direction="maximize")
+    study.add_trials([optuna.trial.create_trial(
+        value=rng.random(), intermediate_values={s: rng.random() for s in (1, 2, 3)})
+        for _ in range(300)])
+    computed = []
+    compute = _percentile._get_percentile_intermediate_result_over_trials
+    monkeypatch.setattr(_percentile, "_get_percentile_intermediate_result_over_trials",
+                        lambda *a: computed.append(a[2]) or compute(*a))
+    ours, optunas = make_pruner("median", 3), optuna.pruners.MedianPruner()
+    running = [optuna.trial.create_trial(state=State.RUNNING, intermediate_values={
+        s: rng.random() for s in range(1, step + 1)}) for step in (1, 2) for _ in range(40)]
+    decisions = [ours.prune(study, t) for t in running]
+    assert sorted(computed) == [1, 2]  # once per step for the round, not per trial
+    assert decisions == [optunas.prune(study, t) for t in running] and any(decisions)
+    assert not all(decisions)
+    computed.clear()
+    ours.prune(study, running[0])
+    assert computed == []  # the same round
+    ours.new_round()
+    ours.prune(study, running[0])
+    assert computed == [1]  # a new round: afresh
+    assert _percentile._get_percentile_intermediate_result_over_trials is not compute  # ours undone

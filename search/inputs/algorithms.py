@@ -6,6 +6,7 @@ import warnings
 
 import optuna
 
+from search import optuna_seam
 from search.errors import UserError
 from search.inputs.space import Space
 
@@ -39,13 +40,15 @@ def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.B
 
 class RoundPruner(optuna.pruners.BasePruner):
     """A percentile pruner (median) that reads the study's complete trials once per round
-    instead of once per trial: the worker loop calls `new_round()` at each epoch boundary and
-    after each trial it completes, so a pack of P trials costs one read, not P, however large
+    instead of once per trial, and takes their percentile at a step once per round: the worker
+    loop calls `new_round()` at each epoch boundary and after each trial it completes, so a
+    pack of P trials costs one read and one pass over the study per step, not P, however large
     the study grows. Decisions are those of the pruner it wraps."""
 
     def __init__(self, inner: optuna.pruners.PercentilePruner):
         self.inner = inner
         self.complete: list[optuna.trial.FrozenTrial] | None = None
+        self.percentiles: dict = {}
 
     def new_round(self) -> None:
         self.complete = None
@@ -53,7 +56,9 @@ class RoundPruner(optuna.pruners.BasePruner):
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         if self.complete is None:
             self.complete = study.get_trials(deepcopy=False, states=(State.COMPLETE,))
-        return self.inner.prune(_WithComplete(study, self.complete), trial)
+            self.percentiles = {}
+        with optuna_seam.percentiles_once(self.percentiles):
+            return self.inner.prune(_WithComplete(study, self.complete), trial)
 
 
 class _WithComplete:

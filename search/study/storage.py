@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from search import optuna_seam
+from search import optuna_rdb, optuna_seam
 from search.errors import StorageUnavailable, UserError
 from search.logs import say
 
@@ -220,9 +220,9 @@ def _with_retry(method):
 
 
 # a pack's epoch in one transaction (`optuna_seam.write_reports`), ridden out like every call
-ResilientRDBStorage.write_reports = _with_retry(optuna_seam.rdb_write_reports)  # type: ignore[attr-defined]
+ResilientRDBStorage.write_reports = _with_retry(optuna_rdb.rdb_write_reports)  # type: ignore[attr-defined]
 # a trial's start (parameters, attributes) in one transaction (`optuna_seam.one_write`)
-ResilientRDBStorage.write_start = _with_retry(optuna_seam.rdb_write_start)  # type: ignore[attr-defined]
+ResilientRDBStorage.write_start = _with_retry(optuna_rdb.rdb_write_start)  # type: ignore[attr-defined]
 
 
 @functools.cache
