@@ -1,4 +1,5 @@
-"""Every use of Optuna's private internals, in one place, each with the reason it is needed.
+"""Every use of Optuna's private internals, in one place (with its write half,
+`search.optuna_writes`), each with the reason it is needed.
 
 Optuna's public API has no way to do these few things; an Optuna release may rename any of
 them, so they live here and `tests/test_optuna_seam.py` fails (naming the one that moved) when
@@ -79,46 +80,6 @@ def fail_if_running(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> boo
         return False
 
 
-def write_reports(study: optuna.Study, values: list[tuple[optuna.Trial, int, float]],
-                  attrs: list[tuple[optuna.Trial, str, Any]]) -> bool:
-    """A pack's epoch written at once: each trial's intermediate value and user attributes in
-    one transaction (PostgreSQL, MySQL, SQLite) or one append (the journal file) instead of
-    one per call -- Optuna writes (and commits, and fsyncs) every report on its own. False,
-    nothing written, on a storage without such a path (each trial then reports itself).
-    Each `Trial` keeps its own copy of what it reported (`should_prune` reads it there), so
-    that copy is updated as `Trial.report` / `set_user_attr` update it."""
-    storage = storage_of(study)
-    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
-    if hasattr(backend, "write_reports"):  # search.study.storage.ResilientRDBStorage
-        backend.write_reports([(trial_id(t), s, v) for t, s, v in values],
-                              [(trial_id(t), k, v) for t, k, v in attrs])
-    elif isinstance(storage, optuna.storages.JournalStorage):
-        from optuna.storages.journal._storage import JournalOperation as Op
-
-        _journal_append(storage, [
-            *({"op_code": Op.SET_TRIAL_INTERMEDIATE_VALUE, "trial_id": trial_id(t), "step": s,
-               "intermediate_value": v} for t, s, v in values),
-            *({"op_code": Op.SET_TRIAL_USER_ATTR, "trial_id": trial_id(t), "user_attr": {k: v}}
-              for t, k, v in attrs)])
-    else:
-        return False
-    for t, s, v in values:
-        t._cached_frozen_trial.intermediate_values[s] = v
-    for t, k, v in attrs:
-        t._cached_frozen_trial.user_attrs[k] = v
-    return True
-
-
-def _journal_append(storage: optuna.storages.JournalStorage, logs: list[dict[str, Any]]) -> None:
-    """Several of JournalStorage's operations as one append, as its own writes make each: this
-    process's worker id on every one, the append, then the replay (which raises what the
-    operation would have raised)."""
-    worker = storage._replay_result.worker_id
-    with storage._thread_lock:
-        storage._backend.append_logs([{**log, "worker_id": worker} for log in logs])
-        storage._sync_with_backend()
-
-
 def reported(trial: optuna.Trial, step: int) -> bool:
     """Whether the trial holds a report at `step` (a retry inherits its predecessor's; Optuna
     keeps an epoch's first report). `Trial` keeps them private."""
@@ -180,11 +141,26 @@ def frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None,
          state: optuna.trial.TrialState) -> None:
-    """`study.tell` without reading the trial back: `Study.tell` returns a fresh copy of it,
-    which a worker never uses (one more read of the trial, six queries on a database)."""
+    """`study.tell` without reading the trial: Optuna reads it first (six queries on a
+    database) for what the `Trial` holds already (its reports: a pruned trial's value), and
+    `Study.tell` reads it again to return it. Told twice, or after another worker ended it:
+    the storage's own check raises UpdateFinishedTrialError."""
     from optuna.study._tell import _tell_with_warning
 
-    _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+    with _serving(storage_of(study), trial_id(trial), copy.deepcopy(frozen(trial))):
+        _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+
+
+@contextlib.contextmanager
+def _serving(storage: Any, trial_id_: int, trial: optuna.trial.FrozenTrial) -> Iterator[None]:
+    """Inside the block, the storage's `get_trial` answers `trial` for that id without a read
+    (a worker asks and tells under its own lock; other ids are read as ever)."""
+    read = type(storage).get_trial
+    storage.get_trial = lambda t: trial if t == trial_id_ else read(storage, t)
+    try:
+        yield
+    finally:
+        del storage.get_trial
 
 
 def ask_new(study: optuna.Study) -> optuna.Trial:
@@ -198,16 +174,12 @@ def ask_new(study: optuna.Study) -> optuna.Trial:
     if not hasattr(storage, "_trial_id_to_study_id_and_number"):  # not Optuna's cache
         return optuna.Trial(study, trial_id_)
     with storage._lock:
-        made = _cached(storage, trial_id_)
+        made = cached_running(storage, trial_id_)
         made = None if made is None else copy.deepcopy(made)
     if made is None:
         return optuna.Trial(study, trial_id_)
-    read = type(storage).get_trial
-    storage.get_trial = lambda t: made if t == trial_id_ else read(storage, t)
-    try:
+    with _serving(storage, trial_id_, made):
         return optuna.Trial(study, trial_id_)
-    finally:
-        del storage.get_trial
 
 
 @contextlib.contextmanager
@@ -237,126 +209,8 @@ def reads_once(study: optuna.Study) -> Iterator[None]:
         del storage._read_trials_from_remote_storage
 
 
-@contextlib.contextmanager
-def one_write(trial: optuna.Trial) -> Iterator[None]:
-    """A trial's start written at once: the parameters its suggest calls draw and the
-    attributes set on it inside the block (by us, or by its sampler: TPE's constant liar) go
-    to the storage in one transaction (a database) or one append (the journal file) when the
-    block ends, even by an exception; Optuna writes, commits and fsyncs each on its own. The
-    trial's own copy is updated call by call as Optuna updates it, so the block reads back
-    what it set. Another storage: call by call. Writes to other trials pass straight through."""
-    storage, held = trial.storage, _Held(trial_id(trial))
-    with _HOLDING:
-        holds = storage.__dict__.get("_search_held")
-        if holds is None:  # the storage's writes are routed through the holds while any is open
-            holds = storage._search_held = {}
-            for name in _Held.WRITES:
-                setattr(storage, name, _route(storage, holds, name))
-        holds[held.trial_id] = held
-    try:
-        yield
-    finally:
-        with _HOLDING:
-            del holds[held.trial_id]
-            if not holds:
-                for name in ("_search_held", *_Held.WRITES):
-                    delattr(storage, name)
-        params, attrs = held.take()
-        if params or attrs:
-            _write_start(storage, params, attrs)
-
-
-_HOLDING = threading.Lock()
-
-
-def _route(storage: Any, holds: dict[int, _Held], name: str) -> Any:
-    write = getattr(type(storage), name)
-
-    def routed(trial_id_: int, *args: Any, **kwargs: Any) -> None:
-        held = holds.get(trial_id_)
-        if held is None or not held.hold(name, trial_id_, *args, **kwargs):
-            write(storage, trial_id_, *args, **kwargs)
-
-    return routed
-
-
-class _Held:
-    """One trial's writes held until its `one_write` block ends; False from `hold` once taken
-    (a thread may still write after the block: it writes through)."""
-
-    WRITES = ("set_trial_param", "set_trial_user_attr", "set_trial_system_attr")
-
-    def __init__(self, trial_id_: int):
-        self.trial_id, self._lock, self._taken = trial_id_, threading.Lock(), False
-        self._params: list[tuple[int, str, float, Any]] = []
-        self._attrs: list[tuple[int, str, Any, bool]] = []  # (trial, key, value, system?)
-
-    def hold(self, name: str, trial_id_: int, *args: Any, **kwargs: Any) -> bool:
-        with self._lock:
-            if self._taken:
-                return False
-            if name == "set_trial_param":
-                self._params.append((trial_id_, *_args(args, kwargs, "param_name",
-                                                       "param_value_internal", "distribution")))
-            else:
-                self._attrs.append((trial_id_, *_args(args, kwargs, "key", "value"),
-                                    name == "set_trial_system_attr"))
-            return True
-
-    def take(self) -> tuple[list, list]:
-        with self._lock:
-            self._taken = True
-            return self._params, self._attrs
-
-
-def _args(args: tuple, kwargs: dict[str, Any], *names: str) -> tuple:
-    """A storage call's arguments after the trial id, by position or by Optuna's names."""
-    return (*args, *(kwargs[n] for n in names[len(args):]))
-
-
-def _write_start(storage: optuna.storages.BaseStorage, params: list, attrs: list) -> None:
-    backend = getattr(storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
-    if hasattr(backend, "write_start"):  # search.study.storage.ResilientRDBStorage
-        with storage._lock:  # as `_CachedStorage.set_trial_param`: the study's known distribution
-            studies = [storage._studies[storage._trial_id_to_study_id_and_number[t][0]]
-                       for t, _, _, _ in params]
-            known = [study.param_distribution.get(p[1]) for study, p in zip(studies, params, strict=True)]
-        backend.write_start([(*p, k) for p, k in zip(params, known, strict=True)], attrs)
-        with storage._lock:
-            for study, (_, name, _, distribution) in zip(studies, params, strict=True):
-                study.param_distribution.setdefault(name, distribution)
-            _write_through(storage, params, attrs)
-    elif isinstance(storage, optuna.storages.JournalStorage):
-        from optuna.distributions import distribution_to_json
-        from optuna.storages.journal._storage import JournalOperation as Op
-
-        _journal_append(storage, [
-            *({"op_code": Op.SET_TRIAL_PARAM, "trial_id": t, "param_name": name,
-               "param_value_internal": value, "distribution": distribution_to_json(dist)}
-              for t, name, value, dist in params),
-            *({"op_code": Op.SET_TRIAL_SYSTEM_ATTR if system else Op.SET_TRIAL_USER_ATTR,
-               "trial_id": t, "system_attr" if system else "user_attr": {key: value}}
-              for t, key, value, system in attrs)])
-    else:
-        for t, name, value, dist in params:
-            storage.set_trial_param(t, name, value, dist)
-        for t, key, value, system in attrs:
-            (storage.set_trial_system_attr if system else storage.set_trial_user_attr)(t, key, value)
-
-
-def _write_through(storage: Any, params: list, attrs: list) -> None:
-    """The writes into Optuna's cache of the database's trials too (`reads_once`); the next
-    read from the database replaces a running trial's copy whole anyway."""
-    for t, name, value, distribution in params:
-        if (trial := _cached(storage, t)) is not None:
-            trial.params[name] = distribution.to_external_repr(value)
-            trial.distributions[name] = distribution
-    for t, key, value, system in attrs:
-        if (trial := _cached(storage, t)) is not None:
-            (trial.system_attrs if system else trial.user_attrs)[key] = value
-
-
-def _cached(storage: Any, trial_id_: int) -> optuna.trial.FrozenTrial | None:
+def cached_running(storage: Any, trial_id_: int) -> optuna.trial.FrozenTrial | None:
+    """A running trial's copy in Optuna's cache of a database (`_CachedStorage`), or None."""
     study_id, number = storage._trial_id_to_study_id_and_number.get(trial_id_, (None, None))
     trial = storage._studies[study_id].trials.get(number) if study_id is not None else None
     return trial if trial is not None and not trial.state.is_finished() else None

@@ -11,7 +11,7 @@ import sys
 import optuna
 import pytest
 
-from search import optuna_seam
+from search import optuna_seam, optuna_writes
 
 State = optuna.trial.TrialState
 
@@ -111,13 +111,13 @@ def test_a_pack_epoch_is_written_at_once(tmp_path, kind, request):
     url = _url(kind, tmp_path, request)
     study = optuna.create_study(storage=open_storage(url), study_name="s")
     a, b = study.ask(), study.ask()
-    assert optuna_seam.write_reports(study, [(a, 1, 0.5), (b, 1, 0.25)], [(a, "run", "r1")])
+    assert optuna_writes.write_reports(study, [(a, 1, 0.5), (b, 1, 0.25)], [(a, "run", "r1")])
     assert [t.intermediate_values for t in study.get_trials()] == [{1: 0.5}, {1: 0.25}]
     assert study.get_trials()[0].user_attrs == {"run": "r1"} and a.user_attrs == {"run": "r1"}
     assert optuna_seam.reported(a, 1) and not optuna_seam.reported(a, 2)  # what should_prune reads
     study.tell(b, 0.25)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # b no longer runs
-        optuna_seam.write_reports(study, [(a, 2, 0.7), (b, 2, 0.1)], [])
+        optuna_writes.write_reports(study, [(a, 2, 0.7), (b, 2, 0.1)], [])
     if kind != "journal":  # one transaction: nothing of it landed
         assert study.get_trials()[0].intermediate_values == {1: 0.5}
 
@@ -133,7 +133,7 @@ def test_a_trial_start_is_written_at_once(tmp_path, kind, request):
     assert trial.number == 1 and [t.state for t in study.get_trials()] == [State.WAITING, State.RUNNING]
     assert optuna_seam.frozen(trial) == study._storage.get_trial(trial._trial_id)  # made, not read
     bystander = optuna_seam.ask_new(study)
-    with optuna_seam.one_write(trial):
+    with optuna_writes.one_write(trial):
         x = trial.suggest_float("x", 0.0, 1.0)
         trial.set_user_attr("host", "before")
         trial.set_user_attr("host", "h")  # the last value stands
@@ -150,17 +150,46 @@ def test_a_trial_start_is_written_at_once(tmp_path, kind, request):
     assert "set_trial_param" not in vars(study._storage)  # the storage as it was
     other = optuna_seam.ask_new(study)
     with pytest.raises(ValueError):  # the study's distribution of x is checked, as suggest does
-        with optuna_seam.one_write(other):
+        with optuna_writes.one_write(other):
             other.suggest_int("x", 0, 3)
     if kind != "journal":  # one transaction: nothing of it landed
         assert optuna.load_study(storage=open_storage(url), study_name="s").trials[3].params == {}
     fresh = optuna.load_study(storage=open_storage(url), study_name="s")  # no distribution known
     late = optuna_seam.ask_new(fresh)
     with pytest.raises(ValueError):  # checked against the one stored
-        with optuna_seam.one_write(late):
+        with optuna_writes.one_write(late):
             late.suggest_int("x", 0, 3)
     retry = study.ask()  # the waiting one, its system attributes as made
     assert retry.number == 0 and optuna_seam.frozen(retry).system_attrs["fixed_params"] == {"x": 0.5}
+
+
+@pytest.mark.parametrize("kind", ["database", "postgres", "journal"])
+def test_a_trial_end_is_written_at_once(tmp_path, kind, request):
+    from search.study.storage import open_storage
+
+    url = _url(kind, tmp_path, request)
+    study = optuna.create_study(storage=open_storage(url), study_name="s", direction="maximize")
+    a, b = optuna_seam.ask_new(study), optuna_seam.ask_new(study)
+    a.report(0.25, 1)
+    a.report(0.5, 2)
+    with optuna_writes.one_write(a):
+        a.set_user_attr("pruned_reason", "pruned at epoch 2")
+        optuna_seam.tell(study, a, None, State.PRUNED)
+        stored = optuna.load_study(storage=open_storage(url), study_name="s").trials[0]
+        assert stored.state == State.RUNNING and stored.user_attrs == {}  # nothing yet
+    stored = optuna.load_study(storage=open_storage(url), study_name="s").trials[0]
+    assert stored.state == State.PRUNED and stored.value == 0.5  # its last report
+    assert stored.user_attrs == {"pruned_reason": "pruned at epoch 2"} and stored.datetime_complete
+    elsewhere = optuna.load_study(storage=open_storage(url), study_name="s")
+    assert optuna_seam.fail_if_running(elsewhere, elsewhere.trials[1])  # taken over meanwhile
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        with optuna_writes.one_write(b):
+            b.set_user_attr("fail_reason", "late")
+            optuna_seam.tell(study, b, [1.0], State.COMPLETE)
+    stored = optuna.load_study(storage=open_storage(url), study_name="s").trials[1]
+    assert stored.state == State.FAIL and stored.value is None
+    if kind != "journal":  # one transaction: nothing of it landed
+        assert stored.user_attrs == {}
 
 
 def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
@@ -173,7 +202,7 @@ def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
     with optuna_seam.reads_once(study):
         assert len(study.get_trials()) == 2  # the one read
         elsewhere.ask()
-        with optuna_seam.one_write(a):
+        with optuna_writes.one_write(a):
             x = a.suggest_float("x", 0.0, 1.0)
             a.set_user_attr("host", "h")
         seen = study.get_trials()
@@ -184,8 +213,8 @@ def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
     optuna_seam.tell(study, b, [1.0], State.COMPLETE)
     assert study.get_trials()[1].value == 1.0
     optuna_seam.tell(study, a, None, State.PRUNED)  # its last report, if any, is its value
-    with pytest.raises(ValueError):
-        optuna_seam.tell(study, a, None, State.FAIL)  # once
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        optuna_seam.tell(study, a, None, State.FAIL)  # once: the storage's own check
 
 
 def test_the_round_pruner_decides_as_the_median_pruner_from_one_percentile_per_step(monkeypatch):

@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from search import optuna_seam
+from search import optuna_seam, optuna_writes
 from search.errors import AttemptLost
 from search.inputs.constraints import record_for_dashboard, violations
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
@@ -57,7 +57,7 @@ class TrialRunner:
         """Samples the trial, finds its chain's checkpoint, opens (or reopens) its MLflow run.
         Raises ConfigError (recorded as the trial's fail_reason) for an impossible combination.
         Its parameters and attributes reach the storage in one write (`one_write`)."""
-        with optuna_seam.one_write(trial):
+        with optuna_writes.one_write(trial):
             session = self._begin(trial)
         if self.reaper is not None:  # after: a retry has this worker's marks by then, not the
             self.reaper(trial.study)  # dead one's it was copied with
@@ -214,7 +214,7 @@ class TrialSession:
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}")
 
     def prewrite(self, metrics: dict[str, Any]) -> tuple[list, list] | None:
-        """This epoch's storage writes for the pack's one write (`optuna_seam.write_reports`):
+        """This epoch's storage writes for the pack's one write (`optuna_writes.write_reports`):
         its value and, the first time, its MLflow run's id. None when it reports on its own:
         owed epochs, several objectives, a local method's rounds, an epoch reported before."""
         epoch = int(metrics["epoch"])

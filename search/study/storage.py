@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from search import optuna_rdb, optuna_seam
+from search import optuna_seam, optuna_writes
 from search.errors import StorageUnavailable, UserError
 from search.logs import say
 
@@ -219,10 +219,10 @@ def _with_retry(method):
     return call
 
 
-# a pack's epoch in one transaction (`optuna_seam.write_reports`), ridden out like every call
-ResilientRDBStorage.write_reports = _with_retry(optuna_rdb.rdb_write_reports)  # type: ignore[attr-defined]
-# a trial's start (parameters, attributes) in one transaction (`optuna_seam.one_write`)
-ResilientRDBStorage.write_start = _with_retry(optuna_rdb.rdb_write_start)  # type: ignore[attr-defined]
+# a pack's epoch in one transaction (`optuna_writes.write_reports`), ridden out like every call
+ResilientRDBStorage.write_reports = _with_retry(optuna_writes.rdb_write_reports)  # type: ignore[attr-defined]
+# a trial's start or end (parameters, attributes, state) in one transaction (`optuna_writes.one_write`)
+ResilientRDBStorage.write_held = _with_retry(optuna_writes.rdb_write_held)  # type: ignore[attr-defined]
 
 
 @functools.cache

@@ -21,12 +21,14 @@ halved (a trial too big alone fails, the worker goes on).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
 
-from search import optuna_seam
+from search import optuna_seam, optuna_writes
 from search.errors import AttemptLost, StorageUnavailable
 from search.inputs.algorithms import RoundPruner
 from search.logs import say
@@ -210,7 +212,7 @@ class WorkerLoop:
 
     def _write_reports(self, results: list, running: set[int] | None) -> None:
         """The epoch's reports of the trials the fencing read found running, written at once
-        (one transaction or append instead of one per trial: `optuna_seam.write_reports`).
+        (one transaction or append instead of one per trial: `optuna_writes.write_reports`).
         A trial left out -- or all, when the write fails (an outage, a trial taken over
         meanwhile) -- reports on its own in `on_epoch`, as it always did."""
         if running is None:
@@ -226,7 +228,7 @@ class WorkerLoop:
             return
         try:
             with no_waiting(optuna_seam.storage_of(self.study)):
-                done = optuna_seam.write_reports(self.study, [v for _, w in writes for v in w[0]],
+                done = optuna_writes.write_reports(self.study, [v for _, w in writes for v in w[0]],
                                                  [a for _, w in writes for a in w[1]])
         except Exception:  # noqa: BLE001 -- each trial's own report meets it and says it
             return
@@ -258,13 +260,15 @@ class WorkerLoop:
             self._drop(engine, member, str(exc))
             return
         except optuna.TrialPruned as exc:
-            session.pruned(str(exc), member.epoch)
-            self._tell(engine, member, State.PRUNED)
+            with self._ending(session):
+                session.pruned(str(exc), member.epoch)
+                self._tell(engine, member, State.PRUNED)
             return
         if last:
             values = session.values(member.history)
-            session.completed(values, member.epoch, member.history)
-            self._tell(engine, member, State.COMPLETE, values)
+            with self._ending(session):
+                session.completed(values, member.epoch, member.history)
+                self._tell(engine, member, State.COMPLETE, values)
         else:
             session.checkpoint(member.epoch, lambda: engine.state(member), len(self.in_flight))
 
@@ -274,6 +278,16 @@ class WorkerLoop:
             self.study.pruner.new_round()
 
     # --- a trial's ends ---
+
+    @contextlib.contextmanager
+    def _ending(self, session: Any) -> Iterator[None]:
+        """A trial's end (its last attributes, its state and values) written at once
+        (`one_write`); an attempt taken over since its last check writes none of it."""
+        try:
+            with optuna_writes.one_write(session.trial):
+                yield
+        except optuna.exceptions.UpdateFinishedTrialError:
+            say(session.lost_line())
 
     def _release(self, engine: Any, member: Any) -> InFlight:
         flight = self.in_flight.pop(member)

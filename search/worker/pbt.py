@@ -165,10 +165,11 @@ class PbtLoop(WorkerLoop):
                   epoch: int) -> None:
         """The loser's segment ends PRUNED: replaced by trial `number`, a copy of the donor."""
         loser_session = self.in_flight[loser].session
-        loser_session.trial.set_user_attr("pbt_replaced_by", number)
-        loser_session.pruned(f"replaced by a copy of trial {donor_number} at epoch {epoch} "
-                             f"(continues as trial {number})", epoch, word="replaced")
-        self._tell(engine, loser, State.PRUNED)
+        with self._ending(loser_session):
+            loser_session.trial.set_user_attr("pbt_replaced_by", number)
+            loser_session.pruned(f"replaced by a copy of trial {donor_number} at epoch {epoch} "
+                                 f"(continues as trial {number})", epoch, word="replaced")
+            self._tell(engine, loser, State.PRUNED)
 
     def _tell(self, engine: Any, member: Any, state: State,
               values: list[float] | None = None) -> None:
