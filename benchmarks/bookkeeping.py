@@ -14,7 +14,7 @@ makes between epochs is timed by kind:
     pruner      should_prune
     tracking    MLflow calls made while reporting (metrics)
     storage     fencing reads and other storage reads (stale trials, the ramp)
-    end         tell, and the run closed, checkpoints removed, per trial
+    end         tell, and the run closed, checkpoints removed, the end's one write, per trial
     other       the rest of the time outside run_epoch
     setup       the dataset loaded and put on the device for the pack's shape (`prepare`), once
                 per command: in ms per command, not in the per-trial-epoch sum nor in start
@@ -132,6 +132,12 @@ def instrument(clock: Clock) -> None:
             (engine.Engine, "run_epoch", "epoch")):
         if hasattr(owner, name):  # an older tree (--against) may not have each of them
             clock.wrap(owner, name, kind)
+    try:  # a trial's end is written when its block ends, after `_tell` (a tree from 213209b on)
+        from search import optuna_writes
+
+        clock.wrap(optuna_writes, "_write_held", "end")  # inside a start: counted as the start
+    except ImportError:
+        pass
     from trainer import runtime  # the loop imports `prepare` from it when it needs it
 
     runtime.prepare = _timed(clock, runtime.prepare, "setup")
