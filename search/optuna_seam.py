@@ -171,7 +171,9 @@ def ask_new(study: optuna.Study) -> optuna.Trial:
     study._thread_local.cached_all_trials = None  # as `ask`: the sampler reads afresh
     storage = storage_of(study)
     trial_id_ = storage.create_new_trial(study._study_id)
-    if not hasattr(storage, "_trial_id_to_study_id_and_number"):  # not Optuna's cache
+    from optuna.storages._cached_storage import _CachedStorage
+
+    if not isinstance(storage, _CachedStorage):  # Optuna's cache of a database only
         return optuna.Trial(study, trial_id_)
     with storage._lock:
         made = cached_running(storage, trial_id_)
