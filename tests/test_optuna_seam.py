@@ -247,3 +247,12 @@ def test_the_round_pruner_decides_as_the_median_pruner_from_one_percentile_per_s
     ours.prune(study, running[0])
     assert computed == [1]  # a new round: afresh
     assert _percentile._get_percentile_intermediate_result_over_trials is not compute  # ours undone
+
+
+def test_ask_new_and_tell_on_an_in_memory_study():
+    study = optuna.create_study()  # benchmarks run the worker loop on Optuna's in-memory storage
+    trial = optuna_seam.ask_new(study)
+    with optuna_writes.one_write(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        optuna_seam.tell(study, trial, [0.5], State.COMPLETE)
+    assert study.trials[0].state == State.COMPLETE and study.trials[0].value == 0.5
