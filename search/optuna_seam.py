@@ -168,11 +168,11 @@ def ask_new(study: optuna.Study) -> optuna.Trial:
     read of every unfinished trial, per ask): for a caller that read, for a whole batch of
     asks, that none waits. On a database, the `Trial` is made from the trial the create
     returned, not read back (`Trial()` reads it: six queries)."""
+    from optuna.storages._cached_storage import _CachedStorage
+
     study._thread_local.cached_all_trials = None  # as `ask`: the sampler reads afresh
     storage = storage_of(study)
     trial_id_ = storage.create_new_trial(study._study_id)
-    from optuna.storages._cached_storage import _CachedStorage
-
     if not isinstance(storage, _CachedStorage):  # Optuna's cache of a database only
         return optuna.Trial(study, trial_id_)
     with storage._lock:

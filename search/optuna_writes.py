@@ -236,11 +236,16 @@ def rdb_write_held(storage: optuna.storages.RDBStorage, params: list[tuple[int, 
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    ids = {p[0] for p in params} | {a[0] for a in attrs} | ({end[0]} if end else set())
+    ids = {p[0] for p in params} | {a[0] for a in attrs}
     with _create_scoped_session(storage.scoped_session, True) as session:
-        ending = None if end is None else models.TrialModel.find_or_raise_by_id(
-            end[0], session, for_update=True)  # as set_trial_state_values: the row first
-        study_of = _check_running(storage, session, ids)
+        ending, study_of = None, {}
+        if end is not None:  # as set_trial_state_values: the row locked first, then checked
+            ending = models.TrialModel.find_or_raise_by_id(end[0], session, for_update=True)
+            storage.check_trial_is_updatable(end[0], ending.state)
+            study_of[end[0]] = ending.study_id
+            ids.discard(end[0])  # read once, not again by the check below
+        if ids:
+            study_of.update(_check_running(storage, session, ids))
         for trial_id_, name, value, distribution, known in params:
             if known is None:  # as RDBStorage: the study's first such parameter, if any
                 first = (session.query(models.TrialParamModel.distribution_json)

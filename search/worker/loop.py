@@ -229,7 +229,7 @@ class WorkerLoop:
         try:
             with no_waiting(optuna_seam.storage_of(self.study)):
                 done = optuna_writes.write_reports(self.study, [v for _, w in writes for v in w[0]],
-                                                 [a for _, w in writes for a in w[1]])
+                                                   [a for _, w in writes for a in w[1]])
         except Exception:  # noqa: BLE001 -- each trial's own report meets it and says it
             return
         if done:
