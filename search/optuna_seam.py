@@ -163,16 +163,18 @@ def _serving(storage: Any, trial_id_: int, trial: optuna.trial.FrozenTrial) -> I
         del storage.get_trial
 
 
-def ask_new(study: optuna.Study) -> optuna.Trial:
+def ask_new(study: optuna.Study, created: optuna.trial.FrozenTrial | None = None) -> optuna.Trial:
     """`study.ask()` that creates a new trial without first looking for a waiting one (one
     read of every unfinished trial, per ask): for a caller that read, for a whole batch of
-    asks, that none waits. On a database, the `Trial` is made from the trial the create
-    returned, not read back (`Trial()` reads it: six queries)."""
+    asks, that none waits; or that takes a trial it `created` already (`create_trials`). On a
+    database, the `Trial` is made from the trial the create returned, not read back
+    (`Trial()` reads it: six queries)."""
     from optuna.storages._cached_storage import _CachedStorage
 
     study._thread_local.cached_all_trials = None  # as `ask`: the sampler reads afresh
     storage = storage_of(study)
-    trial_id_ = storage.create_new_trial(study._study_id)
+    trial_id_ = (trial_id(created) if created is not None
+                 else storage.create_new_trial(study._study_id))
     if not isinstance(storage, _CachedStorage):  # Optuna's cache of a database only
         return optuna.Trial(study, trial_id_)
     with storage._lock:

@@ -1,24 +1,19 @@
 """The write half of `search.optuna_seam`, by the same rule (every private name of Optuna's
-used here, and the seam's tests fail when one moves): a pack's epoch (`write_reports`) and a
-trial's start or end (`one_write`) in one transaction or one journal append, instead of a
-few statements and a commit (or an fsync) per call, as Optuna writes them."""
+used here, and the seam's tests fail when one moves): a pack's epoch (`write_reports`), a
+trial's start or end (`one_write`) and a refill's starts (`create_trials`, `writes_together`)
+in one transaction or one journal append, instead of a few statements and a commit (or an
+fsync) per call, as Optuna writes them. The SQL is in `search.optuna_rdb`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 import optuna
-from optuna import distributions
 
 from search.optuna_seam import cached_running, storage_of, trial_id
-
-# SQLAlchemy's models are imported when first used: they cost a worker on the journal file nothing
 
 
 def write_reports(study: optuna.Study, values: list[tuple[optuna.Trial, int, float]],
@@ -78,20 +73,90 @@ def one_write(trial: optuna.Trial) -> Iterator[None]:
             for name in _Held.WRITES:
                 setattr(storage, name, _route(storage, holds, name))
         holds[held.trial_id] = held
+    batch, ended = getattr(_BATCH, "helds", None), False
     try:
         yield
+        ended = True
     finally:
-        with _HOLDING:
+        if batch is not None and ended and held.end is None:  # `writes_together` writes it
+            with storage._lock:  # the next trial's sampler sees it running (TPE's constant liar)
+                _write_through(storage, *held.peek())
+            batch.append(held)
+        else:
+            _release(storage, [held])
+
+
+_HOLDING = threading.Lock()
+_BATCH = threading.local()  # the holds of a `writes_together` block open in this thread
+
+
+def _release(storage: Any, helds: list[_Held]) -> None:
+    """The holds' trials no longer routed, and their writes made in one write."""
+    with _HOLDING:
+        holds = storage._search_held
+        for held in helds:
             del holds[held.trial_id]
-            if not holds:
-                for name in ("_search_held", *_Held.WRITES):
-                    delattr(storage, name)
-        params, attrs, end = held.take()
+        if not holds:
+            for name in ("_search_held", *_Held.WRITES):
+                delattr(storage, name)
+    # the starts together; a trial ended meanwhile (an error's path) after them, on its own
+    for group in ([h for h in helds if h.end is None], *([h] for h in helds if h.end is not None)):
+        params, attrs, end = [], [], None
+        for held in group:
+            p, a, end = held.take()
+            params += p
+            attrs += a
         if params or attrs or end:
             _write_held(storage, params, attrs, end)
 
 
-_HOLDING = threading.Lock()
+@contextlib.contextmanager
+def writes_together(study: optuna.Study) -> Iterator[None]:
+    """Inside the block, the starts (`one_write` blocks) that end normally are written at its
+    end, all in one transaction: a refill of P trials in one commit instead of P. Each is in
+    Optuna's cache of the database at once, so the next trial's sampler sees it running. On
+    a database behind Optuna's cache only; a block that raises, or holds an end, writes at
+    once, as ever (an end must follow its trial's start)."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    storage = storage_of(study)
+    if not isinstance(storage, _CachedStorage) or getattr(_BATCH, "helds", None) is not None:
+        yield
+        return
+    batch: list[_Held] = []
+    _BATCH.helds = batch
+    try:
+        yield
+    finally:
+        _BATCH.helds = None
+        if batch:
+            _release(storage, batch)
+
+
+def hand_back(study: optuna.Study, made: list[optuna.trial.FrozenTrial]) -> None:
+    """Trials `create_trials` made that this worker will not start (its budget ended inside
+    the refill) set WAITING, as an enqueued trial waits: the next `ask`, of any worker, takes
+    one and samples it."""
+    if made:
+        storage_of(study)._backend.hand_back([trial_id(t) for t in made])
+
+
+def create_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial] | None:
+    """`n` new RUNNING trials made in one transaction (the study's row locked once, one insert,
+    their numbers counted once, their first heartbeats) instead of Optuna's four statements
+    and a commit each, and put in Optuna's cache as its own create puts them. None on other
+    storages (the caller creates them one by one, as `ask` does)."""
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+
+    storage = storage_of(study)
+    backend = getattr(storage, "_backend", None)
+    if not isinstance(storage, _CachedStorage) or not hasattr(backend, "create_trials"):
+        return None
+    made = backend.create_trials(study._study_id, n)
+    with storage._lock:
+        storage._studies.setdefault(study._study_id, _StudyInfo())
+        storage._add_trials_to_cache(study._study_id, made)
+    return made
 
 
 def _route(storage: Any, holds: dict[int, _Held], name: str) -> Any:
@@ -135,6 +200,14 @@ class _Held:
                 self._attrs.append((trial_id_, *_args(args, kwargs, "key", "value"),
                                     name == "set_trial_system_attr"))
             return True
+
+    @property
+    def end(self) -> tuple | None:
+        return self._end
+
+    def peek(self) -> tuple[list, list]:
+        with self._lock:
+            return list(self._params), list(self._attrs)
 
     def take(self) -> tuple[list, list, tuple | None]:
         with self._lock:
@@ -197,107 +270,3 @@ def _write_through(storage: Any, params: list, attrs: list) -> None:
     for t, key, value, system in attrs:
         if (trial := cached_running(storage, t)) is not None:
             (trial.system_attrs if system else trial.user_attrs)[key] = value
-
-
-def rdb_write_reports(storage: optuna.storages.RDBStorage, values: list[tuple[int, int, float]],
-                      attrs: list[tuple[int, str, Any]]) -> None:
-    """`write_reports` on a database: RDBStorage's own per-call steps (each checks that its
-    trial still runs; a step's value is inserted, or replaces the one stored), in one
-    transaction of a few statements for the whole pack instead of a few per call."""
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    Value = models.TrialIntermediateValueModel  # noqa: N806 (a model class)
-    ids = {t for t, _, _ in values} | {t for t, _, _ in attrs}
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        _check_running(storage, session, ids)  # all, first: none is written if one ended
-        stored = {(row.trial_id, row.step): row for row in session.query(Value).filter(
-            Value.trial_id.in_({t for t, _, _ in values}),
-            Value.step.in_({s for _, s, _ in values}))} if values else {}
-        for trial_id_, step, value in values:
-            number, kind = Value.intermediate_value_to_stored_repr(value)
-            if (row := stored.get((trial_id_, step))) is None:
-                session.add(Value(trial_id=trial_id_, step=step, intermediate_value=number,
-                                  intermediate_value_type=kind))
-            else:
-                row.intermediate_value, row.intermediate_value_type = number, kind
-        _upsert_attrs(storage, session, models.TrialUserAttributeModel,
-                      {(t, k): v for t, k, v in attrs})
-
-
-def rdb_write_held(storage: optuna.storages.RDBStorage, params: list[tuple[int, str, float, Any, Any]],
-                    attrs: list[tuple[int, str, Any, bool]], end: tuple[int, Any, Any] | None = None
-                    ) -> None:
-    """`one_write` on a database: RDBStorage's own per-call checks (the trial still runs; a
-    parameter's distribution against the study's: `known`, or the one stored) and writes, in
-    one transaction: one read of the trials' states, the parameters inserted, each attribute
-    table upserted in one statement, then the trial's end (`end`: as `set_trial_state_values`
-    writes a finished state and its values, the trial's row locked first)."""
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    ids = {p[0] for p in params} | {a[0] for a in attrs}
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        ending, study_of = None, {}
-        if end is not None:  # as set_trial_state_values: the row locked first, then checked
-            ending = models.TrialModel.find_or_raise_by_id(end[0], session, for_update=True)
-            storage.check_trial_is_updatable(end[0], ending.state)
-            study_of[end[0]] = ending.study_id
-            ids.discard(end[0])  # read once, not again by the check below
-        if ids:
-            study_of.update(_check_running(storage, session, ids))
-        for trial_id_, name, value, distribution, known in params:
-            if known is None:  # as RDBStorage: the study's first such parameter, if any
-                first = (session.query(models.TrialParamModel.distribution_json)
-                         .join(models.TrialModel).filter(models.TrialModel.study_id == study_of[trial_id_])
-                         .filter(models.TrialParamModel.param_name == name).first())
-                known = None if first is None else distributions.json_to_distribution(first[0])
-            if known is not None:
-                distributions.check_distribution_compatibility(known, distribution)
-            session.add(models.TrialParamModel(
-                trial_id=trial_id_, param_name=name, param_value=value,
-                distribution_json=distributions.distribution_to_json(distribution)))
-        for system, model in ((False, models.TrialUserAttributeModel),
-                              (True, models.TrialSystemAttributeModel)):
-            _upsert_attrs(storage, session, model, {(t, k): v for t, k, v, s in attrs if s == system})
-        if ending is not None:
-            _, state, values = end
-            for objective, value in enumerate(values or []):
-                storage._set_trial_value_without_commit(session, ending, objective, value)
-            ending.state, ending.datetime_complete = state, datetime.now()
-
-
-def _check_running(storage: optuna.storages.RDBStorage, session: Any, ids: set[int]) -> dict[int, int]:
-    """One read of the trials' states, each checked as RDBStorage checks it before a write
-    (KeyError when missing, UpdateFinishedTrialError when it ended); their studies' ids."""
-    from optuna.storages._rdb import models
-
-    Trial = models.TrialModel  # noqa: N806 (a model class)
-    rows = {r.trial_id: r for r in session.query(Trial.trial_id, Trial.study_id, Trial.state)
-            .filter(Trial.trial_id.in_(ids))}
-    for trial_id_ in ids:
-        if trial_id_ not in rows:
-            raise KeyError(models.NOT_FOUND_MSG)
-        storage.check_trial_is_updatable(trial_id_, rows[trial_id_].state)
-    return {t: r.study_id for t, r in rows.items()}
-
-
-def _upsert_attrs(storage: optuna.storages.RDBStorage, session: Any, model: Any,
-                  latest: dict[tuple[int, str], Any]) -> None:
-    """Attributes inserted or replaced (the last value per trial and key, as calls in turn
-    leave them): one statement on PostgreSQL and SQLite, RDBStorage's own per-call write on
-    other databases."""
-    if not latest:
-        return
-    if storage.engine.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif storage.engine.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        for (trial_id_, key), value in latest.items():
-            storage._set_trial_attr_without_commit(session, model, trial_id_, key, value)
-        return
-    stmt = insert(model).values([{"trial_id": t, "key": k, "value_json": json.dumps(v)}
-                                 for (t, k), v in latest.items()])
-    session.execute(stmt.on_conflict_do_update(index_elements=[model.trial_id, model.key],
-                                               set_={"value_json": stmt.excluded.value_json}))

@@ -192,6 +192,67 @@ def test_a_trial_end_is_written_at_once(tmp_path, kind, request):
         assert stored.user_attrs == {}
 
 
+@pytest.mark.parametrize("kind", ["database", "postgres"])
+def test_a_refill_is_created_and_started_in_one_write_each(tmp_path, kind, request):
+    import sqlalchemy
+
+    from search.study.storage import open_storage
+
+    url = _url(kind, tmp_path, request)
+    study = optuna.create_study(storage=open_storage(url, heartbeat=60), study_name="s")
+    elsewhere = optuna.load_study(storage=open_storage(url, heartbeat=60), study_name="s")
+    elsewhere.ask()  # another worker's trial first: numbered as Optuna numbers them
+    made = optuna_writes.create_trials(study, 3)
+    assert [t.number for t in made] == [1, 2, 3] and {t.state for t in made} == {State.RUNNING}
+    assert elsewhere.ask().number == 4
+    with sqlalchemy.create_engine(url).connect() as db:  # a first beat each: a killed worker's
+        beaten = {r[0] for r in db.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
+    assert {t._trial_id for t in made} <= beaten  # trials go stale, not RUNNING for ever
+
+    def stored() -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(storage=open_storage(url), study_name="s").trials
+
+    with optuna_seam.reads_once(study), optuna_writes.writes_together(study):
+        first = optuna_seam.ask_new(study, made[0])
+        assert first.number == 1 and optuna_seam.frozen(first) == study._storage.get_trial(made[0]._trial_id)
+        with optuna_writes.one_write(first):
+            x = first.suggest_float("x", 0.0, 1.0)
+            first.set_user_attr("host", "h")
+        assert study.get_trials()[1].params == {"x": x}  # the next one's sampler sees it
+        assert stored()[1].params == {} and stored()[1].user_attrs == {}  # not written yet
+        bad = optuna_seam.ask_new(study, made[1])
+        with pytest.raises(ValueError), optuna_writes.one_write(bad):  # an impossible trial
+            bad.suggest_float("x", 0.0, 1.0)
+            bad.set_user_attr("fail_reason", "invalid configuration")
+            raise ValueError("invalid")
+        assert stored()[2].user_attrs == {"fail_reason": "invalid configuration"}  # at once
+        study.tell(bad, state=State.FAIL)  # after its start, not before
+        last = optuna_seam.ask_new(study, made[2])
+        with optuna_writes.one_write(last):
+            last.suggest_float("x", 0.0, 1.0)
+    trials = stored()
+    assert trials[1].params == {"x": x} and trials[1].user_attrs == {"host": "h"}
+    assert trials[2].state == State.FAIL and "x" in trials[3].params
+    assert "set_trial_param" not in vars(study._storage)  # the storage as it was
+    spare = optuna_writes.create_trials(study, 2)
+    optuna_writes.hand_back(study, spare[1:])  # the budget ended inside a refill
+    assert [t.state for t in stored()[5:]] == [State.RUNNING, State.WAITING]
+    assert elsewhere.ask().number == spare[1].number  # the next ask takes it
+
+
+def test_a_refill_on_the_journal_is_created_one_by_one(tmp_path):
+    from search.study.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "j.log")), study_name="s")
+    assert optuna_writes.create_trials(study, 3) is None and study.trials == []
+    with optuna_writes.writes_together(study):  # no batch there: each start writes at its end
+        trial = optuna_seam.ask_new(study)
+        with optuna_writes.one_write(trial):
+            x = trial.suggest_float("x", 0.0, 1.0)
+        assert optuna.load_study(storage=open_storage(str(tmp_path / "j.log")),
+                                 study_name="s").trials[0].params == {"x": x}
+
+
 def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
     from search.study.storage import open_storage
 

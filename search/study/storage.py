@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from search import optuna_seam, optuna_writes
+from search import optuna_rdb, optuna_seam
 from search.errors import StorageUnavailable, UserError
 from search.logs import say
 
@@ -220,9 +220,12 @@ def _with_retry(method):
 
 
 # a pack's epoch in one transaction (`optuna_writes.write_reports`), ridden out like every call
-ResilientRDBStorage.write_reports = _with_retry(optuna_writes.rdb_write_reports)  # type: ignore[attr-defined]
+ResilientRDBStorage.write_reports = _with_retry(optuna_rdb.rdb_write_reports)  # type: ignore[attr-defined]
 # a trial's start or end (parameters, attributes, state) in one transaction (`optuna_writes.one_write`)
-ResilientRDBStorage.write_held = _with_retry(optuna_writes.rdb_write_held)  # type: ignore[attr-defined]
+ResilientRDBStorage.write_held = _with_retry(optuna_rdb.rdb_write_held)  # type: ignore[attr-defined]
+# a refill's new trials in one transaction (`optuna_writes.create_trials`)
+ResilientRDBStorage.create_trials = _with_retry(optuna_rdb.rdb_create_trials)  # type: ignore[attr-defined]
+ResilientRDBStorage.hand_back = _with_retry(optuna_rdb.rdb_hand_back)  # type: ignore[attr-defined]
 
 
 @functools.cache

@@ -139,11 +139,15 @@ class WorkerLoop:
             trials = self.study.get_trials(deepcopy=False)
             slots = int(min(slots, room_left(trials, self.study_total)))
             waiting = sum(t.state == State.WAITING for t in trials)
-            with optuna_seam.reads_once(self.study):
+            with optuna_seam.reads_once(self.study), optuna_writes.writes_together(self.study):
+                made = (optuna_writes.create_trials(self.study, slots - waiting)
+                        if slots - waiting > 1 else None) or []  # a refill's trials in one write
                 for i in range(slots):
                     if i and not self._budget_left():  # e.g. a grid sampler's grid is done
+                        optuna_writes.hand_back(self.study, made[max(0, i - waiting):])
                         break
-                    trial = self.study.ask() if i < waiting else optuna_seam.ask_new(self.study)
+                    trial = (self.study.ask() if i < waiting else optuna_seam.ask_new(
+                        self.study, made[i - waiting] if made else None))
                     self.asked += 1
                     self._asked(trial)
                     self._admit(trial)
