@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 from trainer.augment import Augment, prepare_eval
 from trainer.config import CHECKPOINT_FORMAT, TrainConfig, pack_key
 from trainer.local import average_workers, plain, shards
-from trainer.model import LeNet5
+from trainer.model import LeNet5, initial_parameters
 from trainer.runtime import Setup, autocast
 from trainer.schedule import lr_at
 from trainer.stacked_optim import HYPER, Layout, StackedOptimizer
@@ -143,13 +143,10 @@ class Engine:
         self._restack_needed = True
 
     def _fresh(self, config: TrainConfig) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]):  # the model is made on the CPU: only its
-            torch.default_generator.manual_seed(config.seed)  # generator (torch.manual_seed
-            init = LeNet5(self.setup.num_classes)  # would seed, and queue seeds for, every device)
+        init = initial_parameters(config.seed, self.setup.num_classes)  # shared: read only
         dev, k = self.setup.device, self.k
         # views of the fresh model's tensors (K workers start alike): restacking copies them
-        params = {n: p.detach().to(dev).unsqueeze(0).expand(k, *p.shape)
-                  for n, p in init.named_parameters()}
+        params = {n: p.to(dev).unsqueeze(0).expand(k, *p.shape) for n, p in init.items()}
         keep_outer = self.local and not plain(self.beta, self.alpha)
         return {
             "params": params,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -24,6 +26,17 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+@functools.lru_cache(maxsize=8)
+def initial_parameters(seed: int, num_classes: int) -> dict[str, torch.Tensor]:
+    """A fresh LeNet-5's parameters for `seed` (torch's own initialisation, on the CPU), made
+    once per seed: the trials of a study mostly share one seed, and drawing 815k numbers is
+    most of a trial's start. Read-only by contract: every caller copies before training."""
+    with torch.random.fork_rng(devices=[]):  # only the CPU generator (torch.manual_seed would
+        torch.default_generator.manual_seed(seed)  # seed, and queue seeds for, every device)
+        init = LeNet5(num_classes)
+    return {n: p.detach() for n, p in init.named_parameters()}
 
 
 class ImageClassifier(nn.Module):
