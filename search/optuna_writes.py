@@ -189,10 +189,10 @@ class _Held:
             if self._taken:
                 return False
             if name == "set_trial_state_values":
-                state, values = _args(args, kwargs, "state", "values")
+                state = args[0] if args else kwargs["state"]
                 if not state.is_finished():  # a start (WAITING -> RUNNING) answers at once
                     return False
-                self._end = (trial_id_, state, values)
+                self._end = (trial_id_, state, args[1] if len(args) > 1 else kwargs.get("values"))
             elif name == "set_trial_param":
                 self._params.append((trial_id_, *_args(args, kwargs, "param_name",
                                                        "param_value_internal", "distribution")))

@@ -173,3 +173,12 @@ def test_the_quick_benchmark_prints_its_table_and_last_line(postgres):
                                 for p, n in (("1", "0"), ("4", "0"), ("4", "100"))]
     assert re.fullmatch(r"bookkeeping_ms_per_trial_epoch_p4: [\d.]+ \(server stores: [\d.]+\) "
                         r"start_ms_per_trial: [\d.]+", out.strip().splitlines()[-1])
+
+
+def test_the_tpe_ask_benchmark_prints_both_samplers_and_its_ratio():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tpe_ask.py"), "--quick"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert re.fullmatch(r"\| 50 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", lines[-2])
+    assert re.fullmatch(r"tpe_ask_ms: [\d.]+ \(optuna: [\d.]+\) ratio: [\d.]+", lines[-1])

@@ -219,6 +219,8 @@ def test_a_refill_is_created_and_started_in_one_write_each(tmp_path, kind, reque
             x = first.suggest_float("x", 0.0, 1.0)
             first.set_user_attr("host", "h")
         assert study.get_trials()[1].params == {"x": x}  # the next one's sampler sees it
+        # a claim of a waiting trial that `ask` read as waiting from a stale cache: refused, as ever
+        assert not study._storage.set_trial_state_values(made[0]._trial_id, state=State.RUNNING)
         assert stored()[1].params == {} and stored()[1].user_attrs == {}  # not written yet
         bad = optuna_seam.ask_new(study, made[1])
         with pytest.raises(ValueError), optuna_writes.one_write(bad):  # an impossible trial
@@ -276,6 +278,33 @@ def test_a_batch_samples_from_one_read_and_its_own_writes(tmp_path):
     optuna_seam.tell(study, a, None, State.PRUNED)  # its last report, if any, is its value
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         optuna_seam.tell(study, a, None, State.FAIL)  # once: the storage's own check
+
+
+def test_tpe_adds_each_trial_to_its_groups_once_and_samples_as_optuna_does():
+    def objective(trial):
+        kind = trial.suggest_categorical("kind", ["a", "b"])  # two conditional groups
+        x = trial.suggest_float("x" if kind == "a" else "y", 0.0, 1.0)
+        return x + trial.suggest_float("z", -1.0, 1.0)
+
+    def run(sampler):
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(objective, n_trials=30)
+        return study, sampler
+
+    def tpe():
+        return optuna.samplers.TPESampler(seed=3, n_startup_trials=5, multivariate=True, group=True)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    theirs, _ = run(tpe())
+    ours, sampler = run(optuna_seam.group_space_once_per_trial(tpe()))
+    assert [t.params for t in ours.trials] == [t.params for t in theirs.trials]
+    space = sampler._group_decomposed_search_space
+    assert len(space._added) == 29  # every complete trial once (the last is told after its ask)
+    optunas = optuna.search_space.group_decomposed._GroupDecomposedSearchSpace().calculate(theirs)
+    assert space.calculate(ours).search_spaces == optunas.search_spaces  # the same groups, in order
+    assert sorted(map(sorted, optunas.search_spaces)) == [["kind", "z"], ["x"], ["y"]]
+    random = optuna.samplers.RandomSampler()
+    assert optuna_seam.group_space_once_per_trial(random) is random
 
 
 def test_the_round_pruner_decides_as_the_median_pruner_from_one_percentile_per_step(monkeypatch):

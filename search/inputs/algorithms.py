@@ -21,8 +21,8 @@ def make_sampler(name: str, space: Space, seed: int | None) -> optuna.samplers.B
         # parameters (t_max only with cosine, ...) as their own groups
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True,
-                                              group=True)
+            return optuna_seam.group_space_once_per_trial(optuna.samplers.TPESampler(
+                seed=seed, constant_liar=True, multivariate=True, group=True))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
