@@ -62,18 +62,20 @@ def rdb_write_held(storage: optuna.storages.RDBStorage, params: list[tuple[int, 
             ids.discard(end[0])  # read once, not again by the check below
         if ids:
             study_of.update(_check_running(storage, session, ids))
-        first_seen: dict[tuple[int, str], Any] = {}  # a batch's later trials check against its first
+        first: dict[tuple[int, str], Any] = {}  # (study, name) -> its first distribution
         for trial_id_, name, value, distribution, known in params:
             key = (study_of[trial_id_], name)
-            if known is None and key not in first_seen:  # as RDBStorage: the study's first one
-                first = (session.query(models.TrialParamModel.distribution_json)
-                         .join(models.TrialModel).filter(models.TrialModel.study_id == key[0])
-                         .filter(models.TrialParamModel.param_name == name).first())
-                known = None if first is None else distributions.json_to_distribution(first[0])
-            known = known if known is not None else first_seen.get(key)
+            if known is None:
+                if key not in first:  # as RDBStorage: the study's first one, read once per write
+                    row = (session.query(models.TrialParamModel.distribution_json)
+                           .join(models.TrialModel).filter(models.TrialModel.study_id == key[0])
+                           .filter(models.TrialParamModel.param_name == name).first())
+                    first[key] = None if row is None else distributions.json_to_distribution(row[0])
+                known = first[key]
             if known is not None:
                 distributions.check_distribution_compatibility(known, distribution)
-            first_seen.setdefault(key, known if known is not None else distribution)
+            else:  # the first in the study: a batch's later trials are checked against it
+                first[key] = distribution
             session.add(models.TrialParamModel(
                 trial_id=trial_id_, param_name=name, param_value=value,
                 distribution_json=distributions.distribution_to_json(distribution)))
