@@ -221,6 +221,20 @@ def cached_running(storage: Any, trial_id_: int) -> optuna.trial.FrozenTrial | N
     return trial if trial is not None and not trial.state.is_finished() else None
 
 
+def fix_params(trial: optuna.Trial, params: dict[str, Any] | None) -> None:
+    """The trial's suggests return `params` instead of sampling (Optuna's fixed parameters, as
+    `enqueue_trial` sets them, for this trial object only: no write); None changes nothing."""
+    if not params:
+        return
+    trial._fixed_params = dict(params)
+    trial._search_drawn_ahead = True
+
+
+def drawn_ahead(trial: optuna.Trial) -> bool:
+    """Whether `fix_params` gave the trial its parameters."""
+    return getattr(trial, "_search_drawn_ahead", False)
+
+
 def group_space_once_per_trial(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
     """TPESampler(group=True) adds every complete trial's distributions to its group
     decomposition again at every ask: a walk over the whole study, a third of an ask at 2,000

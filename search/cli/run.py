@@ -93,6 +93,10 @@ def add_parsers(sub) -> None:
                    "under 2%% of the worker's time, else less often, at least once a minute), "
                    "every N epochs, or a time such as 30s or 5m (written in the background; a "
                    "crash loses at most this much of a trial; default auto)")
+    p.add_argument("--sample-ahead", action="store_true",
+                   help="draw the next trials' parameters in a child process while the pack "
+                   "trains (tpe, gp, cmaes): the sampler's time off the worker's critical path, "
+                   "from a study one epoch older")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
     pbt_flags(p)

@@ -12,6 +12,7 @@ from search.inputs.space import Space
 
 State = optuna.trial.TrialState
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc", "gp", "nsga2")
+MODEL_BASED = ("tpe", "gp", "cmaes")  # samplers whose ask reads the whole study (--sample-ahead)
 PRUNERS = ("median", "hyperband", "sha", "none")
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from search.errors import UserError
-from search.inputs.algorithms import PRUNERS, SAMPLERS
+from search.inputs.algorithms import MODEL_BASED, PRUNERS, SAMPLERS
 from search.inputs.constraints import parse_constraints
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import parse_objectives, pruner_for
@@ -64,6 +64,7 @@ class RunSettings:
     table: dict[str, str] | None = None
     command: str | None = None  # the command line, as MLflow's run source
     pbt: dict[str, Any] | None = None  # population-based training (inputs.pbt.Pbt as a dict)
+    sample_ahead: bool = False  # the next refill's parameters drawn while the pack trains
 
     def params(self, workers: int) -> dict[str, Any]:
         """The study's settings as the parent run's params and the study's attributes."""
@@ -197,7 +198,12 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
         storage_patience=args.storage_patience, stop_within=args.stop_within,
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", "auto"),
         ramp=pick(args.ramp, "ramp", DEFAULT_RAMP), command=command,
+        sample_ahead=getattr(args, "sample_ahead", False),
     )
+    if settings.sample_ahead and (settings.sampler not in MODEL_BASED or pbt is not None):
+        raise UserError(f"--sample-ahead: only with a model-based sampler ({', '.join(MODEL_BASED)}) "
+                        f"and without --pbt; this run has sampler {settings.sampler}"
+                        + (" and PBT" if pbt is not None else ""))
     if pbt is not None:  # the population is the pack and the budget; PBT replaces pruning
         settings.pbt, settings.pruner = pbt.as_dict(), "none"
         settings.n_trials, settings.pack, settings.ramp = None, pbt.population, None

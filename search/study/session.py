@@ -65,6 +65,8 @@ class TrialRunner:
 
     def _begin(self, trial: optuna.Trial) -> TrialSession:
         mark_worker(trial)
+        if optuna_seam.drawn_ahead(trial):  # --sample-ahead: from the study one epoch earlier
+            trial.set_user_attr("drawn_ahead", True)
         values = {**self.space.sample(trial), **self.overrides}
         try:
             config = TrainConfig.from_dict(values)

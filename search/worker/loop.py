@@ -72,8 +72,9 @@ class WorkerLoop:
     def __init__(self, study: optuna.Study, runner: TrialRunner, pack: int,
                  n_trials: int | None, timeout: float | None, handler: RetryDeadTrial,
                  stop_within: float = 20.0, ramp: int | None = None,
-                 study_total: int | None = None):
+                 study_total: int | None = None, ahead: Any = None):
         self.study, self.runner, self.handler = study, runner, handler
+        self.ahead = ahead  # search.worker.ahead.SampleAhead (--sample-ahead), or None
         self.study_total = study_total  # the study's --n-trials, across commands and machines
         self.pack, self.ramp, self.n_trials, self.timeout = pack, ramp, n_trials, timeout
         self.rule = stop_rule(stop_within)
@@ -122,9 +123,12 @@ class WorkerLoop:
         pack = self.pack
         width = (in_flight_limit(self.study, pack, self.ramp, len(self.in_flight))
                  if len(self.in_flight) < pack else pack)
+        asked = self.asked
         while len(self.in_flight) < width and self._budget_left():
             if not self._ask(width - len(self.in_flight)):
-                return
+                break
+        if self.ahead is not None and self.asked > asked:  # the next refill's, drawn meanwhile
+            self.ahead.request(self.asked - asked, self.n_trials and self.n_trials - self.asked)
 
     def _ask(self, slots: int = 1) -> bool:
         """Asks up to `slots` trials and starts each; False when the study holds its total
@@ -142,12 +146,15 @@ class WorkerLoop:
             with optuna_seam.reads_once(self.study), optuna_writes.writes_together(self.study):
                 made = (optuna_writes.create_trials(self.study, slots - waiting)
                         if slots - waiting > 1 else None) or []  # a refill's trials in one write
+                # parameters drawn while the pack trained (--sample-ahead), for new trials only
+                drawn = [None] * waiting + (self.ahead.take(slots - waiting) if self.ahead else [])
                 for i in range(slots):
                     if i and not self._budget_left():  # e.g. a grid sampler's grid is done
                         optuna_writes.hand_back(self.study, made[max(0, i - waiting):])
                         break
                     trial = (self.study.ask() if i < waiting else optuna_seam.ask_new(
                         self.study, made[i - waiting] if made else None))
+                    optuna_seam.fix_params(trial, drawn[i] if i < len(drawn) else None)
                     self.asked += 1
                     self._asked(trial)
                     self._admit(trial)
@@ -387,7 +394,7 @@ class WorkerLoop:
 
 def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
                timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0,
-               ramp: int | None = None, study_total: int | None = None) -> None:
+               ramp: int | None = None, study_total: int | None = None, ahead: Any = None) -> None:
     """Runs a worker's share of trials: `WorkerLoop(...).run()`."""
     WorkerLoop(study, runner, pack, n_trials, timeout, handler, stop_within, ramp,
-               study_total).run()
+               study_total, ahead).run()

@@ -19,6 +19,7 @@ from search.study.recovery import HOST, STOP, RetryDeadTrial, reap_dead_local_tr
 from search.study.session import TrialRunner
 from search.study.storage import has_heartbeat, wait_for_attr
 from search.tracking.client import PARENT_ATTR, Tracker
+from search.worker.ahead import sample_ahead
 from search.worker.loop import run_trials
 
 STORAGE_GONE = 75  # a worker's exit status when the storage stayed silent past its patience
@@ -151,8 +152,13 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
                         settings.seed).run()
         else:
             pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
-            run_trials(study, runner, pack, n_trials, settings.timeout, handler,
-                       settings.stop_within, settings.ramp, settings.study_total)
+            ahead = sample_ahead(settings)
+            try:
+                run_trials(study, runner, pack, n_trials, settings.timeout, handler,
+                           settings.stop_within, settings.ramp, settings.study_total, ahead)
+            finally:
+                if ahead is not None:
+                    ahead.close()
         if STOP.requested:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:

@@ -1,0 +1,140 @@
+"""Sampling ahead (`search run --sample-ahead`, search.worker.ahead): the next refill's
+parameters drawn in a child process that only reads the study, used by the trials the worker
+starts next, and a child that never outlives its worker."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+
+from search.inputs.algorithms import make_sampler
+from search.inputs.space import parse_space
+from search.study.storage import open_storage
+from search.worker.ahead import SampleAhead, draw
+from tests.conftest import ROOT, run_cli
+
+State = optuna.trial.TrialState
+SPACE = """
+name: ahead
+fixed: {optimizer: adamw, dataset: digits, batch_size: 128, augment: none, epochs: 3}
+params:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  weight_decay: {type: float, low: 1.0e-6, high: 1.0e-3, log: true}
+"""
+
+
+def _finished_study(storage: str, n: int) -> optuna.Study:
+    space = parse_space(SPACE, "ahead.yaml")
+    study = optuna.create_study(study_name="ahead", storage=open_storage(storage),
+                                direction="maximize")
+    dists = {p.name: optuna.distributions.FloatDistribution(p.low, p.high, log=True)
+             for p in space.params}
+    for i in range(n):
+        lr = 1e-4 * 100 ** (i / n)
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": lr, "weight_decay": 1e-5}, distributions=dists,
+            value=1 - abs(lr - 1e-3) * 100, intermediate_values={1: 0.5}))
+    return study
+
+
+def _in_space(values: dict) -> bool:
+    return (set(values) == {"lr", "weight_decay"} and 1e-4 <= values["lr"] <= 1e-2
+            and 1e-6 <= values["weight_decay"] <= 1e-3)
+
+
+def test_drawn_sets_follow_the_space_and_write_nothing_to_the_study(tmp_path):
+    study = _finished_study(str(tmp_path / "j.log"), 30)
+    running = study.ask()  # another worker's trial in flight: the liar counts it
+    running.suggest_float("lr", 1e-4, 1e-2, log=True)
+    space = parse_space(SPACE, "ahead.yaml")
+    sets = draw(study.get_trials(deepcopy=False), study.directions,
+                make_sampler("tpe", space, 0), space, 4)
+    assert len(sets) == 4 and all(_in_space(s) for s in sets), sets
+    assert len({s["lr"] for s in sets}) == 4  # each drawn with the ones before it running
+    assert len(study.get_trials()) == 31  # read only
+
+
+def test_the_child_draws_while_the_worker_waits_for_nothing_and_ends_with_it(tmp_path):
+    storage = str(tmp_path / "j.log")
+    _finished_study(storage, 20)
+    ahead = SampleAhead(storage, "ahead", "tpe", SPACE, "ahead.yaml", seed=0)
+    try:
+        assert ahead.take(3) == []  # nothing asked yet: the worker samples itself, at once
+        ahead.request(3)
+        ahead.request(3)  # still drawing: not asked twice
+        deadline = time.time() + 120
+        while ahead.busy and time.time() < deadline:
+            time.sleep(0.1)
+            ahead._collect()
+        sets = ahead.take(5)
+        assert len(sets) == 3 and all(_in_space(s) for s in sets), sets
+        assert ahead.take(5) == []  # used once; the next refill's are asked afresh
+        ahead.request(2, left=0)  # the worker's budget is spent: nothing to draw
+        assert not ahead.busy
+    finally:
+        ahead.close()
+    assert not ahead.proc.is_alive()
+
+
+def test_a_killed_worker_leaves_no_sampling_child(tmp_path):
+    storage = str(tmp_path / "j.log")
+    _finished_study(storage, 10)
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from search.worker.ahead import SampleAhead
+        from tests.test_sample_ahead import SPACE
+        ahead = SampleAhead({storage!r}, "ahead", "tpe", SPACE, "ahead.yaml", seed=None)
+        ahead.request(200)  # drawing when the worker dies
+        time.sleep(3)
+        print(json.dumps(ahead.proc.pid), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == -9, out.stderr[-2000:]
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    deadline = time.time() + 60
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child), f"the sampling child {child} outlived its killed worker"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("store", ["journal", "postgres"])
+def test_a_packed_study_starts_its_refills_with_sets_drawn_ahead(store, tmp_path, request):
+    (tmp_path / "s.yaml").write_text(SPACE)
+    url = (str(tmp_path / "j.log") if store == "journal"
+           else request.getfixturevalue("postgres").create_database("ahead"))
+    done = run_cli("run", "--space", "s.yaml", "--storage", url, "--n-trials", "12",
+                   "--pack", "4", "--ramp", "off", "--pruner", "none", "--sample-ahead",
+                   "--seed", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    trials = optuna.load_study(study_name="ahead", storage=open_storage(url)).get_trials()
+    assert len(trials) == 12 and all(t.state == State.COMPLETE for t in trials)
+    assert all(_in_space(t.params) for t in trials)
+    ahead = [t.number for t in trials if t.user_attrs.get("drawn_ahead")]
+    # the first pack is sampled by the worker itself; the refills after it come drawn ahead
+    assert ahead and min(ahead) >= 4, [(t.number, t.user_attrs.get("drawn_ahead")) for t in trials]
+
+
+def test_sample_ahead_with_a_sampler_that_reads_nothing_is_one_line(tmp_path):
+    (tmp_path / "s.yaml").write_text(SPACE)
+    done = run_cli("run", "--space", "s.yaml", "--sampler", "random", "--sample-ahead",
+                   "--n-trials", "1", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--sample-ahead" in done.stderr and "random" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "search-journal.log").exists()  # checked before anything exists
