@@ -79,6 +79,7 @@ class Clock:
     def __init__(self) -> None:
         self.spent: dict[str, float] = defaultdict(float)
         self.stack: list[tuple[str, float, float]] = []  # (kind, started, nested time)
+        self.first: tuple[float, int] | None = None  # start time and trials after the first refill
 
     @contextlib.contextmanager
     def measure(self, kind: str):
@@ -174,8 +175,10 @@ def prefill(study, n: int, epochs: int) -> None:
 
 
 def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, workdir: Path,
-            label: str, cadence: str | None = None) -> dict:
-    """One pack of `pack` trials, `epochs` each, on a study that holds `size` finished ones."""
+            label: str, cadence: str | None = None, trials: int | None = None,
+            ahead: bool = False) -> dict:
+    """One pack of `pack` trials (`trials` in all: refilled as trials end), `epochs` each, on a
+    study that holds `size` finished ones; `ahead`: with `--sample-ahead`'s child."""
     import optuna
     import torch
 
@@ -210,9 +213,18 @@ def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, wo
     clock = Clock()
     instrument_once(clock)
     CLOCK[0] = clock
+    child = None
+    if ahead:
+        from search.worker.ahead import SampleAhead
+        child = SampleAhead(storage, name, "tpe", SPACE, "bookkeeping.yaml", 0)
     start = time.perf_counter()
-    loop.run_trials(study, runner, pack, pack, None, RetryDeadTrial(0, tracker.uri), ramp=None)
-    ended = time.perf_counter()
+    try:
+        loop.run_trials(study, runner, pack, trials or pack, None, RetryDeadTrial(0, tracker.uri),
+                        ramp=None, **({"ahead": child} if child else {}))  # older trees: none
+        ended = time.perf_counter()
+    finally:
+        if child is not None:  # once per command: counted in exit
+            child.close()
     store.drain()
     tracker.drain()
     wall = time.perf_counter() - start
@@ -223,7 +235,12 @@ def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, wo
     outside = wall - spent.pop("epoch", 0.0)
     spent["other"] = max(0.0, outside - sum(spent.get(k, 0.0) for k in KINDS if k != "other"))
     recurring = sum(spent.get(k, 0.0) for k in KINDS if k not in PER_TRIAL + ONCE)
-    return {"label": label, "pack": pack, "size": size, "trials": len(ran),
+    first_s, first_n = clock.first or (spent.get("start", 0.0), len(ran))
+    later = {"first_start_ms": 1000 * first_s / max(1, first_n), "later_trials": len(ran) - first_n,
+             "later_start_ms": 1000 * (spent.get("start", 0.0) - first_s) / max(1, len(ran) - first_n),
+             "drawn_ahead": sum(bool(t.user_attrs.get("drawn_ahead")) for t in ran),
+             "epochs_s": wall - outside}
+    return {**later, "label": label, "pack": pack, "size": size, "trials": len(ran),
             "trial_epochs": trial_epochs, "wall_s": wall, "outside_s": outside,
             "ms": {k: 1000 * spent.get(k, 0.0) / (len(ran) if k in PER_TRIAL else 1 if k in ONCE
                                                   else trial_epochs) for k in KINDS},
@@ -246,6 +263,16 @@ def instrument_once(clock: Clock) -> None:
             return CLOCK[0].measure(kind)
 
     instrument(Current())
+    from search.worker import loop
+
+    refill = loop.WorkerLoop._refill
+
+    def first_refill_noted(self):  # what the first refill cost, apart from the later ones
+        refill(self)
+        if CLOCK[0].first is None:
+            CLOCK[0].first = (CLOCK[0].spent["start"], self.asked)
+
+    loop.WorkerLoop._refill = first_refill_noted
 
 
 @contextlib.contextmanager
@@ -299,6 +326,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ahead_table(rows: list[dict]) -> str:
+    lines = ["| stores | study holds | trials | start, first refill | start, later refills | "
+             "drawn ahead | epochs |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['size']} | {r['trials']} | {r['first_start_ms']:.1f} | "
+              f"{r['later_start_ms']:.1f} ({r['later_trials']} trials) | {r['drawn_ahead']} | "
+              f"{r['epochs_s']:.1f} s |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packs", default="1,16,64")
@@ -311,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", metavar="CADENCE",
                     help="as `search run --checkpoint-every` (default: the tree's own, auto)")
     ap.add_argument("--against", metavar="REV", help="also run this at commit REV; print ratios")
+    ap.add_argument("--sample-ahead", action="store_true", help="the widest pack refilled once "
+                    "(2P trials), without and with `search run --sample-ahead`, side by side")
     ap.add_argument("--json", help=argparse.SUPPRESS)  # rows for --against
     args = ap.parse_args(argv)
     if args.against:
@@ -335,15 +373,23 @@ def main(argv: list[str] | None = None) -> int:
                 stores.append(("server", pg_url, mlflow_url))
             for label, storage, mlflow_uri in stores:
                 for pack in packs:
+                    both = args.sample_ahead and pack == max(packs)
                     for size in (sizes if pack == max(packs) else [0]):
-                        rows.append(measure(pack, size, args.epochs, storage, mlflow_uri, work,
-                                            label, args.checkpoint_every))
-                        print(table(rows[-1:]).splitlines()[-1], flush=True)
+                        for ahead in (False, True) if both else (False,):
+                            rows.append(measure(pack, size, args.epochs, storage, mlflow_uri, work,
+                                                label + (" + ahead" if ahead else ""),
+                                                args.checkpoint_every, 2 * pack if both else None,
+                                                ahead))
+                            print(table(rows[-1:]).splitlines()[-1], flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows))
     print()
     print(table(rows))
     widest = max(packs)
+    if args.sample_ahead:
+        print(f"\nsampling ahead (P {widest}, {2 * widest} trials: the first refill is the "
+              "worker's own in both; ms per trial; epochs: wall seconds in run_epoch)")
+        print(ahead_table([r for r in rows if r["pack"] == widest]))
 
     def figure(label: str, key: str) -> str:
         found = [r for r in rows if r["label"] == label and r["pack"] == widest and r["size"] == 0]
