@@ -14,7 +14,7 @@ import pytest
 from search.inputs.algorithms import make_sampler
 from search.inputs.space import parse_space
 from search.study.storage import open_storage
-from search.worker.ahead import SampleAhead, draw
+from search.worker.ahead import SampleAhead, draw, wanted
 from tests.conftest import ROOT, run_cli
 
 State = optuna.trial.TrialState
@@ -138,3 +138,10 @@ def test_sample_ahead_with_a_sampler_that_reads_nothing_is_one_line(tmp_path):
     assert "--sample-ahead" in done.stderr and "random" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "search-journal.log").exists()  # checked before anything exists
+
+
+def test_auto_samples_ahead_where_a_gpu_trains_and_the_sampler_reads_the_study():
+    assert wanted("auto", "tpe", "cuda") and wanted("auto", "gp", "cuda:1")
+    assert not wanted("auto", "tpe", "cpu")  # the child would take the training's cores
+    assert not wanted("auto", "random", "cuda") and not wanted("off", "tpe", "cuda")
+    assert wanted("on", "tpe", "cpu")

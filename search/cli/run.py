@@ -93,10 +93,11 @@ def add_parsers(sub) -> None:
                    "under 2%% of the worker's time, else less often, at least once a minute), "
                    "every N epochs, or a time such as 30s or 5m (written in the background; a "
                    "crash loses at most this much of a trial; default auto)")
-    p.add_argument("--sample-ahead", action="store_true",
+    p.add_argument("--sample-ahead", nargs="?", const="on", choices=("auto", "on", "off"),
                    help="draw the next trials' parameters in a child process while the pack "
                    "trains (tpe, gp, cmaes): the sampler's time off the worker's critical path, "
-                   "from a study one epoch older")
+                   "from the study one epoch earlier; auto: on where the worker trains on a GPU "
+                   "(default auto; the flag alone: on)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
     pbt_flags(p)

@@ -64,7 +64,7 @@ class RunSettings:
     table: dict[str, str] | None = None
     command: str | None = None  # the command line, as MLflow's run source
     pbt: dict[str, Any] | None = None  # population-based training (inputs.pbt.Pbt as a dict)
-    sample_ahead: bool = False  # the next refill's parameters drawn while the pack trains
+    sample_ahead: str = "auto"  # on, off, auto (on a GPU): the next refill drawn meanwhile
 
     def params(self, workers: int) -> dict[str, Any]:
         """The study's settings as the parent run's params and the study's attributes."""
@@ -198,9 +198,9 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
         storage_patience=args.storage_patience, stop_within=args.stop_within,
         keep_checkpoints=args.keep_checkpoints, pack=pick(args.pack, "pack", "auto"),
         ramp=pick(args.ramp, "ramp", DEFAULT_RAMP), command=command,
-        sample_ahead=getattr(args, "sample_ahead", False),
+        sample_ahead=getattr(args, "sample_ahead", None) or "auto",
     )
-    if settings.sample_ahead and (settings.sampler not in MODEL_BASED or pbt is not None):
+    if settings.sample_ahead == "on" and (settings.sampler not in MODEL_BASED or pbt is not None):
         raise UserError(f"--sample-ahead: only with a model-based sampler ({', '.join(MODEL_BASED)}) "
                         f"and without --pbt; this run has sampler {settings.sampler}"
                         + (" and PBT" if pbt is not None else ""))

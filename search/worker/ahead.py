@@ -143,9 +143,17 @@ class SampleAhead:
         self.conn.close()
 
 
-def sample_ahead(settings: Any) -> SampleAhead | None:
-    """The child for a worker of `settings` (`--sample-ahead`, a model-based sampler)."""
-    if not getattr(settings, "sample_ahead", False) or settings.sampler not in MODEL_BASED:
+def wanted(setting: str, sampler: str, device: str) -> bool:
+    """`--sample-ahead`: on, off, or auto -- on where the worker trains on a GPU (its CPU cores
+    are then idle while the device trains; on a CPU the child would take the training's)."""
+    if setting == "on":
+        return True
+    return setting == "auto" and sampler in MODEL_BASED and device.startswith("cuda")
+
+
+def sample_ahead(settings: Any, device: str) -> SampleAhead | None:
+    """The child for a worker of `settings` training on `device`, when `wanted`."""
+    if not wanted(settings.sample_ahead, settings.sampler, device):
         return None
     return SampleAhead(settings.storage, settings.study_name, settings.sampler,
                        settings.space_text, settings.space_path, settings.seed)

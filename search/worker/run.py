@@ -50,10 +50,16 @@ def finished_by(study: optuna.Study, pids: set[int] | None = None,
     return sum(t.state.is_finished() and t.number not in retried and by(t) for t in trials)
 
 
+def trial_device(runner: TrialRunner) -> str:
+    """The device this worker's trials train on (`cuda:1`, `cpu`)."""
+    from trainer.runtime import resolve_device
+
+    return str(resolve_device(str({**runner.space.fixed, **runner.overrides}.get("device", "auto"))))
+
+
 def resolve_auto_pack(runner: TrialRunner, n_trials: int | None) -> int:
     """`--pack auto` on this worker's device, for the largest batch its space can draw."""
     from search.worker.sizing import auto_pack
-    from trainer.runtime import resolve_device
 
     fixed = {**runner.space.fixed, **runner.overrides}
     batch = next((p for p in runner.space.params if p.name == "batch_size"), None)
@@ -61,7 +67,7 @@ def resolve_auto_pack(runner: TrialRunner, n_trials: int | None) -> int:
     workers = next((p for p in runner.space.params if p.name == "local_workers"), None)
     local = (max(workers.values() or [workers.high]) if workers is not None
              else fixed.get("local_workers", 1))
-    device = str(resolve_device(str(fixed.get("device", "auto"))))
+    device = trial_device(runner)
     choice = auto_pack(device, int(max(batches)), int(local), n_trials)
     if choice.pack > 1:  # on a CPU auto is 1, as without packing: nothing to say
         say(choice.line)
@@ -152,7 +158,7 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
                         settings.seed).run()
         else:
             pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
-            ahead = sample_ahead(settings)
+            ahead = sample_ahead(settings, trial_device(runner))
             try:
                 run_trials(study, runner, pack, n_trials, settings.timeout, handler,
                            settings.stop_within, settings.ramp, settings.study_total, ahead)
