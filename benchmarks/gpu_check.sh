@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh
 # 1. the GPU-only tests (no host sync in packed steps, bf16 vs fp32), 2. a 3-epoch study with
 # --pack 16 on synthetic data (and how many of its trials were drawn ahead: --sample-ahead
-# auto), 3. the same study with --pack auto (the default: its choice), 4. benchmarks/pack.py --device cuda (epoch seconds at P = 1, 4, 16, 64). Last line: one summary.
+# auto), 3. the same study with --pack auto (the default: its choice), 4. benchmarks/pack.py
+# --device cuda (epoch seconds at P = 1, 4, 16, 64). Last line: one summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
