@@ -117,13 +117,13 @@ def test_a_packed_study_starts_its_refills_with_sets_drawn_ahead(store, tmp_path
     (tmp_path / "s.yaml").write_text(SPACE)
     url = (str(tmp_path / "j.log") if store == "journal"
            else request.getfixturevalue("postgres").create_database("ahead"))
-    done = run_cli("run", "--space", "s.yaml", "--storage", url, "--n-trials", "12",
-                   "--pack", "4", "--ramp", "off", "--pruner", "none", "--sample-ahead",
+    done = run_cli("run", "--space", "s.yaml", "--storage", url, "--n-trials", "8", "--epochs",
+                   "2", "--pack", "4", "--ramp", "off", "--pruner", "none", "--sample-ahead",
                    "--seed", "3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     trials = optuna.load_study(study_name="ahead", storage=open_storage(url)).get_trials()
-    assert len(trials) == 12 and all(t.state == State.COMPLETE for t in trials)
+    assert len(trials) == 8 and all(t.state == State.COMPLETE for t in trials)
     assert all(_in_space(t.params) for t in trials)
     ahead = [t.number for t in trials if t.user_attrs.get("drawn_ahead")]
     # the first pack is sampled by the worker itself; the refills after it come drawn ahead

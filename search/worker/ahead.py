@@ -21,7 +21,9 @@ draw for draw.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
+import sys
 from typing import Any
 
 import optuna
@@ -51,6 +53,7 @@ def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_te
     """The child: answers each `(number, k)` with `(number, sets)` until the worker closes the
     pipe (or dies: its end of the pipe closes with it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the worker's to handle
+    sys.stderr = open(os.devnull, "w")  # the worker says what a storage outage is, once
     from search.inputs.algorithms import make_sampler
     from search.inputs.space import parse_space
     from search.logs import quiet_libraries
