@@ -3,6 +3,8 @@ parameters drawn in a child process that only reads the study, used by the trial
 starts next, and a child that never outlives its worker."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -102,6 +104,48 @@ def test_a_killed_worker_leaves_no_sampling_child(tmp_path):
     while _alive(child) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(child), f"the sampling child {child} outlived its killed worker"
+
+
+def test_ctrl_c_stops_the_worker_and_its_child_and_a_rerun_finishes(tmp_path):
+    (tmp_path / "s.yaml").write_text(SPACE)
+    args = ["run", "--space", "s.yaml", "--n-trials", "8", "--epochs", "2", "--pack", "4",
+            "--ramp", "off", "--pruner", "none", "--sample-ahead"]
+    proc = subprocess.Popen([sys.executable, "-m", "search", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group, as a terminal's job
+    deadline = time.time() + 300
+    while not _drawn(tmp_path):  # the second pack started from sets drawn ahead
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, the child included
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    left = [pid for pid in _group(proc.pid) if _alive(pid)]
+    assert not left, f"left running after Ctrl-C: {left}"
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = optuna.load_study(study_name="ahead", storage=open_storage(
+        str(tmp_path / "search-journal.log"))).get_trials()
+    assert sum(t.state == State.COMPLETE for t in trials) == 8  # the interrupted ones resumed
+
+
+def _drawn(cwd) -> bool:
+    journal = cwd / "search-journal.log"
+    return journal.exists() and '"drawn_ahead"' in journal.read_text()
+
+
+def _group(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                pids.append(int(entry))
+    return pids
 
 
 def _alive(pid: int) -> bool:
