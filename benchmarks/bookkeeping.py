@@ -32,6 +32,8 @@ engine's share of a CPU run short; it changes nothing measured here.
     python benchmarks/bookkeeping.py --quick   # P 1 and 4, sizes 0 and 100, both stores
     python benchmarks/bookkeeping.py --against REV ...   # the same at commit REV, side by side
     python benchmarks/bookkeeping.py --checkpoint-every 1 ...  # every epoch (auto: default)
+    python benchmarks/bookkeeping.py --sample-ahead ...  # the widest pack refilled once (2P
+        # trials), without and with `search run --sample-ahead`'s child, side by side
 
 `--against REV` runs this same script in a git worktree of REV (the loop's names it times must
 exist there: from the restructured layout on) with the same arguments, and prints its table
