@@ -1,6 +1,6 @@
 """Sampling ahead (`search run --sample-ahead`): the next refill's parameters drawn in a child
 process while the pack trains, so a model-based sampler's cost (TPE fits its Parzen estimators
-over every trial of the study at each ask: ~30 ms at 2,000 trials on a laptop core) is off the
+over every trial of the study at each ask: ~30 ms at 2,000 trials on one Xeon core) is off the
 worker's critical path.
 
 After each refill the worker asks the child for as many parameter sets as it just started. The
