@@ -203,6 +203,11 @@ def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, wo
                                 direction="maximize", sampler=make_sampler("tpe", space, 0),
                                 pruner=make_pruner("median", epochs))
     prefill(study, size, epochs)
+    child = None
+    if ahead:  # started as `run_worker` starts it: once the study is open, drawing the first refill
+        from search.worker.ahead import SampleAhead
+        child = SampleAhead(storage, name, "tpe", SPACE, "bookkeeping.yaml", 0)
+        child.request(pack)
     tracker = Tracker(mlflow_uri, name)
     parent = tracker.parent_run(None, name, space.text, space.hash)
     store = CheckpointStore(workdir / "checkpoints", name)
@@ -215,10 +220,6 @@ def measure(pack: int, size: int, epochs: int, storage: str, mlflow_uri: str, wo
     clock = Clock()
     instrument_once(clock)
     CLOCK[0] = clock
-    child = None
-    if ahead:
-        from search.worker.ahead import SampleAhead
-        child = SampleAhead(storage, name, "tpe", SPACE, "bookkeeping.yaml", 0)
     start = time.perf_counter()
     try:
         loop.run_trials(study, runner, pack, trials or pack, None, RetryDeadTrial(0, tracker.uri),
@@ -389,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     widest = max(packs)
     if args.sample_ahead:
-        print(f"\nsampling ahead (P {widest}, {2 * widest} trials: the first refill is the "
-              "worker's own in both; ms per trial; epochs: wall seconds in run_epoch)")
+        print(f"\nsampling ahead (P {widest}, {2 * widest} trials; with the child, the first refill "
+              "is drawn from the study's open on, while the worker sets up; ms per trial; epochs: "
+              "wall seconds in run_epoch)")
         print(ahead_table([r for r in rows if r["pack"] == widest]))
 
     def figure(label: str, key: str) -> str:

@@ -65,18 +65,20 @@ def test_the_child_draws_while_the_worker_waits_for_nothing_and_ends_with_it(tmp
     _finished_study(storage, 20)
     ahead = SampleAhead(storage, "ahead", "tpe", SPACE, "ahead.yaml", seed=0)
     try:
-        assert ahead.take(3) == []  # nothing asked yet: the worker samples itself, at once
-        ahead.request(3)
-        ahead.request(3)  # still drawing: not asked twice
-        deadline = time.time() + 120
-        while ahead.busy and time.time() < deadline:
-            time.sleep(0.1)
-            ahead._collect()
-        sets = ahead.take(5)
+        assert ahead.next() is None  # nothing asked yet: the worker samples itself, at once
+        ahead.request(50)
+        ahead.request(3)  # a newer refill's: the first request's sets are dropped
+        sets, deadline = [], time.time() + 120
+        while len(sets) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+            sets += [s for s in [ahead.next()] if s is not None]  # one as each is drawn
         assert len(sets) == 3 and all(_in_space(s) for s in sets), sets
-        assert ahead.take(5) == []  # used once; the next refill's are asked afresh
+        assert len({s["lr"] for s in sets}) == 3
+        time.sleep(1)
+        assert ahead.next() is None  # three asked, three drawn: nothing of the first request
         ahead.request(2, left=0)  # the worker's budget is spent: nothing to draw
-        assert not ahead.busy
+        time.sleep(1)
+        assert ahead.next() is None
     finally:
         ahead.close()
     assert not ahead.proc.is_alive()

@@ -3,14 +3,16 @@ process while the pack trains, so a model-based sampler's cost (TPE fits its Par
 over every trial of the study at each ask: ~30 ms at 2,000 trials on one Xeon core) is off the
 worker's critical path.
 
-After each refill the worker asks the child for as many parameter sets as it just started. The
+The worker starts the child as soon as its study is open and asks it for the first refill's sets,
+so they are drawn while it sets up; after each refill it asks for as many as it just started. The
 child reads the study (it never writes to it), copies its finished and running trials into an
 in-memory study with the same sampler, and asks and samples there one set after another, each
-seeing the ones before it as running (TPE's constant liar), as the worker's own asks would. At
-the next refill the worker starts its new trials with the sets that are ready, as fixed
-parameters (Optuna's `enqueue_trial` way, without the write), and samples the rest itself; it
-never waits for the child. Sets not used then are dropped: the next ones are drawn from the
-study as the refill left it. A child that fails or dies leaves the worker sampling itself.
+seeing the ones before it as running (TPE's constant liar), as the worker's own asks would. It
+sends each set as soon as it is drawn and drops a request as soon as a newer one comes. At a
+refill the worker starts each new trial with the next set that is ready, as fixed parameters
+(Optuna's `enqueue_trial` way, without the write), and samples itself when none is; it never
+waits for the child. Sets not used by then are dropped: the next ones are drawn from the study
+as the refill left it. A child that fails or dies leaves the worker sampling itself.
 
 What changes: a set is drawn from the study as it stood one epoch earlier (the results of the
 epoch just trained are not in it), as a sampler in another worker would draw it; with
@@ -20,10 +22,12 @@ draw for draw.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -33,25 +37,30 @@ from search.inputs.algorithms import MODEL_BASED
 State = optuna.trial.TrialState
 
 
-def draw(trials: list[optuna.trial.FrozenTrial], directions: list, sampler: Any, space: Any,
-         k: int) -> list[dict[str, Any]]:
-    """`k` parameter sets from `sampler` over a copy of `trials`, each drawn with the ones
-    before it running (an in-memory study: nothing is written to the real one)."""
+def drawing(trials: list[optuna.trial.FrozenTrial], directions: list, sampler: Any,
+            space: Any) -> Iterator[dict[str, Any]]:
+    """Parameter sets from `sampler` over a copy of `trials`, each drawn with the ones before it
+    running (an in-memory study: nothing is written to the real one)."""
     mirror = optuna.create_study(directions=directions, sampler=sampler)
     mirror.add_trials([t for t in trials if t.state in (State.COMPLETE, State.PRUNED,
                                                          State.RUNNING)])
-    drawn = []
-    for _ in range(k):
+    while True:
         trial = mirror.ask()
         space.sample(trial)
-        drawn.append(dict(trial.params))
-    return drawn
+        yield dict(trial.params)
+
+
+def draw(trials: list[optuna.trial.FrozenTrial], directions: list, sampler: Any, space: Any,
+         k: int) -> list[dict[str, Any]]:
+    """`k` sets of `drawing`."""
+    return list(itertools.islice(drawing(trials, directions, sampler, space), k))
 
 
 def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_text: str,
            space_path: str, seed: int | None) -> None:
-    """The child: answers each `(number, k)` with `(number, sets)` until the worker closes the
-    pipe (or dies: its end of the pipe closes with it)."""
+    """The child: answers each `(number, k)` with up to `k` messages `(number, set)`, one as
+    each set is drawn, until a newer request comes, and ends when the worker closes the pipe
+    (or dies: its end of the pipe closes with it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the worker's to handle
     sys.stderr = open(os.devnull, "w")  # the worker says what a storage outage is, once
     from search.inputs.algorithms import make_sampler
@@ -64,31 +73,32 @@ def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_te
     try:
         space = parse_space(space_text, space_path)
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
-    except Exception:  # noqa: BLE001 -- the worker samples itself, as without this process
-        conn.close()
-        return
-    while True:
-        try:
+        request = conn.recv()
+        while request is not None:
+            number, k = request
+            try:  # a fresh sampler per request: its memo of the study is for one in-memory copy
+                sampler = make_sampler(sampler_name, space, None if seed is None else seed + number)
+                sets = drawing(study.get_trials(deepcopy=False), study.directions, sampler, space)
+                for params in itertools.islice(sets, k):
+                    conn.send((number, params))
+                    if conn.poll():  # a newer request: this one's refill has begun
+                        break
+            except (EOFError, OSError):
+                raise
+            except Exception:  # noqa: BLE001 -- an outage, ...: the worker samples itself this time
+                pass
             request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        number, k = request
-        try:  # a fresh sampler per draw: its memo of the study is for one in-memory copy
-            sampler = make_sampler(sampler_name, space, None if seed is None else seed + number)
-            sets = draw(study.get_trials(deepcopy=False), study.directions, sampler, space, k)
-        except Exception:  # noqa: BLE001 -- an outage, ...: the worker samples itself this time
-            sets = []
-        try:
-            conn.send((number, sets))
-        except (EOFError, OSError):
-            return
+    except (EOFError, OSError):  # the worker is gone
+        return
+    except Exception:  # noqa: BLE001 -- no study: the worker samples itself, as without this process
+        return
+    finally:
+        conn.close()
 
 
 class SampleAhead:
-    """The worker's side: `request(k)` after a refill, `take(k)` at the next one (never
-    waits), `close()` at the end."""
+    """The worker's side: `request(k)` at the start and after each refill, `next()` for each new
+    trial of a refill (never waits), `close()` at the end."""
 
     def __init__(self, storage: str, study_name: str, sampler_name: str, space_text: str,
                  space_path: str, seed: int | None):
@@ -97,17 +107,24 @@ class SampleAhead:
         self.proc = ctx.Process(target=_serve, name="search-sample-ahead", daemon=True,
                                 args=(child, storage, study_name, sampler_name, space_text,
                                       space_path, None if seed is None else seed + 1))
-        self.proc.start()
+        # born with Ctrl-C blocked (as multiprocessing's resource tracker is): a Ctrl-C while it
+        # starts up is the worker's, not a traceback of the child's; the worker's waits till then
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
-        self.number, self.wanted, self.busy, self.dead = 0, None, False, False
+        self.number, self.wanted, self.dead = 0, None, False
         self.ready: list[dict[str, Any]] = []
 
     def request(self, k: int, left: int | None = None) -> None:
         """Asks the child for `k` sets for the next refill (at most the `left` of the worker's
-        budget), unless it is still drawing."""
+        budget), in place of what it was drawing; sets not used yet are dropped."""
         k = k if left is None else min(k, left)
         self._collect()
-        if self.dead or self.busy or k < 1:
+        self.ready, self.wanted = [], None
+        if self.dead or k < 1:
             return
         self.number += 1
         try:
@@ -115,24 +132,21 @@ class SampleAhead:
         except (EOFError, OSError):
             self.dead = True
             return
-        self.wanted, self.busy = self.number, True
+        self.wanted = self.number
 
-    def take(self, k: int) -> list[dict[str, Any]]:
-        """Up to `k` sets drawn since the last refill, if they are ready now; an answer still
-        being drawn is dropped when it comes."""
+    def next(self) -> dict[str, Any] | None:
+        """The next set drawn for this refill, if one is ready now."""
         self._collect()
-        ready, self.ready, self.wanted = self.ready[:k], [], None
-        return ready
+        return self.ready.pop(0) if self.ready else None
 
     def _collect(self) -> None:
         try:
-            while self.busy and self.conn.poll():
-                number, sets = self.conn.recv()
-                self.busy = False
+            while not self.dead and self.conn.poll():
+                number, params = self.conn.recv()
                 if number == self.wanted:
-                    self.ready = sets
+                    self.ready.append(params)
         except (EOFError, OSError):
-            self.dead, self.busy = True, False
+            self.dead = True
 
     def close(self) -> None:
         try:
@@ -154,9 +168,12 @@ def wanted(setting: str, sampler: str, device: str) -> bool:
     return setting == "auto" and sampler in MODEL_BASED and device.startswith("cuda")
 
 
-def sample_ahead(settings: Any, device: str) -> SampleAhead | None:
-    """The child for a worker of `settings` training on `device`, when `wanted`."""
+def sample_ahead(settings: Any, device: str, first: int) -> SampleAhead | None:
+    """The child for a worker of `settings` training on `device`, when `wanted`, drawing the
+    `first` refill's sets at once."""
     if not wanted(settings.sample_ahead, settings.sampler, device):
         return None
-    return SampleAhead(settings.storage, settings.study_name, settings.sampler,
-                       settings.space_text, settings.space_path, settings.seed)
+    ahead = SampleAhead(settings.storage, settings.study_name, settings.sampler,
+                        settings.space_text, settings.space_path, settings.seed)
+    ahead.request(first)
+    return ahead

@@ -146,15 +146,14 @@ class WorkerLoop:
             with optuna_seam.reads_once(self.study), optuna_writes.writes_together(self.study):
                 made = (optuna_writes.create_trials(self.study, slots - waiting)
                         if slots - waiting > 1 else None) or []  # a refill's trials in one write
-                # parameters drawn while the pack trained (--sample-ahead), for new trials only
-                drawn = [None] * waiting + (self.ahead.take(slots - waiting) if self.ahead else [])
                 for i in range(slots):
                     if i and not self._budget_left():  # e.g. a grid sampler's grid is done
                         optuna_writes.hand_back(self.study, made[max(0, i - waiting):])
                         break
                     trial = (self.study.ask() if i < waiting else optuna_seam.ask_new(
                         self.study, made[i - waiting] if made else None))
-                    optuna_seam.fix_params(trial, drawn[i] if i < len(drawn) else None)
+                    # parameters drawn while the pack trained (--sample-ahead), for new trials only
+                    optuna_seam.fix_params(trial, self.ahead.next() if self.ahead and i >= waiting else None)
                     self.asked += 1
                     self._asked(trial)
                     self._admit(trial)

@@ -10,6 +10,7 @@ import signal
 import optuna
 
 from search.inputs.settings import RunSettings
+from search.inputs.space import Space
 from search.inputs.values import cadence_value
 from search.logs import quiet_libraries, say
 from search.study.budget import counted, set_total
@@ -19,7 +20,7 @@ from search.study.recovery import HOST, STOP, RetryDeadTrial, reap_dead_local_tr
 from search.study.session import TrialRunner
 from search.study.storage import has_heartbeat, wait_for_attr
 from search.tracking.client import PARENT_ATTR, Tracker
-from search.worker.ahead import sample_ahead
+from search.worker.ahead import SampleAhead, sample_ahead
 from search.worker.loop import run_trials
 
 STORAGE_GONE = 75  # a worker's exit status when the storage stayed silent past its patience
@@ -50,24 +51,24 @@ def finished_by(study: optuna.Study, pids: set[int] | None = None,
     return sum(t.state.is_finished() and t.number not in retried and by(t) for t in trials)
 
 
-def trial_device(runner: TrialRunner) -> str:
-    """The device this worker's trials train on (`cuda:1`, `cpu`)."""
+def trial_device(space: Space, overrides: dict) -> str:
+    """The device a worker's trials train on (`cuda:1`, `cpu`)."""
     from trainer.runtime import resolve_device
 
-    return str(resolve_device(str({**runner.space.fixed, **runner.overrides}.get("device", "auto"))))
+    return str(resolve_device(str({**space.fixed, **overrides}.get("device", "auto"))))
 
 
-def resolve_auto_pack(runner: TrialRunner, n_trials: int | None) -> int:
+def resolve_auto_pack(space: Space, overrides: dict, n_trials: int | None) -> int:
     """`--pack auto` on this worker's device, for the largest batch its space can draw."""
     from search.worker.sizing import auto_pack
 
-    fixed = {**runner.space.fixed, **runner.overrides}
-    batch = next((p for p in runner.space.params if p.name == "batch_size"), None)
+    fixed = {**space.fixed, **overrides}
+    batch = next((p for p in space.params if p.name == "batch_size"), None)
     batches = (batch.values() or [batch.high]) if batch is not None else [fixed.get("batch_size", 64)]
-    workers = next((p for p in runner.space.params if p.name == "local_workers"), None)
+    workers = next((p for p in space.params if p.name == "local_workers"), None)
     local = (max(workers.values() or [workers.high]) if workers is not None
              else fixed.get("local_workers", 1))
-    device = trial_device(runner)
+    device = trial_device(space, overrides)
     choice = auto_pack(device, int(max(batches)), int(local), n_trials)
     if choice.pack > 1:  # on a CPU auto is 1, as without packing: nothing to say
         say(choice.line)
@@ -126,6 +127,22 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         n_trials = None  # retries of other workers' trials must not use up a share
     if slurm_task is not None and n_trials is not None:
         n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
+    overrides = worker_device(index, settings.overrides)
+    pack, ahead = None, None
+    if settings.pbt is None and n_trials != 0:  # the first refill drawn while this one sets up
+        pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(space, overrides, n_trials)
+        ahead = sample_ahead(settings, trial_device(space, overrides), min(pack, n_trials or pack))
+    try:
+        _run(settings, index, study, space, overrides, n_trials, signals, pack, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
+    return study
+
+
+def _run(settings: RunSettings, index: int, study: optuna.Study, space: Space, overrides: dict,
+         n_trials: int | None, signals: tuple, pack: int | None, ahead: SampleAhead | None) -> None:
+    """`run_worker` once its study is open and its pack sized."""
     tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
     parent = wait_for_attr(study, PARENT_ATTR)
     handler = RetryDeadTrial(settings.max_retry, settings.mlflow_uri)
@@ -133,7 +150,7 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
     # this machine instead
     reaper = None if has_heartbeat(settings.storage) else (
         lambda s: reap_dead_local_trials(s, handler))
-    runner = TrialRunner(space, worker_device(index, settings.overrides), tracker, parent,
+    runner = TrialRunner(space, overrides, tracker, parent,
                          CheckpointStore(settings.checkpoint_dir, settings.study_name,
                                          settings.keep_checkpoints), reaper, settings.objectives,
                          settings.constraints, cadence_value(settings.checkpoint_every))
@@ -141,7 +158,7 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         reaper(study)
     if n_trials == 0:  # only tidy up (stale trials failed and re-queued)
         optuna.storages.fail_stale_trials(study)
-        return study
+        return
     STOP.install(signals)
     try:
         if settings.pbt is not None:  # the population is the pack and the budget
@@ -157,17 +174,10 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
                 PbtLoop(study, runner, pbt, settings.timeout, handler, settings.stop_within,
                         settings.seed).run()
         else:
-            pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(runner, n_trials)
-            ahead = sample_ahead(settings, trial_device(runner))
-            try:
-                run_trials(study, runner, pack, n_trials, settings.timeout, handler,
-                           settings.stop_within, settings.ramp, settings.study_total, ahead)
-            finally:
-                if ahead is not None:
-                    ahead.close()
+            run_trials(study, runner, pack, n_trials, settings.timeout, handler,
+                       settings.stop_within, settings.ramp, settings.study_total, ahead)
         if STOP.requested:  # stopped between trials: nothing to re-queue, still an interruption
             raise KeyboardInterrupt
     finally:
         runner.checkpoints.drain()  # what the background writer holds is on disk
         tracker.drain()
-    return study
