@@ -84,3 +84,20 @@ def test_the_trainer_never_imports_optuna_or_mlflow_or_search():
     for m, path in modules("trainer").items():
         bad = {i for i in imports(path) if i.split(".")[0] in ("optuna", "mlflow", "search")}
         assert not bad, f"{m} imports {sorted(bad)}"
+
+
+def test_help_and_a_bad_flag_answer_without_importing_torch_or_mlflow():
+    """`search --help` and the one line for a bad flag come at once (under a second, not the
+    5-15 s that importing torch, MLflow and scikit-learn takes): only a command that trains,
+    tracks or loads data imports them."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom search.cli import main\n"
+              "for argv in (['--help'], ['run', '--help'], ['run', '--space', 'nope.yaml']):\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "print('HEAVY', sorted(m for m in ('torch', 'mlflow', 'sklearn') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert "search run: error: nope.yaml" in out.stderr, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-2000:]

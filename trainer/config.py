@@ -95,6 +95,11 @@ class ConfigError(ValueError):
     """A setting has a value it cannot take; the message names the key and what was expected."""
 
 
+class DataError(RuntimeError):
+    """The dataset cannot be had; the message says where it must be put. (Raised by
+    `trainer.data`; here so that the command line catches it without importing torch.)"""
+
+
 @dataclass
 class TrainConfig:
     # optimiser

@@ -20,14 +20,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from trainer.config import DataError  # noqa: F401 -- the data's own error, raised here
 from trainer.folder import LayoutError, is_folder
 from trainer.folder import load as load_folder
 
 CIFAR_FOLDER = "cifar-100-python"
-
-
-class DataError(RuntimeError):
-    """The dataset cannot be had; the message says where it must be put."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from search.cli.args import Parser
 from search.errors import UserError
-from trainer.config import ConfigError
+from trainer.config import ConfigError, DataError
 
 
 def build_parser() -> Parser:
@@ -29,8 +29,6 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from trainer.data import DataError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

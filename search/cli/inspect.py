@@ -18,7 +18,7 @@ from search.logs import quiet_libraries
 from search.study.budget import TOTAL_ATTR, finished
 from search.study.lineage import is_pbt
 from search.study.storage import is_file, open_storage, redact, storage_url
-from search.tracking.client import RUN_ATTR
+from search.tracking import RUN_ATTR
 from search.ui.progress import describe_counts, short_params, state_counts, trials_word
 
 State = optuna.trial.TrialState

@@ -54,7 +54,8 @@ def chosen_trial(study: optuna.Study, number: int | None) -> optuna.trial.Frozen
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from search.tracking.client import PARENT_ATTR, RUN_ATTR, Tracker
+    from search.tracking import PARENT_ATTR, RUN_ATTR
+    from search.tracking.client import Tracker
     from search.tracking.datasets import dataset_input
     from search.tracking.models import log_model
     from trainer import TrainConfig, replay, train

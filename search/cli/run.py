@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from search.cli.args import (
     checkpoint_cadence,
@@ -27,10 +28,12 @@ from search.inputs.settings import (
     resolve,
     trial_setting,
 )
-from search.launch.base import Launcher
 from search.logs import quiet_libraries
 from search.study.storage import storage_url
 from trainer.config import DATASETS, PRECISIONS
+
+if TYPE_CHECKING:  # `search --help` and a bad flag's line without MLflow's import
+    from search.launch.base import Launcher
 
 
 def add_parsers(sub) -> None:

@@ -40,7 +40,8 @@ from search.study.checkpoints import DEFAULT_DIR
 from search.study.lifecycle import open_run
 from search.study.recovery import HOST, STOP
 from search.study.storage import redact, shared_across_machines
-from search.tracking.client import PARENT_ATTR, Tracker
+from search.tracking import PARENT_ATTR
+from search.tracking.client import Tracker
 from search.ui.progress import Progress
 from search.worker.run import finished_by, resolve_budget, run_worker, shares
 

@@ -19,7 +19,8 @@ from search.inputs.space import Space
 from search.logs import say
 from search.study.recovery import RetryDeadTrial
 from search.study.storage import DEFAULT_STORAGE, open_storage, redact, wait_for_attr
-from search.tracking.client import PARENT_ATTR, RUN_ATTR, Tracker
+from search.tracking import PARENT_ATTR, RUN_ATTR
+from search.tracking.client import Tracker
 from search.tracking.views import set_view
 from trainer.config import TrainConfig
 

@@ -28,7 +28,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from search import optuna_seam
 from search.errors import Interrupted
-from search.tracking.client import RUN_ATTR
+from search.tracking import RUN_ATTR
 
 __all__ = ["STOP", "Interrupted", "RetryDeadTrial", "chain_root", "mark_worker",
            "reap_dead_local_trials", "reap_worker", "requeue_interrupted", "retried_numbers"]

@@ -24,7 +24,8 @@ from search.logs import say
 from search.study.checkpoints import CheckpointStore, due
 from search.study.recovery import chain_root, mark_worker
 from search.study.storage import StorageBusy, no_waiting
-from search.tracking.client import RUN_ATTR, PendingRun, Tracker, run_id_of
+from search.tracking import RUN_ATTR
+from search.tracking.client import PendingRun, Tracker, run_id_of
 from trainer import TrainConfig
 from trainer.config import ConfigError, never_averages
 

@@ -43,8 +43,6 @@ from search.tracking.views import VIEW_KEY, VIEW_PARAM, mark_best
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                  "seconds", "comm_rounds")
-PARENT_ATTR = "mlflow_parent_run_id"
-RUN_ATTR = "mlflow_run_id"
 
 
 # MLflow's own HTTP retries default to 7 with exponential backoff and a 120 s timeout (minutes

@@ -21,7 +21,7 @@ import optuna
 from search.inputs.constraints import feasible
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
 from search.study.lineage import is_pbt, schedule_text
-from search.tracking.client import RUN_ATTR
+from search.tracking import RUN_ATTR
 
 State = optuna.trial.TrialState
 COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "learning_rate",

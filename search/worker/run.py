@@ -19,7 +19,8 @@ from search.study.lifecycle import open_study
 from search.study.recovery import HOST, STOP, RetryDeadTrial, reap_dead_local_trials, retried_numbers
 from search.study.session import TrialRunner
 from search.study.storage import has_heartbeat, wait_for_attr
-from search.tracking.client import PARENT_ATTR, Tracker
+from search.tracking import PARENT_ATTR
+from search.tracking.client import Tracker
 from search.worker.ahead import SampleAhead, sample_ahead
 from search.worker.loop import run_trials
 
