@@ -84,6 +84,17 @@ def test_the_child_draws_while_the_worker_waits_for_nothing_and_ends_with_it(tmp
     assert not ahead.proc.is_alive()
 
 
+def test_close_ends_a_child_whose_sets_fill_the_pipe(tmp_path):
+    storage = str(tmp_path / "j.log")
+    optuna.create_study(study_name="wide", storage=open_storage(storage))
+    wide = SPACE.replace("ahead", "wide")
+    ahead = SampleAhead(storage, "wide", "random", wide, "wide.yaml", seed=0)
+    ahead.request(100_000)  # ~0.1 KB a set: the pipe fills long before the child is done
+    time.sleep(5)
+    ahead.close()
+    assert ahead.proc.exitcode == 0  # it read the close and ended, not terminated
+
+
 def test_a_killed_worker_leaves_no_sampling_child(tmp_path):
     storage = str(tmp_path / "j.log")
     _finished_study(storage, 10)

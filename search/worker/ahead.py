@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -153,7 +154,11 @@ class SampleAhead:
             self.conn.send(None)
         except (EOFError, OSError):
             pass
-        self.proc.join(timeout=5)
+        deadline = time.monotonic() + 5
+        while self.proc.is_alive() and time.monotonic() < deadline:
+            self.wanted = None  # read and dropped: a child blocked on a full pipe reads the close
+            self._collect()
+            self.proc.join(timeout=0.05)
         if self.proc.is_alive():
             self.proc.terminate()
             self.proc.join(timeout=5)
