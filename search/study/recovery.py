@@ -110,16 +110,20 @@ class RetryDeadTrial:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
                  reason: str = "worker died; the trial is retried", status: str = "FAIL") -> None:
         run_id = trial.user_attrs.get(RUN_ATTR)
-        if run_id:
-            try:
-                from search.tracking.client import Tracker
+        try:
+            from search.tracking.client import Tracker
 
-                tracker = Tracker(self.mlflow_uri, study.study_name)
-                if tracker.client.get_run(run_id).info.status == "RUNNING":
-                    tracker.end_trial(run_id, status, reason)
-                    tracker.drain(seconds=10)  # closed before the retry reopens it
-            except Exception:  # tracking trouble must not block the retry
-                pass
+            tracker = Tracker(self.mlflow_uri, study.study_name)
+            # killed after its run was created (the sender thread's) and before the trial
+            # heard of it: the run is found by its trial number instead
+            run_id = run_id or next((r.info.run_id for r in tracker.client.search_runs(
+                [tracker.experiment_id], f"tags.trial_number = '{trial.number}' and "
+                "attributes.status = 'RUNNING'", max_results=1)), None)
+            if run_id and tracker.client.get_run(run_id).info.status == "RUNNING":
+                tracker.end_trial(run_id, status, reason)
+                tracker.drain(seconds=10)  # closed before the retry reopens it
+        except Exception:  # tracking trouble must not block the retry
+            pass
         clean = copy.copy(trial)
         clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in STALE_ATTRS}
         self.retry(study, clean)
