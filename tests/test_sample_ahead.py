@@ -2,6 +2,7 @@
 parameters drawn in a child process that only reads the study, used by the trials the worker
 starts next, and a child that never outlives its worker."""
 
+import itertools
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 from search.inputs.algorithms import make_sampler
 from search.inputs.space import parse_space
 from search.study.storage import open_storage
-from search.worker.ahead import SampleAhead, draw, wanted
+from search.worker.ahead import SampleAhead, drawing, wanted
 from tests.conftest import ROOT, run_cli
 
 State = optuna.trial.TrialState
@@ -53,8 +54,8 @@ def test_drawn_sets_follow_the_space_and_write_nothing_to_the_study(tmp_path):
     running = study.ask()  # another worker's trial in flight: the liar counts it
     running.suggest_float("lr", 1e-4, 1e-2, log=True)
     space = parse_space(SPACE, "ahead.yaml")
-    sets = draw(study.get_trials(deepcopy=False), study.directions,
-                make_sampler("tpe", space, 0), space, 4)
+    sets = list(itertools.islice(drawing(study.get_trials(deepcopy=False), study.directions,
+                                         make_sampler("tpe", space, 0), space), 4))
     assert len(sets) == 4 and all(_in_space(s) for s in sets), sets
     assert len({s["lr"] for s in sets}) == 4  # each drawn with the ones before it running
     assert len(study.get_trials()) == 31  # read only

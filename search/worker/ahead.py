@@ -51,12 +51,6 @@ def drawing(trials: list[optuna.trial.FrozenTrial], directions: list, sampler: A
         yield dict(trial.params)
 
 
-def draw(trials: list[optuna.trial.FrozenTrial], directions: list, sampler: Any, space: Any,
-         k: int) -> list[dict[str, Any]]:
-    """`k` sets of `drawing`."""
-    return list(itertools.islice(drawing(trials, directions, sampler, space), k))
-
-
 def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_text: str,
            space_path: str, seed: int | None) -> None:
     """The child: answers each `(number, k)` with up to `k` messages `(number, set)`, one as
@@ -155,8 +149,8 @@ class SampleAhead:
         except (EOFError, OSError):
             pass
         deadline = time.monotonic() + 5
-        while self.proc.is_alive() and time.monotonic() < deadline:
-            self.wanted = None  # read and dropped: a child blocked on a full pipe reads the close
+        self.wanted = None  # what still comes is read and dropped: a child blocked on a full
+        while self.proc.is_alive() and time.monotonic() < deadline:  # pipe then reads the close
             self._collect()
             self.proc.join(timeout=0.05)
         if self.proc.is_alive():
