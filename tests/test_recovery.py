@@ -1,5 +1,5 @@
 """Crash safety: a killed worker's trial resumes from its checkpoint in the same MLflow run;
-SIGTERM stops at a safe point and re-queues; the soak test's figures hold (short version)."""
+SIGTERM stops at a safe point and re-queues; a run orphaned by a kill is closed; the soak test's figures hold (short version)."""
 
 import os
 import signal
@@ -91,6 +91,46 @@ def test_sigterm_stops_at_a_safe_point_and_requeues(tmp_path):
     trials = _trials(tmp_path)
     assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
     assert trials[1].user_attrs["resumed_from_epoch"] == saved
+
+
+def test_a_run_orphaned_by_a_kill_before_the_trial_knew_it_is_closed(tmp_path):
+    """A worker killed after the sender thread created its trial's MLflow run and before the
+    trial recorded the run's id: the next command closes that run (found by its trial number)
+    instead of leaving it RUNNING in the MLflow UI forever, and the trial is retried."""
+    from search.study.recovery import HOST
+    from search.tracking import PARENT_ATTR
+    from search.tracking.client import Tracker
+
+    (tmp_path / "s.yaml").write_text(SPACE)
+    opened = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "0"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert opened.returncode == 0, opened.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log")))
+    study = optuna.load_study(study_name="s", storage=storage)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid on this host whose process is gone, as a SIGKILLed worker's
+    trial = study.ask()
+    trial.suggest_float("lr", 5.0e-4, 2.0e-3, log=True)
+    trial.set_user_attr("worker_host", HOST)
+    trial.set_user_attr("worker_pid", gone.pid)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "s")
+    orphan = tracker.start_trial(study.user_attrs[PARENT_ATTR], trial.number, trial.params, {}, "")
+    tracker.drain()
+    assert "mlflow_run_id" not in study.trials[0].user_attrs  # killed before the trial heard of it
+
+    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "1",
+                        "--epochs", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(orphan).info.status == "FAILED"
+    assert client.get_run(orphan).data.tags["reason"] == "worker died; the trial is retried"
+    first, retry = _trials(tmp_path)
+    assert first.state == State.FAIL and retry.state == State.COMPLETE
+    assert retry.system_attrs["failed_trial"] == 0
+    experiment = client.get_experiment_by_name("s").experiment_id
+    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
 
 
 def test_soak_short(postgres):
