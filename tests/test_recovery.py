@@ -1,5 +1,6 @@
 """Crash safety: a killed worker's trial resumes from its checkpoint in the same MLflow run;
-SIGTERM stops at a safe point and re-queues; a run orphaned by a kill is closed; the soak test's figures hold (short version)."""
+SIGTERM stops at a safe point and re-queues; a run orphaned by a kill is closed; the soak
+test's figures hold (short version)."""
 
 import os
 import signal
