@@ -25,7 +25,15 @@ from search.study.budget import counted, room
 from search.study.lifecycle import open_run
 from search.study.recovery import STOP, RetryDeadTrial, reap_worker
 from search.ui.progress import Progress, print_summary
-from search.worker.run import STORAGE_GONE, finished_by, resolve_budget, run_worker, shares
+from search.worker.run import (
+    STORAGE_GONE,
+    finished_by,
+    resolve_budget,
+    run_worker,
+    shares,
+    start_sample_ahead,
+    worker_device,
+)
 from trainer.config import ConfigError
 from trainer.data import DataError
 
@@ -180,15 +188,24 @@ class Supervisor:
 def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `settings.n_trials` (or the timeout) are spent. Returns the study."""
-    study, tracker, parent, epochs = open_run(settings, workers)
-    settings = resolve_budget(study, settings)
+    ahead = None  # one worker here: its sampling-ahead child starts up while the study opens
+    if workers == 1:
+        ahead = start_sample_ahead(settings, settings.load_space(), worker_device(0, settings.overrides),
+                                   settings.n_trials)
+    try:
+        study, tracker, parent, epochs = open_run(settings, workers)
+        settings = resolve_budget(study, settings)
+    except BaseException:
+        if ahead is not None:
+            ahead.close()
+        raise
     pids = {os.getpid()}  # the Supervisor adds its workers'
     progress = Progress(study, settings.study_total, epochs, pids=pids)
     progress.watch()
     status = "FAILED"
     try:
         if workers == 1:
-            run_worker(settings, 0, settings.n_trials, None)
+            run_worker(settings, 0, settings.n_trials, None, ahead=ahead)
         else:
             # like a worker's: first signal stops after the epoch, a second stops at once;
             # a SIGINT ignored by whoever started us (`cmd &` in a script) stays ignored

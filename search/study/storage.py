@@ -249,8 +249,9 @@ def resilient_storage() -> type[ResilientRDBStorage]:
 
 def open_storage(url: str | None = None, heartbeat: int | None = None,
                  stale_callback: Callable | None = None,
-                 patience: float | None = None) -> optuna.storages.BaseStorage:
-    """Journal file for a plain path, RDBStorage (heartbeats, retries) for a SQLAlchemy URL."""
+                 patience: float | None = None, create: bool = True) -> optuna.storages.BaseStorage:
+    """Journal file for a plain path, RDBStorage (heartbeats, retries) for a SQLAlchemy URL;
+    `create=False`: a database without Optuna's tables is not given them (a reader's open)."""
     url = storage_url(url)
     if is_file(url):
         return JournalStorage(JournalFileBackend(url))
@@ -261,9 +262,9 @@ def open_storage(url: str | None = None, heartbeat: int | None = None,
         if not host or not port.isdigit():
             raise UserError(f"--storage {url}: expected grpc://HOST:PORT")
         return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if create else {"skip_table_creation": True}
     if heartbeat:
-        kwargs = dict(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
+        kwargs.update(heartbeat_interval=heartbeat, grace_period=heartbeat * 3,
                       heartbeat_stale_trial_callback=stale_callback)
     for attempt in range(6):
         try:

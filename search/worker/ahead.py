@@ -3,8 +3,10 @@ process while the pack trains, so a model-based sampler's cost (TPE fits its Par
 over every trial of the study at each ask: ~30 ms at 2,000 trials on one Xeon core) is off the
 worker's critical path.
 
-The worker starts the child as soon as its study is open and asks it for the first refill's sets,
-so they are drawn while it sets up; after each refill it asks for as many as it just started. The
+The command starts the child before it opens the study and asks it at once for the first refill's
+sets (at most a pack's), so its start-up and its draws overlap the command's own (the study and
+its MLflow run opened, the worker set up); once the pack is sized exactly the worker tops the
+request up if it asked too few, and after each refill asks for as many as it just started. The
 child reads the study (it never writes to it), copies its finished and running trials into an
 in-memory study with the same sampler, and asks and samples there one set after another, each
 seeing the ones before it as running (TPE's constant liar), as the worker's own asks would. It
@@ -51,6 +53,19 @@ def drawing(trials: list[optuna.trial.FrozenTrial], directions: list, sampler: A
         yield dict(trial.params)
 
 
+def _find(storage: str, study_name: str) -> optuna.Study | None:
+    """The study, or None while its command has not created it (nor its storage: a new
+    database is given its tables by the command, never by this reader)."""
+    from search.study.storage import is_file, open_storage, storage_url
+
+    if is_file(storage_url(storage)) and not os.path.exists(storage_url(storage)):
+        return None  # nor its journal file
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage, create=False))
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_text: str,
            space_path: str, seed: int | None) -> None:
     """The child: answers each `(number, k)` with up to `k` messages `(number, set)`, one as
@@ -61,16 +76,20 @@ def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_te
     from search.inputs.algorithms import make_sampler
     from search.inputs.space import parse_space
     from search.logs import quiet_libraries
-    from search.study.storage import open_storage
 
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         space = parse_space(space_text, space_path)
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        study = _find(storage, study_name)  # read while the command opens it
         request = conn.recv()
         while request is not None:
             number, k = request
+            while study is None and not conn.poll(0.1):  # a new study: its command creates it now
+                study = _find(storage, study_name)
+            if study is None:  # a newer request (or the close) came first
+                request = conn.recv()
+                continue
             try:  # a fresh sampler per request: its memo of the study is for one in-memory copy
                 sampler = make_sampler(sampler_name, space, None if seed is None else seed + number)
                 sets = drawing(study.get_trials(deepcopy=False), study.directions, sampler, space)
@@ -85,7 +104,7 @@ def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_te
             request = conn.recv()
     except (EOFError, OSError):  # the worker is gone
         return
-    except Exception:  # noqa: BLE001 -- no study: the worker samples itself, as without this process
+    except Exception:  # noqa: BLE001 -- a bad space: the worker samples itself, as without this process
         return
     finally:
         conn.close()
@@ -110,7 +129,7 @@ class SampleAhead:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
-        self.number, self.wanted, self.dead = 0, None, False
+        self.number, self.wanted, self.asked, self.dead = 0, None, 0, False
         self.ready: list[dict[str, Any]] = []
 
     def request(self, k: int, left: int | None = None) -> None:
@@ -127,7 +146,13 @@ class SampleAhead:
         except (EOFError, OSError):
             self.dead = True
             return
-        self.wanted = self.number
+        self.wanted, self.asked = self.number, k
+
+    def top_up(self, k: int) -> None:
+        """Asks for `k` sets for the first refill, keeping what the request made at the start
+        (before the pack was sized exactly) draws when it asked for at least `k`."""
+        if self.wanted is None or self.asked < k:
+            self.request(k)
 
     def next(self) -> dict[str, Any] | None:
         """The next set drawn for this refill, if one is ready now."""
@@ -168,8 +193,9 @@ def wanted(setting: str, sampler: str, device: str) -> bool:
 
 
 def sample_ahead(settings: Any, device: str, first: int) -> SampleAhead | None:
-    """The child for a worker of `settings` training on `device`, when `wanted`, drawing the
-    `first` refill's sets at once."""
+    """The child for a worker of `settings` training on `device`, when `wanted`, started before
+    the study is opened and drawing at most `first` sets for the first refill at once: a study
+    that exists is read while the command opens it and sets up (a new one, at the `top_up`)."""
     if not wanted(settings.sample_ahead, settings.sampler, device):
         return None
     ahead = SampleAhead(settings.storage, settings.study_name, settings.sampler,

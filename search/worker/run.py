@@ -21,7 +21,7 @@ from search.study.session import TrialRunner
 from search.study.storage import has_heartbeat, wait_for_attr
 from search.tracking import PARENT_ATTR
 from search.tracking.client import Tracker
-from search.worker.ahead import SampleAhead, sample_ahead
+from search.worker.ahead import SampleAhead, sample_ahead, wanted
 from search.worker.loop import run_trials
 
 STORAGE_GONE = 75  # a worker's exit status when the storage stayed silent past its patience
@@ -59,8 +59,9 @@ def trial_device(space: Space, overrides: dict) -> str:
     return str(resolve_device(str({**space.fixed, **overrides}.get("device", "auto"))))
 
 
-def resolve_auto_pack(space: Space, overrides: dict, n_trials: int | None) -> int:
-    """`--pack auto` on this worker's device, for the largest batch its space can draw."""
+def auto_pack_choice(space: Space, overrides: dict, n_trials: int | None):
+    """`--pack auto`'s choice (`sizing.AutoPack`) on this worker's device, for the largest batch
+    its space can draw."""
     from search.worker.sizing import auto_pack
 
     fixed = {**space.fixed, **overrides}
@@ -69,8 +70,12 @@ def resolve_auto_pack(space: Space, overrides: dict, n_trials: int | None) -> in
     workers = next((p for p in space.params if p.name == "local_workers"), None)
     local = (max(workers.values() or [workers.high]) if workers is not None
              else fixed.get("local_workers", 1))
-    device = trial_device(space, overrides)
-    choice = auto_pack(device, int(max(batches)), int(local), n_trials)
+    return auto_pack(trial_device(space, overrides), int(max(batches)), int(local), n_trials)
+
+
+def resolve_auto_pack(space: Space, overrides: dict, n_trials: int | None) -> int:
+    """`--pack auto` on this worker's device, said in the worker's log."""
+    choice = auto_pack_choice(space, overrides, n_trials)
     if choice.pack > 1:  # on a CPU auto is 1, as without packing: nothing to say
         say(choice.line)
     return choice.pack
@@ -111,29 +116,47 @@ def resolve_budget(study: optuna.Study, settings: RunSettings) -> RunSettings:
     return dataclasses.replace(settings, study_total=total, n_trials=left)
 
 
+def start_sample_ahead(settings: RunSettings, space: Space, overrides: dict,
+                       n_trials: int | None) -> SampleAhead | None:
+    """`--sample-ahead`'s child for a worker with these overrides and (at most) `n_trials`
+    trials, where it has trials to draw (not a PBT study's: its population is drawn once),
+    drawing a first refill of a pack's width at once."""
+    if settings.pbt is not None or n_trials == 0 or settings.sample_ahead == "off":
+        return None
+    device = trial_device(space, overrides)
+    if not wanted(settings.sample_ahead, settings.sampler, device):
+        return None
+    pack = settings.pack if settings.pack != "auto" else auto_pack_choice(space, overrides, n_trials).pack
+    return sample_ahead(settings, device, min(pack, n_trials or pack))
+
+
 def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads: int | None,
                signals: tuple = (signal.SIGINT, signal.SIGTERM),
-               slurm_task: str | None = None) -> optuna.Study:
+               slurm_task: str | None = None, ahead: SampleAhead | None = None) -> optuna.Study:
     """One worker: open the study, run its share of trials. Trial failures (divergence, an
     impossible combination) fail that trial only; anything else ends the worker. A Slurm array
-    task (`slurm_task`) that runs again after a requeue runs only what its earlier runs left."""
+    task (`slurm_task`) that runs again after a requeue runs only what its earlier runs left.
+    `ahead`: the sampling-ahead child its command started already (else started here)."""
     quiet_libraries()
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     space = settings.load_space()
-    study, _ = open_study(settings, space, worker=index)
-    if settings.study_total is not None and n_trials:  # the study's total bounds it instead:
-        n_trials = None  # retries of other workers' trials must not use up a share
-    if slurm_task is not None and n_trials is not None:
-        n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
     overrides = worker_device(index, settings.overrides)
-    pack, ahead = None, None
-    if settings.pbt is None and n_trials != 0:  # the first refill drawn while this one sets up
-        pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(space, overrides, n_trials)
-        ahead = sample_ahead(settings, trial_device(space, overrides), min(pack, n_trials or pack))
+    if ahead is None:  # starts up while the study opens
+        ahead = start_sample_ahead(settings, space, overrides, n_trials)
     try:
+        study, _ = open_study(settings, space, worker=index)
+        if settings.study_total is not None and n_trials:  # the study's total bounds it instead:
+            n_trials = None  # retries of other workers' trials must not use up a share
+        if slurm_task is not None and n_trials is not None:
+            n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
+        pack = None
+        if settings.pbt is None and n_trials != 0:
+            pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(space, overrides, n_trials)
+            if ahead is not None:  # the first refill's sets: drawing since the start
+                ahead.top_up(min(pack, n_trials or pack))
         _run(settings, index, study, space, overrides, n_trials, signals, pack, ahead)
     finally:
         if ahead is not None:
