@@ -82,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
-    print(f"commit {rev}; {platform.node()}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; P {args.pack}, study of {args.size} finished trials")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
+        else platform.machine()
+    print(f"first refill: commit {rev}; {platform.node()}: {cpu}, {os.cpu_count()} cores; P {args.pack}, "
+          f"study of {args.size} finished trials; python benchmarks/first_refill.py {' '.join(argv or sys.argv[1:])}")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="first-refill-") as tmp:
         seed = Path(tmp) / "seed"
