@@ -23,7 +23,7 @@ start=$(date +%s)
     2> study.err | tail -1 ) | tee "$out/study.log"
 study_s=$(( $(date +%s) - start ))
 study=$( grep -q "32 complete" "$out/study.log" && echo ok || echo FAIL )
-# --sample-ahead auto is on for a GPU: the refill after the first pack comes drawn ahead
+# --sample-ahead auto is on for a GPU: the first pack and the refill after it come drawn ahead
 ahead=$( cd "$out" && $PY -c "import optuna; from search.study.storage import open_storage; \
 s = optuna.load_study(study_name='space', storage=open_storage('search-journal.log')); \
 print(sum(bool(t.user_attrs.get('drawn_ahead')) for t in s.get_trials()))" 2>/dev/null || echo FAIL )
