@@ -195,7 +195,7 @@ def wanted(setting: str, sampler: str, device: str) -> bool:
 def sample_ahead(settings: Any, device: str, first: int) -> SampleAhead | None:
     """The child for a worker of `settings` training on `device`, when `wanted`, started before
     the study is opened and drawing at most `first` sets for the first refill at once: a study
-    that exists is read while the command opens it and sets up (a new one, at the `top_up`)."""
+    that exists is read while the command opens it and sets up (a new one once it is created)."""
     if not wanted(settings.sample_ahead, settings.sampler, device):
         return None
     ahead = SampleAhead(settings.storage, settings.study_name, settings.sampler,
