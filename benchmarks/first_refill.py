@@ -45,10 +45,12 @@ def one(workdir: Path, pack: int, mode: str) -> dict:
     before = len(optuna.load_study(study_name="big", storage=open_storage("search-journal.log")).trials)
     rc = main(["run", "--space", "s.yaml", "--study", "big", "--add-trials", str(pack), "--pack",
                str(pack), "--epochs", "1", "--sample-ahead", mode])
+    if rc != 0:
+        raise SystemExit(f"search run exited {rc}")
     first_s, first_n = clock.first
     study = optuna.load_study(study_name="big", storage=open_storage("search-journal.log"))
     ran = [t for t in study.get_trials(deepcopy=False) if t.number >= before]
-    return {"mode": mode, "rc": rc, "first_ms": 1000 * first_s / first_n, "first_trials": first_n,
+    return {"mode": mode, "first_ms": 1000 * first_s / first_n, "first_trials": first_n,
             "drawn_ahead": sum(bool(t.user_attrs.get("drawn_ahead")) for t in ran[:first_n])}
 
 
@@ -64,6 +66,14 @@ def prepare(workdir: Path, size: int) -> None:
     os.chdir(workdir)
     assert main(["run", "--space", "s.yaml", "--study", "big", "--n-trials", "0"]) == 0
     prefill(optuna.load_study(study_name="big", storage=open_storage("search-journal.log")), size, 3)
+
+
+def cpu_model() -> str:
+    """The CPU's model name where Linux says it, else its architecture."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
+                platform.machine())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
-        else platform.machine()
-    print(f"first refill: commit {rev}; {platform.node()}: {cpu}, {os.cpu_count()} cores; P {args.pack}, "
+    print(f"first refill: commit {rev}; {platform.node()}: {cpu_model()}, {os.cpu_count()} cores; P {args.pack}, "
           f"study of {args.size} finished trials; python benchmarks/first_refill.py {' '.join(argv or sys.argv[1:])}")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="first-refill-") as tmp:

@@ -53,17 +53,23 @@ def drawing(trials: list[optuna.trial.FrozenTrial], directions: list, sampler: A
         yield dict(trial.params)
 
 
-def _find(storage: str, study_name: str) -> optuna.Study | None:
-    """The study, or None while its command has not created it (nor its storage: a new
-    database is given its tables by the command, never by this reader)."""
+def _find(url: str, study_name: str, storage: Any = None) -> tuple[optuna.Study | None, Any]:
+    """The study (None while its command has not created it) and the storage it was looked for
+    in, kept for the next try once open (a new database is given Optuna's tables by the
+    command, never by this reader; a journal file that is not there yet is not opened)."""
     from search.study.storage import is_file, open_storage, storage_url
 
-    if is_file(storage_url(storage)) and not os.path.exists(storage_url(storage)):
-        return None  # nor its journal file
+    if storage is None:
+        if is_file(storage_url(url)) and not os.path.exists(storage_url(url)):
+            return None, None
+        try:
+            storage = open_storage(url, create=False)
+        except Exception:  # noqa: BLE001 -- no tables yet, an outage: tried again
+            return None, None
     try:
-        return optuna.load_study(study_name=study_name, storage=open_storage(storage, create=False))
+        return optuna.load_study(study_name=study_name, storage=storage), storage
     except Exception:  # noqa: BLE001
-        return None
+        return None, storage
 
 
 def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_text: str,
@@ -81,12 +87,12 @@ def _serve(conn: Any, storage: str, study_name: str, sampler_name: str, space_te
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         space = parse_space(space_text, space_path)
-        study = _find(storage, study_name)  # read while the command opens it
+        study, store = _find(storage, study_name)  # read while the command opens it
         request = conn.recv()
         while request is not None:
             number, k = request
             while study is None and not conn.poll(0.1):  # a new study: its command creates it now
-                study = _find(storage, study_name)
+                study, store = _find(storage, study_name, store)
             if study is None:  # a newer request (or the close) came first
                 request = conn.recv()
                 continue
