@@ -136,7 +136,10 @@ def instrument(clock: Clock) -> None:
         if hasattr(owner, name):  # an older tree (--against) may not have each of them
             clock.wrap(owner, name, kind)
     try:  # a trial's end is written when its block ends, after `_tell` (a tree from 213209b on)
-        from search import optuna_writes
+        try:
+            from search.optuna_seam import writes as optuna_writes
+        except ImportError:  # a tree before the seam was one package
+            from search import optuna_writes
 
         clock.wrap(optuna_writes, "_write_held", "end")  # inside a start: counted as the start
     except ImportError:

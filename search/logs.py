@@ -1,5 +1,5 @@
-"""What a command says on stderr: `say` for our one-line messages, and quiet libraries (our bars
-and lines replace Optuna's and MLflow's chatter)."""
+"""What a command says on stderr: `say` for our one-line messages, `redact` so that no password
+is ever said, and quiet libraries (our bars and lines replace Optuna's and MLflow's chatter)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ def say(line: str, who: str = "search") -> None:
 
     tqdm.write(f"{who}: {line}", file=sys.stderr)
     sys.stderr.flush()
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    if "://" not in url:  # a journal file
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://***"
 
 
 class _NoExpectedTracebacks:

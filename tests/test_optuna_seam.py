@@ -11,7 +11,9 @@ import sys
 import optuna
 import pytest
 
-from search import optuna_seam, optuna_writes
+from search.optuna_seam import reads as optuna_seam
+from search.optuna_seam import resilient
+from search.optuna_seam import writes as optuna_writes
 
 State = optuna.trial.TrialState
 
@@ -72,7 +74,7 @@ def test_a_trial_started_with_values_is_ours_and_suggests_them(study):
 def test_every_private_call_of_optunas_cache_is_one_we_retry():
     source = inspect.getsource(optuna.storages._cached_storage)
     called = set(re.findall(r"self\._backend\.(_[a-z_]+)\(", source))
-    ours = set(optuna_seam.CACHED_STORAGE_CALLS) | {optuna_seam.STALE_TRIALS_QUERY}
+    ours = set(resilient.CACHED_STORAGE_CALLS) | {resilient.STALE_TRIALS_QUERY}
     assert called <= ours, f"Optuna's cache now also calls {sorted(called - ours)}"
     for name in ours:
         assert inspect.isfunction(getattr(optuna.storages.RDBStorage, name, None)), name
@@ -83,7 +85,8 @@ def test_importing_search_changes_nothing_outside_it():
         "import os, optuna\n"
         "before = dict(os.environ)\n"
         "import search.cli, search.cli.run, search.cli.inspect, search.cli.retrain\n"
-        "import search.study.storage as s, search.tracking.client, search.launch.slurm\n"
+        "import search.study.storage, search.tracking.client, search.launch.slurm\n"
+        "import search.optuna_seam.resilient as s\n"
         "assert dict(os.environ) == before, set(os.environ) ^ set(before)\n"
         "assert 'get_all_trials' not in vars(s.ResilientRDBStorage)\n"
         "s.resilient_storage()\n"

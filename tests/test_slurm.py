@@ -16,6 +16,8 @@ from search.study.checkpoints import CheckpointStore
 from search.study.recovery import chain_root, retried_numbers
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one Slurm cluster, on one xdist worker
+
 State = optuna.trial.TrialState
 SPACE = """
 fixed: {{optimizer: sgdm, epochs: {epochs}, dataset: digits, augment: none}}

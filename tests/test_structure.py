@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # low to high: a module imports from its own layer or lower ones only
-LAYERS = [{"errors", "logs", "optuna_seam", "optuna_writes", "optuna_rdb"}, {"inputs"}, {"tracking"}, {"study"}, {"ui"},
+LAYERS = [{"errors", "logs", "optuna_seam"}, {"inputs"}, {"tracking"}, {"study"}, {"ui"},
           {"worker"}, {"launch"}, {"cli"}, {"__main__"}]
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 
@@ -101,3 +101,35 @@ def test_help_and_a_bad_flag_answer_without_importing_torch_or_mlflow():
                          timeout=120)
     assert "search run: error: nope.yaml" in out.stderr, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "HEAVY []", out.stdout[-2000:]
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Names another package keeps private, as this module uses them: `x._name` on anything but
+    self, cls or super(); `getattr(x, "_name")` and its kin; an import of a private module or
+    name of Optuna's or optuna-dashboard's."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            own = (isinstance(base, ast.Name) and base.id in ("self", "cls")) or (
+                isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super")
+            if not own:
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("_")):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
+                "optuna", "optuna_dashboard"):
+            names = node.module.split(".") + [a.name for a in node.names]
+            if any(n.startswith("_") for n in names):
+                found.append(f"{node.lineno}: from {node.module} import ...")
+    return found
+
+
+def test_private_names_of_optuna_live_only_in_the_seam():
+    """A release of Optuna or optuna-dashboard may move any private name: each use is in
+    search/optuna_seam/, where tests/test_optuna_seam.py names the one that moved."""
+    uses = [f"{m} {use}" for m, path in modules("search").items()
+            if not m.startswith("search.optuna_seam") for use in _private_uses(path)]
+    assert not uses, uses

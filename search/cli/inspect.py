@@ -14,10 +14,10 @@ from search.cli.args import storage_flag
 from search.errors import UserError
 from search.inputs.objectives import epochs_run, pareto_numbers, primary, study_objectives
 from search.inputs.space import load_space
-from search.logs import quiet_libraries
+from search.logs import quiet_libraries, redact
 from search.study.budget import TOTAL_ATTR, finished
 from search.study.lineage import is_pbt
-from search.study.storage import is_file, open_storage, redact, storage_url
+from search.study.storage import is_file, open_storage, storage_url
 from search.tracking import RUN_ATTR
 from search.ui.progress import describe_counts, short_params, state_counts, trials_word
 
@@ -237,7 +237,7 @@ def cmd_storage_proxy(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     print(f"search dashboard: loading {redact(storage_url(args.storage))} ...", file=sys.stderr,
           flush=True)  # the import and a long journal take a while; say so at once
-    from search.ui.dashboard import serve
+    from search.optuna_seam.dashboard import serve
 
     storage = open_storage(args.storage)
     print(f"optuna-dashboard for {redact(storage_url(args.storage))} on "

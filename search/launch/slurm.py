@@ -35,11 +35,11 @@ from pathlib import Path
 from search.errors import UserError
 from search.inputs.settings import RunSettings
 from search.launch.base import WorkersGaveUp, leave
-from search.logs import quiet_libraries, say
+from search.logs import quiet_libraries, redact, say
 from search.study.checkpoints import DEFAULT_DIR
 from search.study.lifecycle import open_run
 from search.study.recovery import HOST, STOP
-from search.study.storage import redact, shared_across_machines
+from search.study.storage import shared_across_machines
 from search.tracking import PARENT_ATTR
 from search.tracking.client import Tracker
 from search.ui.progress import Progress

@@ -16,9 +16,9 @@ from search.inputs.constraints import feasible
 from search.inputs.objectives import best_first, directions, primary, pruner_for, study_objectives
 from search.inputs.settings import RunSettings
 from search.inputs.space import Space
-from search.logs import say
+from search.logs import redact, say
 from search.study.recovery import RetryDeadTrial
-from search.study.storage import DEFAULT_STORAGE, open_storage, redact, wait_for_attr
+from search.study.storage import DEFAULT_STORAGE, open_storage, wait_for_attr
 from search.tracking import PARENT_ATTR, RUN_ATTR
 from search.tracking.client import Tracker
 from search.tracking.views import set_view

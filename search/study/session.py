@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from search import optuna_seam, optuna_writes
+from search import optuna_seam
 from search.errors import AttemptLost
 from search.inputs.constraints import record_for_dashboard, violations
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
@@ -21,9 +21,9 @@ from search.inputs.objectives import objective_values
 from search.inputs.space import Space
 from search.inputs.values import AUTO_LONGEST
 from search.logs import say
+from search.optuna_seam import StorageBusy, no_waiting
 from search.study.checkpoints import CheckpointStore, due
 from search.study.recovery import chain_root, mark_worker
-from search.study.storage import StorageBusy, no_waiting
 from search.tracking import RUN_ATTR
 from search.tracking.client import PendingRun, Tracker, run_id_of
 from trainer import TrainConfig
@@ -58,7 +58,7 @@ class TrialRunner:
         """Samples the trial, finds its chain's checkpoint, opens (or reopens) its MLflow run.
         Raises ConfigError (recorded as the trial's fail_reason) for an impossible combination.
         Its parameters and attributes reach the storage in one write (`one_write`)."""
-        with optuna_writes.one_write(trial):
+        with optuna_seam.one_write(trial):
             session = self._begin(trial)
         if self.reaper is not None:  # after: a retry has this worker's marks by then, not the
             self.reaper(trial.study)  # dead one's it was copied with
@@ -129,11 +129,11 @@ class TrialRunner:
             except Exception:
                 return
             if root == trial.number:
-                self._note(trial, run_id)
+                self.note(trial, run_id)
 
         return created
 
-    def _note(self, trial: optuna.Trial, run_id: str, more: str = "") -> None:
+    def note(self, trial: optuna.Trial, run_id: str, more: str = "") -> None:
         """The trial's note in optuna-dashboard (Markdown): its MLflow run as a link, and
         `more` (what the dashboard cannot show itself, e.g. that the trial is infeasible)."""
         from optuna_dashboard import save_note
@@ -380,7 +380,7 @@ class TrialSession:
         if failed:
             self.runner.tracker.tag(self.run_id, "infeasible", ", ".join(failed))
             if run_id_of(self.run_id):
-                self.runner._note(self.trial, run_id_of(self.run_id), (
+                self.runner.note(self.trial, run_id_of(self.run_id), (
                     f"**Infeasible**: misses {', '.join(f'`{t}`' for t in failed)}, so it is "
                     "not among the study's best trials (`search status`).\n\n"))
         self.runner.tracker.end_trial(self.run_id, "COMPLETE", objectives=dict(

@@ -28,14 +28,13 @@ from typing import Any
 
 import optuna
 
-from search import optuna_seam, optuna_writes
+from search import optuna_seam
 from search.errors import AttemptLost, StorageUnavailable
 from search.inputs.algorithms import RoundPruner
 from search.logs import say
 from search.study.budget import ask_lock, room_left
 from search.study.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study.session import TrialRunner, TrialSession
-from search.study.storage import StorageBusy, no_waiting
 from search.worker.sizing import in_flight_limit
 from trainer.config import ConfigError, pack_key
 
@@ -143,21 +142,14 @@ class WorkerLoop:
             trials = self.study.get_trials(deepcopy=False)
             slots = int(min(slots, room_left(trials, self.study_total)))
             waiting = sum(t.state == State.WAITING for t in trials)
-            with optuna_seam.reads_once(self.study), optuna_writes.writes_together(self.study):
-                made = (optuna_writes.create_trials(self.study, slots - waiting)
-                        if slots - waiting > 1 else None) or []  # a refill's trials in one write
-                for i in range(slots):
-                    if i and not self._budget_left():  # e.g. a grid sampler's grid is done
-                        optuna_writes.hand_back(self.study, made[max(0, i - waiting):])
-                        break
-                    trial = (self.study.ask() if i < waiting else optuna_seam.ask_new(
-                        self.study, made[i - waiting] if made else None))
-                    # parameters drawn while the pack trained (--sample-ahead), for new trials only
-                    optuna_seam.fix_params(trial, self.ahead.next() if self.ahead and i >= waiting else None)
-                    self.asked += 1
-                    self._asked(trial)
-                    self._admit(trial)
+            drawn = self.ahead.next if self.ahead else None  # parameters drawn while the pack trained
+            optuna_seam.ask_pack(self.study, slots, waiting, drawn, self._budget_left, self._start)
         return slots > 0
+
+    def _start(self, trial: optuna.Trial) -> None:
+        self.asked += 1
+        self._asked(trial)
+        self._admit(trial)
 
     def _asked(self, trial: optuna.Trial) -> None:
         """A hook for loops that mark their trials before they start (PBT's members)."""
@@ -222,7 +214,7 @@ class WorkerLoop:
 
     def _write_reports(self, results: list, running: set[int] | None) -> None:
         """The epoch's reports of the trials the fencing read found running, written at once
-        (one transaction or append instead of one per trial: `optuna_writes.write_reports`).
+        (one transaction or append instead of one per trial: `optuna_seam.write_pack_reports`).
         A trial left out -- or all, when the write fails (an outage, a trial taken over
         meanwhile) -- reports on its own in `on_epoch`, as it always did."""
         if running is None:
@@ -230,18 +222,14 @@ class WorkerLoop:
         writes = []
         for member, metrics, error in results:
             session = self.in_flight[member].session
-            if error is None and optuna_seam.trial_id(session.trial) in running:
+            if error is None and optuna_seam.running(session.trial, running):
                 mine = session.prewrite(metrics)
                 if mine is not None:
                     writes.append((session, mine))
         if not writes:
             return
-        try:
-            with no_waiting(optuna_seam.storage_of(self.study)):
-                done = optuna_writes.write_reports(self.study, [v for _, w in writes for v in w[0]],
-                                                   [a for _, w in writes for a in w[1]])
-        except Exception:  # noqa: BLE001 -- each trial's own report meets it and says it
-            return
+        done = optuna_seam.write_pack_reports(self.study, [v for _, w in writes for v in w[0]],
+                                              [a for _, w in writes for a in w[1]])
         if done:
             for session, mine in writes:
                 session.prewritten(mine)
@@ -249,17 +237,12 @@ class WorkerLoop:
     def _running_ids(self) -> set[int] | None:
         """The fencing read for the whole pack, once an epoch: the study's RUNNING trials (None
         while the storage does not answer: each trial then owes its report)."""
-        try:
-            with no_waiting(optuna_seam.storage_of(self.study)):
-                return {optuna_seam.trial_id(t) for t in
-                        self.study.get_trials(deepcopy=False, states=(State.RUNNING,))}
-        except StorageBusy:
-            return None
+        return optuna_seam.fence(self.study)
 
     def _after_epoch(self, engine: Any, member: Any, metrics: dict | None,
                      error: Exception | None, running: set[int] | None = None) -> None:
         session = self.in_flight[member].session
-        known = None if running is None else optuna_seam.trial_id(session.trial) in running
+        known = optuna_seam.running(session.trial, running)
         if error is not None:
             self._fail(engine, member, str(error))
             return
@@ -294,7 +277,7 @@ class WorkerLoop:
         """A trial's end (its last attributes, its state and values) written at once
         (`one_write`); an attempt taken over since its last check writes none of it."""
         try:
-            with optuna_writes.one_write(session.trial):
+            with optuna_seam.one_write(session.trial):
                 yield
         except optuna.exceptions.UpdateFinishedTrialError:
             say(session.lost_line())

@@ -1,8 +1,7 @@
-"""The database half of `search.optuna_writes`: its writes as SQL on RDBStorage's own models,
-each as RDBStorage checks and makes the calls it replaces, in one transaction. Mounted on
-`search.study.storage.ResilientRDBStorage`, which retries them through an outage like every
-call. SQLAlchemy's models are imported when first used: a worker on the journal file never
-loads them."""
+"""The database half of `search.optuna_seam.writes`: its writes as SQL on RDBStorage's own
+models, each as RDBStorage checks and makes the calls it replaces, in one transaction. Methods
+of `resilient.ResilientRDBStorage`, which retries them through an outage like every call.
+SQLAlchemy's models are imported when first used: a worker on the journal file never loads them."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import optuna
 from optuna import distributions
 
 
-def rdb_write_reports(storage: optuna.storages.RDBStorage, values: list[tuple[int, int, float]],
+def write_reports(storage: optuna.storages.RDBStorage, values: list[tuple[int, int, float]],
                       attrs: list[tuple[int, str, Any]]) -> None:
     """`write_reports` on a database: RDBStorage's own per-call steps (each checks that its
     trial still runs; a step's value is inserted, or replaces the one stored), in one
@@ -41,7 +40,7 @@ def rdb_write_reports(storage: optuna.storages.RDBStorage, values: list[tuple[in
                       {(t, k): v for t, k, v in attrs})
 
 
-def rdb_write_held(storage: optuna.storages.RDBStorage, params: list[tuple[int, str, float, Any, Any]],
+def write_held(storage: optuna.storages.RDBStorage, params: list[tuple[int, str, float, Any, Any]],
                     attrs: list[tuple[int, str, Any, bool]], end: tuple[int, Any, Any] | None = None
                     ) -> None:
     """`one_write` on a database: RDBStorage's own per-call checks (the trial still runs; a
@@ -125,7 +124,7 @@ def _upsert_attrs(storage: optuna.storages.RDBStorage, session: Any, model: Any,
                                                set_={"value_json": stmt.excluded.value_json}))
 
 
-def rdb_create_trials(storage: optuna.storages.RDBStorage, study_id: int, n: int
+def create_trials(storage: optuna.storages.RDBStorage, study_id: int, n: int
                       ) -> list[optuna.trial.FrozenTrial]:
     """`create_trials` on a database, as RDBStorage creates one trial (the study's row locked,
     the rows inserted, then each numbered by the study's trials before it), for `n` in one
@@ -156,7 +155,7 @@ def rdb_create_trials(storage: optuna.storages.RDBStorage, study_id: int, n: int
                             trial_id=row.trial_id) for row in rows]
 
 
-def rdb_hand_back(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> None:
+def hand_back(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> None:
     """`optuna_writes.hand_back` on a database: the trials WAITING, their heartbeats gone (the
     worker that takes one beats anew; an old beat would make it look stale at once)."""
     from optuna.storages._rdb import models

@@ -1,10 +1,6 @@
-"""Every use of Optuna's private internals, in one place (with its write half,
-`search.optuna_writes`), each with the reason it is needed.
-
-Optuna's public API has no way to do these few things; an Optuna release may rename any of
-them, so they live here and `tests/test_optuna_seam.py` fails (naming the one that moved) when
-the installed Optuna no longer has them, instead of a worker breaking somewhere unexpected.
-"""
+"""The read half of the seam: trial ids and storages, reads, asks and tells, heartbeats, the
+optimize-loop protocol samplers rely on, and samplers' and pruners' per-trial work done once --
+each private name of Optuna's with the reason it is needed (see the package's docstring)."""
 
 from __future__ import annotations
 

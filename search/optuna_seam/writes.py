@@ -1,8 +1,9 @@
-"""The write half of `search.optuna_seam`, by the same rule (every private name of Optuna's
-used here, and the seam's tests fail when one moves): a pack's epoch (`write_reports`), a
-trial's start or end (`one_write`) and a refill's starts (`create_trials`, `writes_together`)
-in one transaction or one journal append, instead of a few statements and a commit (or an
-fsync) per call, as Optuna writes them. The SQL is in `search.optuna_rdb`."""
+"""The write half of the seam (reads and asks are in `reads`), by the same rule: every private
+name of Optuna's used here, and the seam's tests fail when one moves. A pack's epoch
+(`write_reports`), a trial's start or end (`one_write`) and a refill's starts (`create_trials`,
+`writes_together`) go in one transaction or one journal append, instead of a few statements and
+a commit (or an fsync) per call, as Optuna writes them. The SQL is in `rdb`, run by `resilient`'s
+storage."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 
 import optuna
 
-from search.optuna_seam import cached_running, storage_of, trial_id
+from search.optuna_seam.reads import cached_running, storage_of, trial_id
+from search.optuna_seam.resilient import resilient_backend
 
 
 def write_reports(study: optuna.Study, values: list[tuple[optuna.Trial, int, float]],
@@ -25,8 +27,8 @@ def write_reports(study: optuna.Study, values: list[tuple[optuna.Trial, int, flo
     Each `Trial` keeps its own copy of what it reported (`should_prune` reads it there), so
     that copy is updated as `Trial.report` / `set_user_attr` update it."""
     storage = storage_of(study)
-    backend = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
-    if hasattr(backend, "write_reports"):  # search.study.storage.ResilientRDBStorage
+    backend = resilient_backend(storage)
+    if backend is not None:
         backend.write_reports([(trial_id(t), s, v) for t, s, v in values],
                               [(trial_id(t), k, v) for t, k, v in attrs])
     elif isinstance(storage, optuna.storages.JournalStorage):
@@ -149,8 +151,8 @@ def create_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]
     from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 
     storage = storage_of(study)
-    backend = getattr(storage, "_backend", None)
-    if not isinstance(storage, _CachedStorage) or not hasattr(backend, "create_trials"):
+    backend = resilient_backend(storage)
+    if not isinstance(storage, _CachedStorage) or backend is None:
         return None
     made = backend.create_trials(study._study_id, n)
     with storage._lock:
@@ -224,8 +226,8 @@ def _write_held(storage: optuna.storages.BaseStorage, params: list, attrs: list,
                 end: tuple | None) -> None:
     """A trial's held writes: its parameters, its attributes, then its end (`tell`'s state and
     values), all in one transaction or one append."""
-    backend = getattr(storage, "_backend", None)  # Optuna wraps an RDBStorage in a cache
-    if hasattr(backend, "write_held"):  # search.study.storage.ResilientRDBStorage
+    backend = resilient_backend(storage)
+    if backend is not None:
         with storage._lock:  # as `_CachedStorage.set_trial_param`: the study's known distribution
             studies = [storage._studies[storage._trial_id_to_study_id_and_number[t][0]]
                        for t, _, _, _ in params]
