@@ -1,10 +1,16 @@
-"""Errors that end a command with one line and a non-zero exit, never a traceback."""
+"""Errors that end a command with one line and a non-zero exit, never a traceback; the exit
+statuses a command and its workers use."""
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the command could not finish (workers gave up, the storage went silent)
+EXIT_USAGE = 2  # bad input: a file, key, value or URL
+EXIT_STORAGE_GONE = 75  # a worker's: its storage stayed silent past its patience (EX_TEMPFAIL)
 
 
 class UserError(Exception):
     """Bad input from the user (file, key, value, URL): exit 2."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class Interrupted(Exception):
@@ -20,4 +26,4 @@ class StorageUnavailable(UserError):
     """The study's storage did not answer for longer than `--storage-patience`: the command
     stops like on SIGTERM, its trials left to resume from their checkpoints."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # low to high: a module imports from its own layer or lower ones only
-LAYERS = [{"errors", "logs", "optuna_seam"}, {"inputs"}, {"tracking"}, {"study"}, {"ui"},
+LAYERS = [{"errors", "defaults", "logs", "optuna_seam"}, {"inputs"}, {"tracking"}, {"study"}, {"ui"},
           {"worker"}, {"launch"}, {"cli"}, {"__main__"}]
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from search.cli.args import Parser
-from search.errors import UserError
+from search.errors import EXIT_OK, EXIT_USAGE, UserError
 from trainer.config import ConfigError, DataError
 
 
@@ -32,10 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        return args.func(args) or EXIT_OK
     except (UserError, ConfigError, DataError) as exc:
         print(f"search {args.command}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return getattr(exc, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         from search.study.recovery import STOP
 

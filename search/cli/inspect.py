@@ -16,7 +16,7 @@ from search.inputs.objectives import epochs_run, pareto_numbers, primary, study_
 from search.inputs.space import load_space
 from search.logs import quiet_libraries, redact
 from search.study.budget import TOTAL_ATTR, finished
-from search.study.lineage import is_pbt
+from search.study.lineage import GENERATION_ATTR, MEMBER_ATTR, is_pbt
 from search.study.storage import is_file, open_storage, storage_url
 from search.tracking import RUN_ATTR
 from search.ui.progress import describe_counts, short_params, state_counts, trials_word
@@ -104,11 +104,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             row["finished"] = finished(study.get_trials(deepcopy=False))
         trials = study.get_trials(deepcopy=False)
         if is_pbt(trials):
-            row["pbt"] = {"members": len({t.user_attrs["pbt_member"] for t in trials
-                                          if "pbt_member" in t.user_attrs}),
-                          "generation": max(t.user_attrs.get("pbt_generation", 0) for t in trials
-                                            if "pbt_member" in t.user_attrs),
-                          "segments": sum("pbt_member" in t.user_attrs for t in trials)}
+            row["pbt"] = {"members": len({t.user_attrs[MEMBER_ATTR] for t in trials
+                                          if MEMBER_ATTR in t.user_attrs}),
+                          "generation": max(t.user_attrs.get(GENERATION_ATTR, 0) for t in trials
+                                            if MEMBER_ATTR in t.user_attrs),
+                          "segments": sum(MEMBER_ATTR in t.user_attrs for t in trials)}
         if (job := study.user_attrs.get("slurm_job_id")) is not None:
             from search.launch.slurm import array_tasks
 

@@ -13,7 +13,7 @@ from search.cli.inspect import load_existing_study
 from search.errors import UserError
 from search.inputs.objectives import pareto_numbers, primary, study_objectives
 from search.logs import quiet_libraries
-from search.study.lineage import segments
+from search.study.lineage import MEMBER_ATTR, SCHEDULE_ATTR, segments
 
 State = optuna.trial.TrialState
 
@@ -70,7 +70,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     ensure_available(config.dataset, config.data_root)  # CIFAR-100 fetched here if absent
     # a PBT member: its whole schedule, replayed from scratch (each segment's settings)
     schedule = (segments(study.get_trials(deepcopy=False), best.number)
-                if "pbt_member" in best.user_attrs else [])
+                if MEMBER_ATTR in best.user_attrs else [])
     if len(schedule) > 1 and "epochs" in flags:
         raise UserError("--epochs: a PBT trial is retrained through its schedule's epochs "
                         f"(1-{schedule[-1]['last']}); drop --epochs")
@@ -94,7 +94,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             steps = [(TrainConfig.from_dict({**config.to_dict(), **s["params"]}), s["last"])
                      for s in schedule]
             steps[-1] = (steps[-1][0], config.epochs)
-            tracker.tag(run_id, "pbt_schedule", json.dumps(schedule))
+            tracker.tag(run_id, SCHEDULE_ATTR, json.dumps(schedule))
             result = replay(steps, on_epoch, holdout="test", on_checkpoint=keep)
         else:
             result = train(config, on_epoch, holdout="test", on_checkpoint=keep)

@@ -9,6 +9,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
+from search import defaults
 from search.cli.args import (
     checkpoint_cadence,
     dataset_name,
@@ -20,6 +21,7 @@ from search.cli.args import (
 )
 from search.errors import UserError
 from search.inputs.algorithms import PRUNERS, SAMPLERS
+from search.inputs.pbt import FACTORS, Pbt
 from search.inputs.settings import (
     DEFAULT_RAMP,
     check_numbers,
@@ -43,12 +45,12 @@ def add_parsers(sub) -> None:
                    "studies/), or with --space the study's name (default: the space's name)")
     storage_flag(p)
     p.add_argument("--n-trials", type=int, help="the study's total across commands and machines: "
-                   "a rerun finishes the study, a finished study runs nothing (default 20)")
+                   f"a rerun finishes the study, a finished study runs nothing (default {defaults.TRIALS})")
     p.add_argument("--add-trials", type=positive_int, help="run this many more trials than the "
                    "study holds (raises its total)")
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: the study file's, else tpe")
-    p.add_argument("--pruner", choices=PRUNERS, help="default: the study file's, else median")
+    p.add_argument("--sampler", choices=SAMPLERS, help=f"default: the study file's, else {defaults.SAMPLER}")
+    p.add_argument("--pruner", choices=PRUNERS, help=f"default: the study file's, else {defaults.PRUNER}")
     p.add_argument("--objective", help="what the study optimises, comma-separated: val_acc "
                    "(default), seconds, comm_rounds, epochs; several make a Pareto front "
                    "(default: the study file's, else the space's)")
@@ -57,13 +59,15 @@ def add_parsers(sub) -> None:
                    "the best trial and the Pareto front; default: the study file's, else the "
                    "space's)")
     p.add_argument("--pruner-startup-trials", type=int,
-                   help="median pruner: trials finished before pruning starts (default 5)")
+                   help="median pruner: trials finished before pruning starts (default "
+                   f"{defaults.PRUNER_STARTUP_TRIALS})")
     p.add_argument("--pruner-warmup-epochs", type=int,
-                   help="median pruner: epochs of a trial before it can be pruned (default 0)")
+                   help="median pruner: epochs of a trial before it can be pruned (default "
+                   f"{defaults.PRUNER_WARMUP_EPOCHS})")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--max-restarts", type=int, default=3,
+    p.add_argument("--max-restarts", type=int, default=defaults.MAX_RESTARTS,
                    help="a dead worker is replaced until it dies this many times in a row "
-                   "without finishing a trial (default 3)")
+                   f"without finishing a trial (default {defaults.MAX_RESTARTS})")
     p.add_argument("--pack", type=pack_size, help="trials each worker trains together as one "
                    "stacked model, or auto: as many as its GPU holds (at most 64 and the trials "
                    "left), 1 on a CPU (default: the study file's, else auto)")
@@ -79,16 +83,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                    "else MLflow's default ./mlflow.db)")
-    p.add_argument("--heartbeat", type=int, default=10,
-                   help="seconds between trial heartbeats on a database storage (default 10)")
-    p.add_argument("--storage-patience", type=positive_float, default=600.0,
+    p.add_argument("--heartbeat", type=int, default=defaults.HEARTBEAT,
+                   help=f"seconds between trial heartbeats on a database storage (default {defaults.HEARTBEAT})")
+    p.add_argument("--storage-patience", type=positive_float, default=defaults.STORAGE_PATIENCE,
                    help="seconds a database storage may stay silent (a restart, a failover) "
-                   "before the command stops, its trials left to resume (default 600)")
-    p.add_argument("--stop-within", type=positive_float, default=20.0,
+                   f"before the command stops, its trials left to resume (default {defaults.STORAGE_PATIENCE:g})")
+    p.add_argument("--stop-within", type=positive_float, default=defaults.STOP_WITHIN,
                    help="seconds a signalled worker may take to stop: it saves a mid-epoch "
-                   "checkpoint at the next step unless its epoch ends sooner (default 20)")
-    p.add_argument("--max-retry", type=int, default=3,
-                   help="times a trial whose worker died or was stopped is re-queued (default 3)")
+                   f"checkpoint at the next step unless its epoch ends sooner (default {defaults.STOP_WITHIN:g})")
+    p.add_argument("--max-retry", type=int, default=defaults.MAX_RETRY,
+                   help=f"times a trial whose worker died or was stopped is re-queued (default {defaults.MAX_RETRY})")
     p.add_argument("--checkpoint-dir", help="per-epoch trial checkpoints, shared by all workers "
                    "(default ./checkpoints)")
     p.add_argument("--checkpoint-every", type=checkpoint_cadence, default="auto",
@@ -135,12 +139,13 @@ def pbt_flags(p: argparse.ArgumentParser) -> None:
                              "(one pack); every interval the worst quantile copies the best "
                              "and perturbs its settings (also a study file's pbt: block)")
     g.add_argument("--pbt", action="store_true", help="run the study as population-based training")
-    g.add_argument("--pbt-population", type=int, help="members (default 8)")
-    g.add_argument("--pbt-interval", type=int, help="epochs between exploit steps (default 4)")
+    g.add_argument("--pbt-population", type=int, help=f"members (default {Pbt.population})")
+    g.add_argument("--pbt-interval", type=int, help=f"epochs between exploit steps (default {Pbt.interval})")
     g.add_argument("--pbt-quantile", type=float, help="fraction replaced, and copied from, at each "
-                   "step (default 0.25)")
+                   f"step (default {Pbt.quantile:g})")
     g.add_argument("--pbt-resample-probability", type=float, help="explore: chance of a fresh "
-                   "value from the space instead of x0.8 / x1.2 (default 0.25)")
+                   f"value from the space instead of x{FACTORS[0]:g} / x{FACTORS[1]:g} "
+                   f"(default {Pbt.resample_probability:g})")
     g.add_argument("--pbt-mutate", help="comma-separated settings that change (default: every "
                    "searched per-trial setting)")
 

@@ -8,6 +8,7 @@ import json
 import sys
 
 from search.cli.args import dataset_name, positive_float, positive_int
+from search.errors import EXIT_FAILED
 from trainer.config import AUGMENTS, LR_SCALINGS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
 # (flag, TrainConfig field, argparse keywords); each default is the field's own
@@ -70,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"search train: {exc}", file=sys.stderr)
         if args.json:
             print(json.dumps({"diverged": True, "epoch": exc.epoch}))
-        return 1
+        return EXIT_FAILED
     bar.close()
     out = result.to_dict()
     # with --test the held-out split is the test set: its accuracy is the test accuracy

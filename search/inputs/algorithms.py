@@ -6,7 +6,7 @@ import warnings
 
 import optuna
 
-from search import optuna_seam
+from search import defaults, optuna_seam
 from search.errors import UserError
 from search.inputs.space import Space
 
@@ -77,7 +77,7 @@ class _WithComplete:
         return getattr(self._study, name)
 
 
-def make_pruner(name: str, epochs: int, startup_trials: int = 5,
+def make_pruner(name: str, epochs: int, startup_trials: int = defaults.PRUNER_STARTUP_TRIALS,
                 warmup_epochs: int = 0) -> optuna.pruners.BasePruner:
     if name == "median":
         return RoundPruner(optuna.pruners.MedianPruner(n_startup_trials=startup_trials,

@@ -8,6 +8,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from search import defaults
 from search.errors import UserError
 from search.inputs.algorithms import MODEL_BASED, PRUNERS, SAMPLERS
 from search.inputs.constraints import parse_constraints
@@ -20,8 +21,7 @@ from search.inputs.studyfile import is_study_file, load_study_file
 from search.inputs.values import int_at_least
 from trainer.config import ConfigError, TrainConfig, never_averages
 
-DEFAULT_RAMP = 10  # Optuna's TPE and GP sample their first 10 trials at random anyway
-DEFAULT_TRIALS = 20  # with neither --n-trials nor --timeout
+DEFAULT_RAMP, DEFAULT_TRIALS = defaults.RAMP, defaults.TRIALS
 
 
 def trial_setting(space: Space, overrides: dict[str, Any], key: str) -> Any:
@@ -38,10 +38,10 @@ class RunSettings:
     space_path: str  # where the space came from, for messages
     study_name: str
     storage: str
-    sampler: str = "tpe"
-    pruner: str = "median"
-    pruner_startup_trials: int = 5
-    pruner_warmup_epochs: int = 0
+    sampler: str = defaults.SAMPLER
+    pruner: str = defaults.PRUNER
+    pruner_startup_trials: int = defaults.PRUNER_STARTUP_TRIALS
+    pruner_warmup_epochs: int = defaults.PRUNER_WARMUP_EPOCHS
     n_trials: int | None = None  # the study's total (search.study.budget)
     add_trials: int | None = None  # or: this many more than the study holds
     study_total: int | None = None  # resolved by the launcher from the two above
@@ -49,10 +49,10 @@ class RunSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
     mlflow_uri: str | None = None
     seed: int | None = None
-    heartbeat: int = 10  # seconds, on RDB storages; a trial silent for 3x this is stale
-    storage_patience: float = 600.0  # seconds a database may be silent before the command stops
-    stop_within: float = 20.0  # seconds a signalled worker may take to stop (mid-epoch)
-    max_retry: int = 3
+    heartbeat: int = defaults.HEARTBEAT
+    storage_patience: float = defaults.STORAGE_PATIENCE
+    stop_within: float = defaults.STOP_WITHIN
+    max_retry: int = defaults.MAX_RETRY
     checkpoint_dir: str | None = None
     checkpoint_every: str = "auto"  # auto, epochs or a time (30s): how often a trial checkpoints
     keep_checkpoints: bool = False
@@ -189,7 +189,7 @@ def resolve(args: argparse.Namespace, src: Sources, storage: str, command: str) 
         storage=storage, sampler=pick(args.sampler, "sampler", "tpe"),
         pruner=pruner_for(pick(args.pruner, "pruner", "median"), objectives, announce=True),
         objectives=objectives, constraints=constraints,
-        pruner_startup_trials=pick(args.pruner_startup_trials, "pruner_startup_trials", 5),
+        pruner_startup_trials=pick(args.pruner_startup_trials, "pruner_startup_trials", defaults.PRUNER_STARTUP_TRIALS),
         pruner_warmup_epochs=pick(args.pruner_warmup_epochs, "pruner_warmup_epochs", 0),
         n_trials=n_trials, add_trials=add_trials, timeout=timeout, overrides=src.overrides, mlflow_uri=args.mlflow_uri,
         seed=args.seed, fixed_trials=src.fixed, table=src.table, heartbeat=args.heartbeat,

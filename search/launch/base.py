@@ -8,7 +8,7 @@ from typing import Protocol
 
 import optuna
 
-from search.errors import StorageUnavailable, UserError
+from search.errors import EXIT_FAILED, StorageUnavailable, UserError
 from search.study.lifecycle import leave_study
 from search.tracking.client import Tracker
 from search.ui.progress import Progress
@@ -17,7 +17,7 @@ from search.ui.progress import Progress
 class WorkersGaveUp(UserError):
     """Workers kept dying (or stopped on an error): the command ends without its full count."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class Launcher(Protocol):

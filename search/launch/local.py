@@ -17,7 +17,8 @@ import time
 
 import optuna
 
-from search.errors import StorageUnavailable, UserError
+from search import defaults
+from search.errors import EXIT_STORAGE_GONE, EXIT_USAGE, StorageUnavailable, UserError
 from search.inputs.settings import RunSettings
 from search.launch.base import WorkersGaveUp, leave
 from search.logs import say
@@ -26,7 +27,6 @@ from search.study.lifecycle import open_run
 from search.study.recovery import STOP, RetryDeadTrial, reap_worker
 from search.ui.progress import Progress, print_summary
 from search.worker.run import (
-    STORAGE_GONE,
     finished_by,
     resolve_budget,
     run_worker,
@@ -49,10 +49,10 @@ def _worker_entry(settings: RunSettings, index: int, n_trials: int | None, threa
         run_worker(settings, index, n_trials, threads, signals=(signal.SIGTERM,))
     except StorageUnavailable as exc:
         say(f"worker {index}: {exc}", "search run")
-        sys.exit(STORAGE_GONE)
+        sys.exit(EXIT_STORAGE_GONE)
     except (UserError, ConfigError, DataError) as exc:
         say(f"worker {index}: error: {exc}", "search run")
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         sys.exit(STOP.exit_code)
 
@@ -114,7 +114,7 @@ class Supervisor:
         if code == 0 or (STOP.requested and code in (130, 143)):
             slot.ended = True
             return
-        if code == STORAGE_GONE:  # it said why; no storage to reap with, nothing to replace
+        if code == EXIT_STORAGE_GONE:  # it said why; no storage to reap with, nothing to replace
             slot.ended, slot.problem = True, f"worker {slot.index} lost the storage"
             return
         reaped = reap_worker(self.study, proc.pid, self.handler)
@@ -185,7 +185,7 @@ class Supervisor:
             raise WorkersGaveUp(f"{count}: {'; '.join(s.problem for s in problems)}")
 
 
-def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) -> optuna.Study:
+def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = defaults.MAX_RESTARTS) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `settings.n_trials` (or the timeout) are spent. Returns the study."""
     ahead = None  # one worker here: its sampling-ahead child starts up while the study opens
@@ -230,7 +230,7 @@ def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = 3) ->
 class LocalLauncher:
     """`search run` without `--slurm`: the workers are processes on this machine."""
 
-    def __init__(self, max_restarts: int = 3):
+    def __init__(self, max_restarts: int = defaults.MAX_RESTARTS):
         self.max_restarts = max_restarts
 
     def check(self, settings: RunSettings) -> None:

@@ -14,6 +14,7 @@ import time
 
 import optuna
 
+from search import defaults
 from search.errors import StorageUnavailable
 from search.logs import redact, say
 from search.optuna_seam import rdb
@@ -158,7 +159,7 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     outage: a paused database must not look like dead workers. Made by `resilient_storage`,
     which wraps every storage call in the retry."""
 
-    patience = 600.0
+    patience = defaults.STORAGE_PATIENCE
 
     def __init__(self, url: str, *args, patience: float | None = None, **kwargs) -> None:
         self.url, self.outage = url, _OUTAGES.setdefault(url, Outage())

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from search.inputs.constraints import feasible, missed
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
 from search.study.budget import finished
-from search.study.lineage import schedule_text
+from search.study.lineage import DONOR_ATTR, MEMBER_ATTR, REPLACED_BY_ATTR, SCHEDULE_ATTR, schedule_text
 from search.study.recovery import HOST, retried_numbers
 
 State = optuna.trial.TrialState
@@ -38,9 +38,9 @@ def print_summary(study: optuna.Study) -> None:
             line += f"; best trial {best.number}: {best.value:.4f} {short_params(best.params)}"
         except ValueError:
             best = None
-        if best is not None and best.user_attrs.get("pbt_schedule"):
+        if best is not None and best.user_attrs.get(SCHEDULE_ATTR):
             line += ("\nPBT: the best member's schedule: "
-                     + schedule_text(best.user_attrs["pbt_schedule"], short_value))
+                     + schedule_text(best.user_attrs[SCHEDULE_ATTR], short_value))
     print(line)
 
 
@@ -109,12 +109,12 @@ def finished_line(t: optuna.trial.FrozenTrial, names: list[str], count: str,
 def pbt_words(t: optuna.trial.FrozenTrial) -> str:
     """A PBT segment's place in its member's lineage, for its trial line."""
     a = t.user_attrs
-    if "pbt_member" not in a:
+    if MEMBER_ATTR not in a:
         return ""
     words = f" [member {a['pbt_member']}"
-    if a.get("pbt_parent") is not None:
+    if a.get(DONOR_ATTR) is not None:
         words += f", from trial {a['pbt_parent']} at epoch {a['pbt_start_epoch']}"
-    if a.get("pbt_replaced_by") is not None:
+    if a.get(REPLACED_BY_ATTR) is not None:
         words += f"; replaced, continues as trial {a['pbt_replaced_by']}"
     return words + "]"
 

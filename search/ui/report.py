@@ -20,7 +20,15 @@ import optuna
 
 from search.inputs.constraints import feasible
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
-from search.study.lineage import is_pbt, schedule_text
+from search.study.lineage import (
+    DONOR_ATTR,
+    MEMBER_ATTR,
+    REPLACED_BY_ATTR,
+    SCHEDULE_ATTR,
+    START_EPOCH_ATTR,
+    is_pbt,
+    schedule_text,
+)
 from search.tracking import RUN_ATTR
 
 State = optuna.trial.TrialState
@@ -42,10 +50,10 @@ def describe_state(trial: optuna.trial.FrozenTrial) -> str:
 def pbt_lineage(trial: optuna.trial.FrozenTrial) -> str:
     """A PBT segment's member and where it came from, for the table's state column."""
     a = trial.user_attrs
-    if "pbt_member" not in a:
+    if MEMBER_ATTR not in a:
         return ""
     origin = (f" from #{a['pbt_parent']} at epoch {a['pbt_start_epoch']}"
-              if a.get("pbt_parent") is not None else "")
+              if a.get(DONOR_ATTR) is not None else "")
     return f" · member {a['pbt_member']}{origin}"
 
 
@@ -53,7 +61,7 @@ def _state(trial: optuna.trial.FrozenTrial) -> str:
     epochs = epochs_run(trial)
     if trial.state == State.COMPLETE:
         return f"complete ({epochs} epochs)"
-    if trial.state == State.PRUNED and "pbt_replaced_by" in trial.user_attrs:
+    if trial.state == State.PRUNED and REPLACED_BY_ATTR in trial.user_attrs:
         return f"replaced at epoch {epochs} (PBT: continues as #{trial.user_attrs['pbt_replaced_by']})"
     if trial.state == State.PRUNED:
         return f"pruned at epoch {epochs}"
@@ -258,22 +266,22 @@ def member_curves(trials: list[optuna.trial.FrozenTrial]) -> Any:
     fig = go.Figure()
     members: dict[int, list[optuna.trial.FrozenTrial]] = defaultdict(list)
     for t in trials:
-        if "pbt_member" in t.user_attrs:
-            members[int(t.user_attrs["pbt_member"])].append(t)
+        if MEMBER_ATTR in t.user_attrs:
+            members[int(t.user_attrs[MEMBER_ATTR])].append(t)
     for index, segs in sorted(members.items()):
         points: dict[int, float] = {}
-        for t in sorted(segs, key=lambda t: (t.user_attrs.get("pbt_start_epoch", 0), t.number)):
-            start = int(t.user_attrs.get("pbt_start_epoch", 0))
+        for t in sorted(segs, key=lambda t: (t.user_attrs.get(START_EPOCH_ATTR, 0), t.number)):
+            start = int(t.user_attrs.get(START_EPOCH_ATTR, 0))
             points.update({e: v for e, v in t.intermediate_values.items() if e > start})
         xs = sorted(points)
         line = fig.add_trace(go.Scatter(x=xs, y=[points[x] for x in xs], mode="lines",
                                         name=f"member {index}", legendgroup=str(index)))
-        jumps = [t for t in segs if t.user_attrs.get("pbt_parent") is not None
-                 and t.user_attrs["pbt_start_epoch"] + 1 in points]
+        jumps = [t for t in segs if t.user_attrs.get(DONOR_ATTR) is not None
+                 and t.user_attrs[START_EPOCH_ATTR] + 1 in points]
         if jumps:
             line.add_trace(go.Scatter(
-                x=[t.user_attrs["pbt_start_epoch"] + 1 for t in jumps],
-                y=[points[t.user_attrs["pbt_start_epoch"] + 1] for t in jumps],
+                x=[t.user_attrs[START_EPOCH_ATTR] + 1 for t in jumps],
+                y=[points[t.user_attrs[START_EPOCH_ATTR] + 1] for t in jumps],
                 mode="markers", marker_symbol="x", marker_size=9, showlegend=False,
                 legendgroup=str(index), name=f"member {index}",
                 text=[f"#{t.number} copied #{t.user_attrs['pbt_parent']}" for t in jumps]))
@@ -289,7 +297,7 @@ def schedule_html(study: optuna.Study) -> str:
         best = study.best_trial
     except ValueError:
         return ""
-    schedule = best.user_attrs.get("pbt_schedule")
+    schedule = best.user_attrs.get(SCHEDULE_ATTR)
     if not schedule:
         return ""
     return (f"<p>PBT: the best member (trial {best.number}) trained with this schedule: "

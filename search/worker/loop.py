@@ -28,7 +28,7 @@ from typing import Any
 
 import optuna
 
-from search import optuna_seam
+from search import defaults, optuna_seam
 from search.errors import AttemptLost, StorageUnavailable
 from search.inputs.algorithms import RoundPruner
 from search.logs import say
@@ -70,7 +70,7 @@ class WorkerLoop:
 
     def __init__(self, study: optuna.Study, runner: TrialRunner, pack: int,
                  n_trials: int | None, timeout: float | None, handler: RetryDeadTrial,
-                 stop_within: float = 20.0, ramp: int | None = None,
+                 stop_within: float = defaults.STOP_WITHIN, ramp: int | None = None,
                  study_total: int | None = None, ahead: Any = None):
         self.study, self.runner, self.handler = study, runner, handler
         self.ahead = ahead  # search.worker.ahead.SampleAhead (--sample-ahead), or None
@@ -375,7 +375,7 @@ class WorkerLoop:
 
 
 def run_trials(study: optuna.Study, runner: TrialRunner, pack: int, n_trials: int | None,
-               timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0,
+               timeout: float | None, handler: RetryDeadTrial, stop_within: float = defaults.STOP_WITHIN,
                ramp: int | None = None, study_total: int | None = None, ahead: Any = None) -> None:
     """Runs a worker's share of trials: `WorkerLoop(...).run()`."""
     WorkerLoop(study, runner, pack, n_trials, timeout, handler, stop_within, ramp,

@@ -22,9 +22,19 @@ from typing import Any
 
 import optuna
 
-from search import optuna_seam
+from search import defaults, optuna_seam
 from search.inputs.pbt import Pbt, explore
-from search.study.lineage import segments, superseded
+from search.study.lineage import (
+    DONOR_ATTR,
+    GENERATION_ATTR,
+    MEMBER_ATTR,
+    REPLACED_BY_ATTR,
+    REPLACES_ATTR,
+    SCHEDULE_ATTR,
+    START_EPOCH_ATTR,
+    segments,
+    superseded,
+)
 from search.study.recovery import RetryDeadTrial
 from search.study.session import TrialRunner
 from search.worker.loop import State, WorkerLoop
@@ -35,12 +45,12 @@ class PbtLoop(WorkerLoop):
     exploit/explore step whenever the members stand at a multiple of `interval` epochs."""
 
     def __init__(self, study: optuna.Study, runner: TrialRunner, pbt: Pbt,
-                 timeout: float | None, handler: RetryDeadTrial, stop_within: float = 20.0,
+                 timeout: float | None, handler: RetryDeadTrial, stop_within: float = defaults.STOP_WITHIN,
                  seed: int | None = None):
         trials = study.get_trials(deepcopy=False)
-        members = {t.user_attrs["pbt_member"] for t in trials if "pbt_member" in t.user_attrs}
+        members = {t.user_attrs[MEMBER_ATTR] for t in trials if MEMBER_ATTR in t.user_attrs}
         gone = superseded(trials)
-        waiting = sum(t.state == State.WAITING and "pbt_member" in t.user_attrs
+        waiting = sum(t.state == State.WAITING and MEMBER_ATTR in t.user_attrs
                       and t.number not in gone for t in trials)
         # a rerun resumes the members that were stopped (their retries wait) and starts only
         # the members the population still lacks
@@ -76,9 +86,9 @@ class PbtLoop(WorkerLoop):
         return True
 
     def _asked(self, trial: optuna.Trial) -> None:
-        if "pbt_member" not in trial.user_attrs:  # a new member (a retry keeps its attributes)
-            for key, value in (("pbt_member", self.next_member), ("pbt_start_epoch", 0),
-                               ("pbt_generation", 0)):
+        if MEMBER_ATTR not in trial.user_attrs:  # a new member (a retry keeps its attributes)
+            for key, value in ((MEMBER_ATTR, self.next_member), (START_EPOCH_ATTR, 0),
+                               (GENERATION_ATTR, 0)):
                 trial.set_user_attr(key, value)
             self.next_member += 1
 
@@ -86,9 +96,9 @@ class PbtLoop(WorkerLoop):
         member = super()._admit(trial, inherit)
         if member is not None:
             attrs = trial.user_attrs
-            self.member_index[member] = int(attrs["pbt_member"])
+            self.member_index[member] = int(attrs[MEMBER_ATTR])
             session = self.in_flight[member].session
-            for key in ("pbt_member", "pbt_parent", "pbt_start_epoch", "pbt_generation"):
+            for key in (MEMBER_ATTR, DONOR_ATTR, START_EPOCH_ATTR, GENERATION_ATTR):
                 if key in attrs:
                     self.runner.tracker.tag(session.run_id, key, str(attrs[key]))
         return member
@@ -146,9 +156,9 @@ class PbtLoop(WorkerLoop):
         donor's values explored; returns its number."""
         params = explore(donor.params, donor.distributions, self.pbt.mutate,
                          self.pbt.resample_probability, rng)
-        attrs = {"pbt_member": index, "pbt_parent": donor.number,
-                 "pbt_start_epoch": epoch, "pbt_generation": epoch // self.pbt.interval,
-                 "pbt_replaces": replaces}
+        attrs = {MEMBER_ATTR: index, DONOR_ATTR: donor.number,
+                 START_EPOCH_ATTR: epoch, GENERATION_ATTR: epoch // self.pbt.interval,
+                 REPLACES_ATTR: replaces}
         trial = optuna_seam.start_trial(self.study, params, donor.distributions, attrs)
         member = self._admit(trial, inherit=state)
         if member is not None:  # its first checkpoint now: a crash resumes it from the copy
@@ -166,7 +176,7 @@ class PbtLoop(WorkerLoop):
         """The loser's segment ends PRUNED: replaced by trial `number`, a copy of the donor."""
         loser_session = self.in_flight[loser].session
         with self._ending(loser_session):
-            loser_session.trial.set_user_attr("pbt_replaced_by", number)
+            loser_session.trial.set_user_attr(REPLACED_BY_ATTR, number)
             loser_session.pruned(f"replaced by a copy of trial {donor_number} at epoch {epoch} "
                                  f"(continues as trial {number})", epoch, word="replaced")
             self._tell(engine, loser, State.PRUNED)
@@ -181,5 +191,5 @@ class PbtLoop(WorkerLoop):
         """A finished member's schedule (its lineage's settings per epoch range) on its trial
         (`pbt_schedule`) and its MLflow run (tag `pbt_schedule`), before its trial ends."""
         schedule = segments(self.study.get_trials(deepcopy=False), session.trial.number)
-        session.trial.set_user_attr("pbt_schedule", schedule)
-        self.runner.tracker.tag(session.run_id, "pbt_schedule", json.dumps(schedule))
+        session.trial.set_user_attr(SCHEDULE_ATTR, schedule)
+        self.runner.tracker.tag(session.run_id, SCHEDULE_ATTR, json.dumps(schedule))

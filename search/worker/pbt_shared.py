@@ -29,7 +29,17 @@ from typing import Any
 import optuna
 
 from search import optuna_seam
-from search.study.lineage import generation_ready, ranking_at, replaced_at, segment_at, superseded
+from search.study.lineage import (
+    GENERATION_ATTR,
+    MEMBER_ATTR,
+    READY_ATTR,
+    START_EPOCH_ATTR,
+    generation_ready,
+    ranking_at,
+    replaced_at,
+    segment_at,
+    superseded,
+)
 from search.study.recovery import STOP, Interrupted
 from search.worker.loop import State
 from search.worker.pbt import PbtLoop
@@ -51,7 +61,7 @@ class SharedPbtLoop(PbtLoop):
         super().__init__(*args, **kwargs)
         self.worker, self.workers = worker, workers
         trials = self.study.get_trials(deepcopy=False)
-        made = {t.user_attrs["pbt_member"] for t in trials if "pbt_member" in t.user_attrs}
+        made = {t.user_attrs[MEMBER_ATTR] for t in trials if MEMBER_ATTR in t.user_attrs}
         self.to_create = [i for i in range(self.pbt.population)
                           if i % workers == worker and i not in made]
         self.n_trials = None  # its share: `to_create`, then whatever retry waits
@@ -68,12 +78,12 @@ class SharedPbtLoop(PbtLoop):
         if trial is None:
             return False
         self.asked += 1
-        if "pbt_member" in trial.user_attrs:  # a retry
+        if MEMBER_ATTR in trial.user_attrs:  # a retry
             if self._superseded(trial, superseded(self.study.get_trials(deepcopy=False))):
                 return True
         else:
-            for key, value in (("pbt_member", self.to_create.pop(0)), ("pbt_start_epoch", 0),
-                               ("pbt_generation", 0)):
+            for key, value in ((MEMBER_ATTR, self.to_create.pop(0)), (START_EPOCH_ATTR, 0),
+                               (GENERATION_ATTR, 0)):
                 trial.set_user_attr(key, value)
         self._admit(trial)
         return True
@@ -81,7 +91,7 @@ class SharedPbtLoop(PbtLoop):
     def _admit(self, trial: optuna.Trial, inherit: dict[str, Any] | None = None) -> Any:
         member = super()._admit(trial, inherit)
         if member is not None:
-            self.started[member] = int(trial.user_attrs.get("pbt_start_epoch", 0))
+            self.started[member] = int(trial.user_attrs.get(START_EPOCH_ATTR, 0))
         return member
 
     def _refill(self) -> None:
@@ -147,7 +157,7 @@ class SharedPbtLoop(PbtLoop):
             store.save_generation(self.member_index[member], epoch, state)
             session.save(state)  # its own checkpoint at the generation, on disk before ready
             store.settle(session.root, session.trial.number)
-            session.trial.set_user_attr("pbt_ready", epoch)
+            session.trial.set_user_attr(READY_ATTR, epoch)
             self.published.add((session.trial.number, epoch))
 
     def _await(self, epoch: int) -> bool:
@@ -192,7 +202,7 @@ class SharedPbtLoop(PbtLoop):
             if not donors:
                 continue
             donor = segment_at(trials, rng.choice(donors), epoch)
-            state = self._donor_state(int(donor.user_attrs["pbt_member"]), epoch)
+            state = self._donor_state(int(donor.user_attrs[MEMBER_ATTR]), epoch)
             if state is None:
                 continue
             replaces = self.in_flight[loser].session.trial.number if loser else vacant[index]

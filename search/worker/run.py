@@ -24,8 +24,6 @@ from search.tracking.client import Tracker
 from search.worker.ahead import SampleAhead, sample_ahead, wanted
 from search.worker.loop import run_trials
 
-STORAGE_GONE = 75  # a worker's exit status when the storage stayed silent past its patience
-
 
 def shares(n_trials: int | None, workers: int) -> list[int | None]:
     """Splits a trial budget exactly: trials in total, however many workers (None each without
