@@ -38,10 +38,10 @@ class _NoExpectedTracebacks:
     one line (divergence, a stop, an impossible combination) keep just Optuna's line."""
 
     def filter(self, record) -> bool:
-        from trainer.config import ConfigError
+        from trainer.errors import ConfigError
 
         if record.exc_info and record.exc_info[0] is not None:
-            from trainer.data import DataError
+            from trainer.errors import DataError
             from trainer.loop import Diverged
 
             if issubclass(record.exc_info[0], Diverged | Interrupted | ConfigError | DataError

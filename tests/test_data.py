@@ -68,7 +68,8 @@ def test_digits_are_real_32x32_rgb():
 
 def test_digit_pairs_is_a_deterministic_100_class_stand_in_with_held_out_glyphs():
     from search.tracking.datasets import dataset_input
-    from trainer.config import TEST_IMAGES, TRAIN_IMAGES, TrainConfig, train_split_size
+    from trainer.catalogue import TEST_IMAGES, TRAIN_IMAGES, train_split_size
+    from trainer.config import TrainConfig
 
     a, b = load_dataset("digit-pairs"), load_dataset("digit-pairs")
     assert a.num_classes == 100 and a.train.x.shape == (TRAIN_IMAGES["digit-pairs"], 3, 32, 32)

@@ -12,7 +12,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from trainer.folder import is_folder, load
+from trainer.data import load_dataset as load
+from trainer.folder import is_folder
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
 

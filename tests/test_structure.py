@@ -58,6 +58,24 @@ def test_search_imports_only_downward_and_has_no_cycles():
         visit(m, [])
 
 
+def test_the_trainer_has_no_import_cycles():
+    """Function-level imports included: a cycle hidden inside a function is still a cycle."""
+    mods = modules("trainer")
+    graph = {m: {i for i in imports(p) if i in mods and i not in ("trainer", m)} for m, p in mods.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        assert m not in path, f"import cycle: {' -> '.join([*path, m])}"
+        if m in done:
+            return
+        for i in sorted(graph[m]):
+            visit(i, [*path, m])
+        done.add(m)
+
+    for m in mods:
+        visit(m, [])
+
+
 def test_modules_and_functions_are_small():
     big, long = [], []
     for package in ("search", "trainer"):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from trainer.catalogue import DATASETS, train_split_size
+from trainer.errors import ConfigError
+
 OPTIMIZERS = ("adamw", "sgdm", "lars", "lamb")
-DATASETS = ("cifar100", "digits", "digit-pairs", "synthetic")
 AUGMENTS = ("none", "flip-crop", "adamw", "sgdm", "final")
 SCHEDULES = ("cosine", "constant")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -21,53 +21,11 @@ PARTITIONS = ("iid", "noniid")
 # values their papers use at batch 64 equivalents.
 DEFAULT_LR = {"adamw": 1e-3, "sgdm": 1e-2, "lars": 1.0, "lamb": 2e-3}
 
-DATA_ROOT_ENV = "SEARCH_DATA_ROOT"
-
-# images in each dataset's training set (before the validation split is carved from it) and
-# in its held-out test set
-TRAIN_IMAGES = {"cifar100": 50_000, "digits": 1_437, "digit-pairs": 25_000, "synthetic": 10_000}
-TEST_IMAGES = {"cifar100": 10_000, "digits": 360, "digit-pairs": 5_000, "synthetic": 2_000}
-CLASSES = {"cifar100": 100, "digits": 10, "digit-pairs": 100, "synthetic": 100}
-# where each dataset comes from, as MLflow's dataset source records it: (kind, where)
-SOURCES = {"cifar100": ("url", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-           "digits": ("code", "sklearn.datasets.load_digits (8x8 upscaled to 32x32)"),
-           "digit-pairs": ("code", "trainer.data.load_digit_pairs (pairs of scikit-learn "
-                           "digits in colour, 100 classes; not CIFAR-100)"),
-           "synthetic": ("code", "trainer.data.make_synthetic (random images)")}
-
 # the layout of a checkpoint (trainer.engine writes it, search.study.checkpoints checks it);
 # raised whenever the layout changes, so an older file is refused instead of misread
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_KEYS = ("format", "epoch", "step", "rounds", "history", "params", "optimizer",
                    "generator")
-
-
-def dataset_sizes(dataset: str) -> tuple[int, int, int]:
-    """(training images before the validation split, test images, classes); a `folder:PATH`
-    dataset is scanned (trainer.folder; a bad layout raises ConfigError naming the path)."""
-    from trainer.folder import LayoutError, is_folder, sizes
-
-    if is_folder(dataset):
-        try:
-            return sizes(dataset)
-        except (LayoutError, OSError) as exc:
-            raise ConfigError(f"dataset: {exc}") from None
-    return TRAIN_IMAGES[dataset], TEST_IMAGES[dataset], CLASSES[dataset]
-
-
-def dataset_source(dataset: str) -> tuple[str, str]:
-    """Where a dataset comes from, as MLflow's dataset source records it: (kind, where)."""
-    from trainer.folder import folder_path, is_folder
-
-    if is_folder(dataset):
-        return "local", str(folder_path(dataset).resolve())
-    return SOURCES[dataset]
-
-
-def train_split_size(dataset: str, val_fraction: float) -> int:
-    """Images left for training once the validation split (rounded up, as sklearn does) is out."""
-    n = dataset_sizes(dataset)[0]
-    return n - math.ceil(n * val_fraction)
 
 
 def optimiser_steps(config: TrainConfig) -> int:
@@ -83,21 +41,6 @@ def never_averages(config: TrainConfig) -> int | None:
     (H longer than the whole run), else None."""
     steps = optimiser_steps(config)
     return steps if config.local_steps > steps else None
-
-
-def default_data_root() -> Path:
-    """`$SEARCH_DATA_ROOT`, else `~/.cache/search/data`."""
-    env = os.environ.get(DATA_ROOT_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "search" / "data"
-
-
-class ConfigError(ValueError):
-    """A setting has a value it cannot take; the message names the key and what was expected."""
-
-
-class DataError(RuntimeError):
-    """The dataset cannot be had; the message says where it must be put. (Raised by
-    `trainer.data`; here so that the command line catches it without importing torch.)"""
 
 
 @dataclass

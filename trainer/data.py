@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from trainer.config import DataError  # noqa: F401 -- the data's own error, raised here
+from trainer.catalogue import CLASSES, DATASETS, TEST_IMAGES, TRAIN_IMAGES, default_data_root
+from trainer.errors import DataError
 from trainer.folder import LayoutError, is_folder
 from trainer.folder import load as load_folder
 
@@ -117,7 +118,7 @@ def load_cifar100(root: Path, download: bool = False) -> Dataset:
     files = locate_cifar100(root, download)
     folder = files[0].parent
     try:
-        return Dataset(_read_cifar_pickle(files[0]), _read_cifar_pickle(files[1]), 100)
+        return Dataset(_read_cifar_pickle(files[0]), _read_cifar_pickle(files[1]), CLASSES["cifar100"])
     except Exception as exc:
         raise DataError(f"cannot read CIFAR-100 from {folder}: {exc}") from None
 
@@ -140,7 +141,7 @@ def load_digits_32() -> Dataset:
     return Dataset(Arrays(x[train_idx], y[train_idx]), Arrays(x[test_idx], y[test_idx]), 10)
 
 
-PAIRS_TRAIN, PAIRS_TEST, PAIRS_FOLDS = 25_000, 5_000, 5
+PAIRS_TRAIN, PAIRS_TEST, PAIRS_FOLDS = TRAIN_IMAGES["digit-pairs"], TEST_IMAGES["digit-pairs"], 5
 
 
 def load_digit_pairs() -> Dataset:
@@ -199,7 +200,8 @@ def _place(glyph: torch.Tensor, centre_x: float, rng: np.random.Generator) -> to
     return F.grid_sample(glyph, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def make_synthetic(n_train: int = 10_000, n_test: int = 2_000, classes: int = 100) -> Dataset:
+def make_synthetic(n_train: int = TRAIN_IMAGES["synthetic"], n_test: int = TEST_IMAGES["synthetic"],
+                   classes: int = CLASSES["synthetic"]) -> Dataset:
     """Random CIFAR-shaped images; only for measuring speed, never for accuracy."""
     rng = np.random.default_rng(0)
 
@@ -211,8 +213,6 @@ def make_synthetic(n_train: int = 10_000, n_test: int = 2_000, classes: int = 10
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
-    from trainer.config import default_data_root
-
     if name == "cifar100":
         return load_cifar100(Path(root) if root else default_data_root())
     if name == "digits":
@@ -223,18 +223,16 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
         return make_synthetic()
     if is_folder(name):
         try:
-            return load_folder(name)
+            (x, y), (tx, ty), classes = load_folder(name)
         except (LayoutError, OSError) as exc:
             raise DataError(str(exc)) from None
-    raise DataError(f"dataset: unknown {name!r}; expected cifar100, digits, digit-pairs, "
-                    "synthetic or folder:PATH")
+        return Dataset(Arrays(x, y), Arrays(tx, ty), classes)
+    raise DataError(f"dataset: unknown {name!r}; expected {', '.join(DATASETS)} or folder:PATH")
 
 
 def ensure_available(name: str, root: str | Path | None = None) -> None:
     """Checks (and for CIFAR-100 fetches, on the machine the command runs on) a dataset before
     a study starts its first trial."""
-    from trainer.config import default_data_root
-
     if name == "cifar100":
         locate_cifar100(Path(root) if root else default_data_root(), download=True)
     elif is_folder(name):  # every image decoded once: an unreadable file is found here

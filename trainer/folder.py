@@ -111,21 +111,22 @@ def _decode(files: tuple[tuple[Path, int], ...]) -> tuple[np.ndarray, np.ndarray
     return x, np.asarray([c for _, c in files], dtype=np.int64)
 
 
-def load(name: str):
-    """`folder:PATH` as a trainer Dataset (uint8, 32x32 RGB)."""
-    from sklearn.model_selection import train_test_split
+Images = tuple[np.ndarray, np.ndarray]  # (N, 3, 32, 32) uint8 images, int64 labels
 
-    from trainer.data import Arrays, Dataset
+
+def load(name: str) -> tuple[Images, Images, int]:
+    """`folder:PATH` as (train, test, classes), uint8 32x32 RGB (`trainer.data` makes it a
+    Dataset)."""
+    from sklearn.model_selection import train_test_split
 
     layout = scan(folder_path(name).resolve())
     x, y = _decode(layout.train)
+    classes = len(layout.classes)
     if layout.test:
-        tx, ty = _decode(layout.test)
-        return Dataset(Arrays(x, y), Arrays(tx, ty), len(layout.classes))
-    n_test = _carved_test_size(len(y), len(layout.classes))
+        return (x, y), _decode(layout.test), classes
+    n_test = _carved_test_size(len(y), classes)
     if n_test == 0:  # too few images to hold a test set out: a test is then not available
-        return Dataset(Arrays(x, y), Arrays(x[:0], y[:0]), len(layout.classes))
+        return (x, y), (x[:0], y[:0]), classes
     train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=n_test, stratify=y,
                                            random_state=1234)
-    return Dataset(Arrays(x[train_idx], y[train_idx]), Arrays(x[test_idx], y[test_idx]),
-                   len(layout.classes))
+    return (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx]), classes

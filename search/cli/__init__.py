@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from search.cli.args import Parser
 from search.errors import EXIT_OK, EXIT_USAGE, UserError
-from trainer.config import ConfigError, DataError
+from trainer.errors import ConfigError, DataError
 
 
 def build_parser() -> Parser:

@@ -65,7 +65,7 @@ def checkpoint_cadence(text: str) -> str:
 
 def dataset_name(text: str) -> str:
     """argparse type of --dataset: a built-in dataset or folder:PATH (the user's images)."""
-    from trainer.config import DATASETS
+    from trainer.catalogue import DATASETS
 
     if text in DATASETS or (text.startswith("folder:") and len(text) > len("folder:")):
         return text

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_fetch_data(args: argparse.Namespace) -> int:
-    from trainer.config import default_data_root
+    from trainer.catalogue import default_data_root
     from trainer.data import CIFAR_FOLDER, DataError, fetch_cifar100, verify_cifar100
 
     root = Path(args.data_root) if args.data_root else default_data_root()

@@ -32,7 +32,8 @@ from search.inputs.settings import (
 )
 from search.logs import quiet_libraries
 from search.study.storage import storage_url
-from trainer.config import DATASETS, PRECISIONS
+from trainer.catalogue import DATASETS
+from trainer.config import PRECISIONS
 
 if TYPE_CHECKING:  # `search --help` and a bad flag's line without MLflow's import
     from search.launch.base import Launcher

@@ -19,7 +19,8 @@ from search.inputs.pbt import Pbt, resolve_pbt
 from search.inputs.space import Space, load_space, parse_space
 from search.inputs.studyfile import is_study_file, load_study_file
 from search.inputs.values import int_at_least
-from trainer.config import ConfigError, TrainConfig, never_averages
+from trainer.config import TrainConfig, never_averages
+from trainer.errors import ConfigError
 
 DEFAULT_RAMP, DEFAULT_TRIALS = defaults.RAMP, defaults.TRIALS
 

@@ -30,7 +30,8 @@ import yaml
 from search.errors import UserError
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import parse_objectives
-from trainer.config import ConfigError, TrainConfig, field_types
+from trainer.config import TrainConfig, field_types
+from trainer.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
 TOP_KEYS = {"name", "description", "fixed", "params", "objectives", "constraints"}

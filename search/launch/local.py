@@ -34,8 +34,7 @@ from search.worker.run import (
     start_sample_ahead,
     worker_device,
 )
-from trainer.config import ConfigError
-from trainer.data import DataError
+from trainer.errors import ConfigError, DataError
 
 
 def _worker_entry(settings: RunSettings, index: int, n_trials: int | None, threads: int | None,

@@ -27,7 +27,8 @@ from search.study.recovery import chain_root, mark_worker
 from search.tracking import RUN_ATTR
 from search.tracking.client import PendingRun, Tracker, run_id_of
 from trainer import TrainConfig
-from trainer.config import ConfigError, never_averages
+from trainer.config import never_averages
+from trainer.errors import ConfigError
 
 
 def compact_config(config: TrainConfig) -> dict[str, Any]:

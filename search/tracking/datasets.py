@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 
-from trainer.config import dataset_sizes, dataset_source, train_split_size
+from trainer.catalogue import dataset_sizes, dataset_source, train_split_size
 
 
 def dataset_input(config: dict[str, Any], retrain: bool = False,

@@ -36,7 +36,8 @@ from search.study.budget import ask_lock, room_left
 from search.study.recovery import STOP, Interrupted, RetryDeadTrial, requeue_interrupted
 from search.study.session import TrialRunner, TrialSession
 from search.worker.sizing import in_flight_limit
-from trainer.config import ConfigError, pack_key
+from trainer.config import pack_key
+from trainer.errors import ConfigError
 
 State = optuna.trial.TrialState
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import optuna
 
-from trainer.config import CLASSES, TrainConfig, train_split_size
+from trainer.catalogue import CLASSES, train_split_size
+from trainer.config import TrainConfig
 
 AUTO_CAP = 64  # wider packs gain little: ~5 launches per trial-step at 64 already
 MEMORY_SHARE = 0.5
