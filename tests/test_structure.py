@@ -151,3 +151,23 @@ def test_private_names_of_optuna_live_only_in_the_seam():
     uses = [f"{m} {use}" for m, path in modules("search").items()
             if not m.startswith("search.optuna_seam") for use in _private_uses(path)]
     assert not uses, uses
+
+
+def test_only_the_launchers_name_slurm():
+    """A launcher brings its flags, study-file block, task identity, status fields and files:
+    outside search/launch/ no name and no string names Slurm (docstrings and comments may)."""
+    found = []
+    for m, path in modules("search").items():
+        if m.startswith("search.launch"):
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            text = (node.value if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and id(node) not in docs else node.id if isinstance(node, ast.Name)
+                    else node.attr if isinstance(node, ast.Attribute) else "")
+            if "slurm" in text.lower():
+                found.append(f"{m}:{node.lineno}: {text[:60]!r}")
+    assert not found, found

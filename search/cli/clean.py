@@ -1,5 +1,5 @@
 """`search clean`: removes what a study leaves on disk beside its results — its checkpoints,
-its report and its Slurm files — after listing them with their sizes. Never the storage or the
+its report and its launcher's files (a Slurm array's) — after listing them with their sizes. Never the storage or the
 MLflow runs: those are the results (`optuna delete-study` and `mlflow gc` remove them)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import optuna
 
 from search.cli.args import storage_flag
 from search.errors import UserError
+from search.launch import plugins
 from search.study.checkpoints import DEFAULT_DIR
 
 State = optuna.trial.TrialState
@@ -19,7 +20,7 @@ State = optuna.trial.TrialState
 
 def add_parser(sub) -> None:
     p = sub.add_parser("clean", help="list, then with --yes remove, a study's checkpoints, "
-                       "report and Slurm files (never its storage or MLflow runs)")
+                       "report and its launcher's files (never its storage or MLflow runs)")
     p.add_argument("--study", required=True, help="the study's name (or its study file)")
     p.add_argument("--checkpoint-dir", help=f"where its checkpoints are (default ./{DEFAULT_DIR})")
     p.add_argument("--yes", action="store_true", help="remove them (without it: only list)")
@@ -44,7 +45,7 @@ def human(n: int) -> str:
 def leftovers(name: str, checkpoint_dir: str | None) -> list[Path]:
     """What the study left on disk besides its results, that exists."""
     paths = [Path(checkpoint_dir or DEFAULT_DIR) / name, Path("reports") / f"{name}.html",
-             Path("slurm") / name]
+             *plugins.files(name)]
     return [p for p in paths if p.exists()]
 
 
@@ -63,10 +64,10 @@ def in_flight(name: str, storage_arg: str | None) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     from search.inputs.studyfile import is_study_file, load_study_file
 
-    name = load_study_file(args.study).name if is_study_file(args.study) else args.study
+    name = load_study_file(args.study, plugins.blocks()).name if is_study_file(args.study) else args.study
     found = leftovers(name, args.checkpoint_dir)
     if not found:
-        print(f"study {name}: nothing to remove (no checkpoints, report or Slurm files here)")
+        print(f"study {name}: nothing to remove (no checkpoints, report or launcher files here)")
         return 0
     total = 0
     for path in found:

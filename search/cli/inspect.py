@@ -14,6 +14,7 @@ from search.cli.args import storage_flag
 from search.errors import UserError
 from search.inputs.objectives import epochs_run, pareto_numbers, primary, study_objectives
 from search.inputs.space import load_space
+from search.launch import plugins
 from search.logs import quiet_libraries, redact
 from search.study.budget import TOTAL_ATTR, finished
 from search.study.lineage import GENERATION_ATTR, MEMBER_ATTR, is_pbt
@@ -109,10 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "generation": max(t.user_attrs.get(GENERATION_ATTR, 0) for t in trials
                                             if MEMBER_ATTR in t.user_attrs),
                           "segments": sum(MEMBER_ATTR in t.user_attrs for t in trials)}
-        if (job := study.user_attrs.get("slurm_job_id")) is not None:
-            from search.launch.slurm import array_tasks
-
-            row["slurm"] = {"job": job, "tasks": array_tasks(job)}
+        row.update(plugins.status(study))  # each launcher's fields: a Slurm job's tasks, ...
         if len(study.directions) > 1:
             row["pareto_front"] = sorted(pareto_numbers(study))
         else:
@@ -137,10 +135,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "pbt" in r:
             line += (f"; PBT: {r['pbt']['members']} members, {r['pbt']['segments']} segments, "
                      f"generation {r['pbt']['generation']}")
-        if "slurm" in r:
-            tasks = r["slurm"]["tasks"]
-            line += (f"; Slurm job {r['slurm']['job']}: " + (", ".join(
-                f"{n} {state}" for state, n in sorted(tasks.items())) or "no task left"))
+        for launcher in plugins.launchers():
+            if launcher.name in r:
+                line += f"; {launcher.status_line(r[launcher.name])}"
         if r["running_without_crash_safety"]:
             unsafe = r["running_without_crash_safety"]
             line += (f"; {len(unsafe)} running without crash safety (checkpoint writes fail): "
@@ -180,7 +177,7 @@ def load_existing_study(name: str, storage_arg: str | None) -> optuna.Study:
 
     storage, names = load_studies(storage_arg)
     if name not in names and is_study_file(name):
-        name = load_study_file(name).name
+        name = load_study_file(name, plugins.blocks()).name
     if name not in names:
         raise UserError(f"--study: no study {name!r} in {redact(storage_url(storage_arg))}"
                         f"; studies: {', '.join(names) or 'none'}")

@@ -8,10 +8,11 @@ import json
 
 import optuna
 
-from search.cli.args import dataset_name, positive_int, storage_flag
+from search.cli.args import dataset_name, storage_flag
 from search.cli.inspect import load_existing_study
 from search.errors import UserError
 from search.inputs.objectives import pareto_numbers, primary, study_objectives
+from search.inputs.values import positive_int
 from search.logs import quiet_libraries
 from search.study.lineage import MEMBER_ATTR, SCHEDULE_ATTR, segments
 

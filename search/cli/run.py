@@ -7,15 +7,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import TYPE_CHECKING
 
 from search import defaults
 from search.cli.args import (
     checkpoint_cadence,
     dataset_name,
     pack_size,
-    positive_float,
-    positive_int,
     ramp_size,
     storage_flag,
 )
@@ -30,13 +27,12 @@ from search.inputs.settings import (
     resolve,
     trial_setting,
 )
+from search.inputs.values import positive_float, positive_int
+from search.launch import plugins
 from search.logs import quiet_libraries
 from search.study.storage import storage_url
 from trainer.catalogue import DATASETS
 from trainer.config import PRECISIONS
-
-if TYPE_CHECKING:  # `search --help` and a bad flag's line without MLflow's import
-    from search.launch.base import Launcher
 
 
 def add_parsers(sub) -> None:
@@ -66,9 +62,6 @@ def add_parsers(sub) -> None:
                    help="median pruner: epochs of a trial before it can be pruned (default "
                    f"{defaults.PRUNER_WARMUP_EPOCHS})")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--max-restarts", type=int, default=defaults.MAX_RESTARTS,
-                   help="a dead worker is replaced until it dies this many times in a row "
-                   f"without finishing a trial (default {defaults.MAX_RESTARTS})")
     p.add_argument("--pack", type=pack_size, help="trials each worker trains together as one "
                    "stacked model, or auto: as many as its GPU holds (at most 64 and the trials "
                    "left), 1 on a CPU (default: the study file's, else auto)")
@@ -109,30 +102,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints after trials end")
     pbt_flags(p)
-    slurm_flags(p)
+    plugins.add_flags(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("worker", help="one worker of a --slurm study (what its array tasks run)")
-    p.add_argument("--spec", required=True, help="the JSON settings `search run --slurm` wrote")
+    p = sub.add_parser("worker", help="one worker of a study that a launcher started on other "
+                       "machines (what each of its tasks runs)")
+    p.add_argument("--spec", required=True, help="the JSON settings the launcher wrote")
     p.set_defaults(func=cmd_worker)
-
-
-def slurm_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Slurm", "submit the --workers as one Slurm job array and return "
-                             "(needs a database --storage and an MLflow server every node reaches)")
-    g.add_argument("--slurm", action="store_true", help="run the workers as Slurm array tasks")
-    g.add_argument("--slurm-partition", help="sbatch --partition")
-    g.add_argument("--slurm-time", help="sbatch --time per task, e.g. 04:00:00; SIGTERM comes "
-                   "60 s before it and the task requeues itself")
-    g.add_argument("--slurm-gpus-per-worker", type=int, default=None,
-                   help="GPUs per array task (default 0: CPUs only; 1 on a GPU partition)")
-    g.add_argument("--slurm-cpus-per-worker", type=positive_int, help="sbatch --cpus-per-task")
-    g.add_argument("--slurm-mem", help="sbatch --mem per task, e.g. 16G")
-    g.add_argument("--slurm-account", help="sbatch --account")
-    g.add_argument("--slurm-qos", help="sbatch --qos")
-    g.add_argument("--slurm-extra", help='more sbatch options, e.g. "--constraint=a100"')
-    g.add_argument("--slurm-wait", action="store_true", help="follow the study until the array "
-                   "ends (Ctrl-C cancels the array)")
 
 
 def pbt_flags(p: argparse.ArgumentParser) -> None:
@@ -151,28 +127,16 @@ def pbt_flags(p: argparse.ArgumentParser) -> None:
                    "searched per-trial setting)")
 
 
-def launcher_for(args: argparse.Namespace, slurm_block: dict | None, where: str) -> Launcher:
-    """Slurm when `--slurm` (or an enabled `slurm:` block in the study file), else local."""
-    from search.launch.slurm import SlurmLauncher, slurm_options
-
-    opts = slurm_options(args, slurm_block, where)
-    if opts is not None:
-        return SlurmLauncher(opts)
-    from search.launch.local import LocalLauncher
-
-    return LocalLauncher(args.max_restarts)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    sources = read_sources(args)
+    sources = read_sources(args, plugins.blocks())
     # every bad value ends here, before a storage, a study or an MLflow run exists
     check_numbers(args, sources)
     check_trials(args, sources)
     preflight(args.mlflow_uri, sources)
     settings = resolve(args, sources, storage_url(args.storage),
                        " ".join(["search", *map(shlex.quote, sys.argv[1:])]))
-    launcher = launcher_for(args, sources.options.get("slurm"), sources.where)
+    launcher = plugins.choose(args, sources.options, sources.where)
     if settings.pbt is not None and args.workers > 1:
         population = settings.pbt["population"]
         if args.workers > population:
@@ -194,6 +158,6 @@ def preflight(mlflow_uri: str | None, sources) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from search.launch.slurm import run_slurm_task
+    from search.launch.task import run_task
 
-    return run_slurm_task(args.spec)
+    return run_task(args.spec)

@@ -7,8 +7,9 @@ import argparse
 import json
 import sys
 
-from search.cli.args import dataset_name, positive_float, positive_int
+from search.cli.args import dataset_name
 from search.errors import EXIT_FAILED
+from search.inputs.values import positive_float, positive_int
 from trainer.config import AUGMENTS, LR_SCALINGS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
 # (flag, TrainConfig field, argparse keywords); each default is the field's own

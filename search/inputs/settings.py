@@ -110,10 +110,10 @@ class Sources:
         return flag if flag is not None else self.options.get(key, default)
 
 
-def read_sources(args: argparse.Namespace) -> Sources:
+def read_sources(args: argparse.Namespace, blocks: frozenset[str] | set[str] = frozenset()) -> Sources:
     """The space and study file the flags name, with the flags' overrides of trial settings."""
     if is_study_file(args.study) and not args.space:
-        sf = load_study_file(args.study)
+        sf = load_study_file(args.study, blocks)
         sources = Sources(sf.space, sf.name, sf.options, dict(sf.overrides),
                           [vars(f) for f in sf.fixed_trials], sf.table, f"{sf.path}: ")
     elif args.space:

@@ -33,7 +33,7 @@ from trainer.config import field_types
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 KEYS = {"name", "description", "space", "sampler", "pruner", "pruner_startup_trials",
         "pruner_warmup_epochs", "n_trials", "timeout", "pack", "ramp", "overrides", "fixed_trials", "table",
-        "objectives", "slurm", "constraints", "pbt"}
+        "objectives", "constraints", "pbt"}  # and each launcher's block (`slurm`, ...)
 
 
 @dataclass
@@ -60,7 +60,9 @@ def is_study_file(arg: str | None) -> bool:
     return arg.endswith((".yaml", ".yml")) or (STUDIES_DIR / f"{arg}.yaml").is_file()
 
 
-def load_study_file(arg: str) -> StudyFile:
+def load_study_file(arg: str, blocks: frozenset[str] | set[str] = frozenset()) -> StudyFile:
+    """The study file `arg` names, checked; `blocks`: the launchers' blocks it may hold (each a
+    mapping, checked key by key by its launcher with its flags)."""
     path = find_file(arg, STUDIES_DIR, "study")
     try:
         doc = yaml.safe_load(path.read_text())
@@ -71,9 +73,10 @@ def load_study_file(arg: str) -> StudyFile:
     bad_key = next((k for k in doc if not isinstance(k, str)), None)
     if bad_key is not None:
         raise SpaceError(f"{path}: {bad_key!r}: expected a name (a string key)")
-    extra = sorted(set(doc) - KEYS)
+    known = KEYS | set(blocks)
+    extra = sorted(set(doc) - known)
     if extra:
-        raise SpaceError(f"{path}: {extra[0]}: unknown key; expected one of {', '.join(sorted(KEYS))}")
+        raise SpaceError(f"{path}: {extra[0]}: unknown key; expected one of {', '.join(sorted(known))}")
     source = doc.get("space")
     if isinstance(source, dict):
         space = parse_space(yaml.safe_dump(source, sort_keys=False), path)
@@ -109,11 +112,10 @@ def load_study_file(arg: str) -> StudyFile:
     options = {k: doc[k] for k in ("sampler", "pruner", "pruner_startup_trials",
                                    "pruner_warmup_epochs", "n_trials", "timeout", "pack",
                                    "ramp") if k in doc}
-    if "slurm" in doc:  # checked key by key with the --slurm flags (launch.slurm.slurm_options)
-        if not isinstance(doc["slurm"], dict):
-            raise SpaceError(f"{path}: slurm: expected a mapping (partition, time, "
-                             "gpus_per_worker, ...)")
-        options["slurm"] = doc["slurm"]
+    for block in sorted(set(blocks) & set(doc)):  # checked key by key by its launcher
+        if not isinstance(doc[block], dict):
+            raise SpaceError(f"{path}: {block}: expected a mapping of the launcher's settings")
+        options[block] = doc[block]
     if "pbt" in doc:  # checked with the --pbt flags (inputs.pbt.resolve_pbt)
         from search.inputs.pbt import parse_block
 

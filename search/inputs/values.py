@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 
@@ -46,3 +47,25 @@ def cadence_value(value: Any) -> tuple[str, float]:
     except ValueError:
         pass
     raise ValueError(f"expected auto, a number of epochs >= 1 or a time such as 30s or 5m, got {value!r}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad one is one line, exit 2, by Parser)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value

@@ -1,17 +1,26 @@
-"""What every launcher is: it takes a run's checked settings and starts `workers` workers
-(`search.worker.run.run_worker`) on the study, somewhere. A launcher is one class here with
-`check` (refuse what cannot work, before anything exists) and `launch` (the exit status)."""
+"""What every launcher is, and the parts of a run's life they share.
+
+A launcher is one class: it says how workers start, are watched and stop, and brings its own
+flags, study-file block, task identity (to resume a task's share after a restart), status
+fields and clean-up paths. The rest of a run's life -- the study and its parent run opened,
+the budget resolved, the settings handed to workers, a worker's share run, the parent run left
+-- is written once, here and in `search.worker.run`. Built-in launchers are `local` and `slurm`;
+another is found through the entry-point group `search.launchers` (`search.launch.plugins`).
+
+This module imports nothing heavy: every launcher class is loaded to build the command's flags.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import optuna
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
 
 from search.errors import EXIT_FAILED, StorageUnavailable, UserError
-from search.study.lifecycle import leave_study
-from search.tracking.client import Tracker
-from search.ui.progress import Progress
 
 
 class WorkersGaveUp(UserError):
@@ -20,18 +29,85 @@ class WorkersGaveUp(UserError):
     exit_code = EXIT_FAILED
 
 
-class Launcher(Protocol):
-    def check(self, settings) -> None:
-        """Raises UserError (one line) for settings this launcher cannot run."""
+class Launcher:
+    """A launcher. Subclasses set `name` and override what they need; `launch` is required."""
 
-    def launch(self, settings, workers: int) -> int:
+    name: ClassVar[str] = ""
+    block: ClassVar[str | None] = None  # its study file's block (`slurm:`), checked by `chosen`
+    task_attr: ClassVar[str | None] = None  # the trial attribute naming the task that ran it
+    study_attr: ClassVar[str | None] = None  # the study attribute naming its job (status, clean)
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """Adds its flags to `search run`."""
+
+    @classmethod
+    def chosen(cls, args: argparse.Namespace, block: dict | None, where: str) -> Launcher | None:
+        """This launcher, configured, when the flags or the study file's block ask for it."""
+        return None
+
+    def check(self, settings: Any) -> None:
+        """Raises UserError (one line) for settings it cannot run, before anything exists."""
+
+    def launch(self, settings: Any, workers: int) -> int:
         """Opens the study and its parent run, starts the workers; returns the exit status."""
+        raise NotImplementedError
+
+    @classmethod
+    def task(cls) -> tuple[str, int, int | None] | None:
+        """In a worker it started (`search worker --spec FILE`): (task id, the task's index
+        among the workers, CPU threads or None); None elsewhere."""
+        return None
+
+    @classmethod
+    def requeue(cls) -> bool:
+        """A worker stopped by a signal asks to run again (True when it will)."""
+        return False
+
+    @classmethod
+    def others_running(cls, study: Any) -> int:
+        """How many other workers of the study's job still run (the last one closes the run)."""
+        return 0
+
+    @classmethod
+    def status(cls, study: Any) -> dict[str, Any] | None:
+        """Its fields in `search status --json` for a study it launched; None for others."""
+        return None
+
+    @classmethod
+    def status_line(cls, fields: dict[str, Any]) -> str:
+        """Those fields in `search status`'s line."""
+        return ""
+
+    @classmethod
+    def files(cls, study_name: str) -> list[Path]:
+        """What it leaves per study in the working directory (`search clean` removes them)."""
+        return []
 
 
-def leave(study: optuna.Study, tracker: Tracker, parent: str, progress: Progress | None,
-          status: str) -> None:
+def write_spec(settings: Any, workers: int, launcher: str, folder: Path) -> Path:
+    """The run's settings as a JSON file its workers read (`search worker --spec FILE`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"spec-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    path.write_text(json.dumps({"spec": dataclasses.asdict(settings), "workers": workers,
+                                "launcher": launcher}, indent=1))
+    return path
+
+
+def read_spec(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+        data["spec"], data["workers"] = dict(data["spec"]), int(data["workers"])
+        return data
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--spec {path}: cannot read the worker's settings ({exc})") from None
+
+
+def leave(study: Any, tracker: Any, parent: str, progress: Any, status: str) -> None:
     """The progress's last refresh, then the command's last word on the parent run
     (`leave_study`); a silent storage leaves both as they are."""
+    from search.study.lifecycle import leave_study
+
     try:
         if progress is not None:
             progress.close()

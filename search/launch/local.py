@@ -8,6 +8,7 @@ at once, signals relayed), watches the storage and draws the progress.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import multiprocessing as mp
 import os
@@ -20,20 +21,11 @@ import optuna
 from search import defaults
 from search.errors import EXIT_STORAGE_GONE, EXIT_USAGE, StorageUnavailable, UserError
 from search.inputs.settings import RunSettings
-from search.launch.base import WorkersGaveUp, leave
+from search.launch.base import Launcher, WorkersGaveUp, leave
 from search.logs import say
 from search.study.budget import counted, room
-from search.study.lifecycle import open_run
 from search.study.recovery import STOP, RetryDeadTrial, reap_worker
 from search.ui.progress import Progress, print_summary
-from search.worker.run import (
-    finished_by,
-    resolve_budget,
-    run_worker,
-    shares,
-    start_sample_ahead,
-    worker_device,
-)
 from trainer.errors import ConfigError, DataError
 
 
@@ -41,6 +33,8 @@ def _worker_entry(settings: RunSettings, index: int, n_trials: int | None, threa
                   timeout: float | None, stop, parent_pid: int) -> None:
     """A spawned worker. Ctrl-C reaches the parent, which relays it as `stop`; SIGTERM to the
     worker itself, its parent's stop, or its parent gone all stop it after the epoch."""
+    from search.worker.run import run_worker
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     STOP.follow(stop, parent_pid)
     settings = dataclasses.replace(settings, timeout=timeout)
@@ -87,6 +81,8 @@ class Supervisor:
 
     def __init__(self, settings: RunSettings, study: optuna.Study, workers: int, max_restarts: int,
                  pids: set[int] | None = None):
+        from search.worker.run import shares
+
         self.settings, self.study, self.max_restarts = settings, study, max_restarts
         self.pids = pids if pids is not None else set()  # every worker process it started
         self.handler = RetryDeadTrial(settings.max_retry, settings.mlflow_uri)
@@ -108,6 +104,8 @@ class Supervisor:
         self.pids.add(slot.proc.pid)
 
     def _on_exit(self, slot: WorkerPlace) -> None:
+        from search.worker.run import finished_by
+
         proc = slot.proc
         code = proc.exitcode
         if code == 0 or (STOP.requested and code in (130, 143)):
@@ -187,6 +185,9 @@ class Supervisor:
 def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = defaults.MAX_RESTARTS) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `settings.n_trials` (or the timeout) are spent. Returns the study."""
+    from search.study.lifecycle import open_run
+    from search.worker.run import finished_by, resolve_budget, run_worker, start_sample_ahead, worker_device
+
     ahead = None  # one worker here: its sampling-ahead child starts up while the study opens
     if workers == 1:
         ahead = start_sample_ahead(settings, settings.load_space(), worker_device(0, settings.overrides),
@@ -226,14 +227,19 @@ def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = defau
 
 
 
-class LocalLauncher:
-    """`search run` without `--slurm`: the workers are processes on this machine."""
+class LocalLauncher(Launcher):
+    """`search run` without another launcher: the workers are processes on this machine."""
+
+    name = "local"
 
     def __init__(self, max_restarts: int = defaults.MAX_RESTARTS):
         self.max_restarts = max_restarts
 
-    def check(self, settings: RunSettings) -> None:
-        """Anything a local run needs was checked with the settings."""
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--max-restarts", type=int, default=defaults.MAX_RESTARTS,
+                            help="a dead worker is replaced until it dies this many times in a row "
+                            f"without finishing a trial (default {defaults.MAX_RESTARTS})")
 
     def launch(self, settings: RunSettings, workers: int) -> int:
         print_summary(run_study(settings, workers, self.max_restarts))

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,18 +32,15 @@ from pathlib import Path
 
 from search.errors import UserError
 from search.inputs.settings import RunSettings
-from search.launch.base import WorkersGaveUp, leave
-from search.logs import quiet_libraries, redact, say
+from search.inputs.values import positive_int
+from search.launch.base import Launcher, WorkersGaveUp, leave, write_spec
+from search.logs import redact, say
 from search.study.checkpoints import DEFAULT_DIR
-from search.study.lifecycle import open_run
-from search.study.recovery import HOST, STOP
 from search.study.storage import shared_across_machines
-from search.tracking import PARENT_ATTR
-from search.tracking.client import Tracker
 from search.ui.progress import Progress
-from search.worker.run import finished_by, resolve_budget, run_worker, shares
 
-JOB_ATTR = "slurm_job_id"
+JOB_ATTR = "slurm_job_id"  # the study's (and its parent run's tag): its job array
+TASK_ATTR = "slurm_task"  # a trial's: the array task (JOB_TASK) that ran it, over requeues
 
 
 @dataclasses.dataclass
@@ -118,9 +113,7 @@ def submit(settings: RunSettings, workers: int, opts: SlurmOptions) -> str:
     folder = workdir / "slurm" / settings.study_name
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    spec_file = folder / f"spec-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-    spec_file.write_text(json.dumps({"spec": dataclasses.asdict(settings), "workers": workers},
-                                    indent=1))
+    spec_file = write_spec(settings, workers, SlurmLauncher.name, folder)
     script = folder / "job.sh"
     script.write_text(job_script(spec_file, workdir,
                                  _sbatch_lines(opts, workers, settings.study_name, logs)))
@@ -153,15 +146,6 @@ def requeue_self() -> bool:
     return out.returncode == 0
 
 
-def load_settings(path: str) -> tuple[RunSettings, int]:
-    """The settings file `submit` wrote (what `search worker --spec FILE` reads)."""
-    try:
-        data = json.loads(Path(path).read_text())
-        return RunSettings(**data["spec"]), int(data["workers"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"--spec {path}: cannot read the worker's settings ({exc})") from None
-
-
 def slurm_options(args: argparse.Namespace, block: dict | None, where: str
                   ) -> SlurmOptions | None:
     """--slurm flags over a study file's `slurm:` block; None when not submitting to Slurm."""
@@ -189,43 +173,6 @@ def slurm_options(args: argparse.Namespace, block: dict | None, where: str
     return opts
 
 
-def run_slurm_task(spec_path: str) -> int:
-    """`search worker --spec FILE`: one task of a `--slurm` job array. Runs its share (what its
-    earlier runs left, after a requeue); on SIGTERM (preemption, the time limit, `scancel
-    --signal=TERM`) it stops after the epoch, its trials re-queued in Optuna, and requeues its
-    own task. The last task to leave closes the study's parent MLflow run."""
-    quiet_libraries()
-    settings, workers = load_settings(spec_path)
-    task = task_id()
-    index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    threads = int(os.environ["SLURM_CPUS_PER_TASK"]) if os.environ.get("SLURM_CPUS_PER_TASK") \
-        else None
-    share = shares(settings.n_trials, workers)[index]
-    say(f"task {task or index} of study {settings.study_name} (share "
-        f"{share if share is not None else 'until the timeout'}) on {HOST}", "search worker")
-    try:
-        study = run_worker(settings, index, share, threads, signals=(signal.SIGTERM, signal.SIGINT),
-                           slurm_task=task)
-    except KeyboardInterrupt:
-        # `scontrol requeue` has Slurm SIGTERM this very task again: nothing is left to stop
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        again = requeue_self()
-        say(f"stopped by {signal.Signals(STOP.signum or 15).name} after its "
-            f"epoch; its trials are re-queued" + (f"; task {task} requeued" if again else ""), "search worker")
-        return 0 if again else STOP.exit_code
-    tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
-    job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    others = sum(array_tasks(job).values()) - 1 if job else 0
-    done = finished_by(study)
-    parent = study.user_attrs.get(PARENT_ATTR)
-    # tasks ending together each see the other still listed: the study's count decides too
-    total = settings.study_total
-    if parent and (others <= 0 or (total is not None and done >= total)):
-        leave(study, tracker, parent, None, "FINISHED")
-    return 0
-
-
 def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int:
     """`search run --slurm`: the study and its parent run as for a local run, then ONE job
     array of `workers` tasks; prints how to follow it and returns (`--slurm-wait` follows it
@@ -233,6 +180,9 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
     # a relative folder means the submitting directory's, which every node must share
     settings = dataclasses.replace(settings, checkpoint_dir=str(
         (Path.cwd() / (settings.checkpoint_dir or DEFAULT_DIR)).absolute()))
+    from search.study.lifecycle import open_run
+    from search.worker.run import finished_by, resolve_budget
+
     study, tracker, parent, epochs = open_run(settings, workers)
     settings = resolve_budget(study, settings)
     job = submit(settings, workers, opts)
@@ -278,14 +228,74 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
     return 0
 
 
-class SlurmLauncher:
+class SlurmLauncher(Launcher):
     """`search run --slurm`: the workers are the tasks of one Slurm job array."""
+
+    name, block, task_attr, study_attr = "slurm", "slurm", TASK_ATTR, JOB_ATTR
 
     def __init__(self, opts: SlurmOptions):
         self.opts = opts
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        slurm_flags(parser)
+
+    @classmethod
+    def chosen(cls, args: argparse.Namespace, block: dict | None, where: str) -> SlurmLauncher | None:
+        opts = slurm_options(args, block, where)
+        return None if opts is None else cls(opts)
 
     def check(self, settings: RunSettings) -> None:
         check_can_submit(settings.storage, settings.mlflow_uri)
 
     def launch(self, settings: RunSettings, workers: int) -> int:
         return submit_study(settings, workers, self.opts)
+
+    @classmethod
+    def task(cls) -> tuple[str, int, int | None] | None:
+        task = task_id()
+        if task is None:
+            return None
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        return task, int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")), int(cpus) if cpus else None
+
+    @classmethod
+    def requeue(cls) -> bool:
+        return requeue_self()
+
+    @classmethod
+    def others_running(cls, study) -> int:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        return sum(array_tasks(job).values()) - 1 if job else 0
+
+    @classmethod
+    def status(cls, study) -> dict | None:
+        job = study.user_attrs.get(JOB_ATTR)
+        return None if job is None else {"job": job, "tasks": array_tasks(job)}
+
+    @classmethod
+    def status_line(cls, fields: dict) -> str:
+        return f"Slurm job {fields['job']}: " + (", ".join(
+            f"{n} {state}" for state, n in sorted(fields["tasks"].items())) or "no task left")
+
+    @classmethod
+    def files(cls, study_name: str) -> list[Path]:
+        return [Path("slurm") / study_name]
+
+
+def slurm_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Slurm", "submit the --workers as one Slurm job array and return "
+                             "(needs a database --storage and an MLflow server every node reaches)")
+    g.add_argument("--slurm", action="store_true", help="run the workers as Slurm array tasks")
+    g.add_argument("--slurm-partition", help="sbatch --partition")
+    g.add_argument("--slurm-time", help="sbatch --time per task, e.g. 04:00:00; SIGTERM comes "
+                   "60 s before it and the task requeues itself")
+    g.add_argument("--slurm-gpus-per-worker", type=int, default=None,
+                   help="GPUs per array task (default 0: CPUs only; 1 on a GPU partition)")
+    g.add_argument("--slurm-cpus-per-worker", type=positive_int, help="sbatch --cpus-per-task")
+    g.add_argument("--slurm-mem", help="sbatch --mem per task, e.g. 16G")
+    g.add_argument("--slurm-account", help="sbatch --account")
+    g.add_argument("--slurm-qos", help="sbatch --qos")
+    g.add_argument("--slurm-extra", help='more sbatch options, e.g. "--constraint=a100"')
+    g.add_argument("--slurm-wait", action="store_true", help="follow the study until the array "
+                   "ends (Ctrl-C cancels the array)")

@@ -178,12 +178,13 @@ def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     return {n for t in trials for n in _retry_history(t)}
 
 
-def mark_worker(trial: optuna.Trial) -> None:
+def mark_worker(trial: optuna.Trial, task: dict[str, str] | None = None) -> None:
+    """Who runs the trial: this process on this host, and the launcher's task, if any (a task
+    keeps its share over requeues: new pids, new nodes)."""
     trial.set_user_attr("worker_host", HOST)
     trial.set_user_attr("worker_pid", os.getpid())
-    job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if job and task:  # a Slurm array task keeps its share over requeues (new pids, new nodes)
-        trial.set_user_attr("slurm_task", f"{job}_{task}")
+    for key, value in (task or {}).items():
+        trial.set_user_attr(key, value)
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None, handler: RetryDeadTrial) -> None:

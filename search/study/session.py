@@ -46,8 +46,10 @@ class TrialRunner:
                  parent_run_id: str, checkpoints: CheckpointStore | None = None,
                  reaper: Callable[[optuna.Study], Any] | None = None,
                  objectives: list[str] | None = None, constraints: list[str] | None = None,
-                 checkpoint_every: tuple[str, float] = ("auto", AUTO_LONGEST)):
+                 checkpoint_every: tuple[str, float] = ("auto", AUTO_LONGEST),
+                 task: dict[str, str] | None = None):
         self.space, self.overrides = space, overrides
+        self.task = task  # a launcher's mark of the task that runs this worker
         self.checkpoint_every = checkpoint_every  # ("auto" | "epochs" | "seconds", N or S)
         self.checkpoint_cost = 0.0  # seconds a trial's checkpoint holds the loop (recent mean)
         self.objectives = objectives or list(DEFAULT_OBJECTIVES)
@@ -66,7 +68,7 @@ class TrialRunner:
         return session
 
     def _begin(self, trial: optuna.Trial) -> TrialSession:
-        mark_worker(trial)
+        mark_worker(trial, self.task)
         if optuna_seam.drawn_ahead(trial):  # --sample-ahead: from the study one epoch earlier
             trial.set_user_attr("drawn_ahead", True)
         values = {**self.space.sample(trial), **self.overrides}

@@ -34,15 +34,16 @@ def shares(n_trials: int | None, workers: int) -> list[int | None]:
 
 
 def finished_by(study: optuna.Study, pids: set[int] | None = None,
-                slurm_task: str | None = None) -> int:
-    """Trials that processes `pids` on this host (or one Slurm array task, over its requeues;
-    or, with neither, anyone) finished; retried attempts not counted."""
+                task: dict[str, str] | None = None) -> int:
+    """Trials that processes `pids` on this host (or one launcher's task, over its requeues:
+    the trial attribute it marks them with; or, with neither, anyone) finished; retried
+    attempts not counted."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
 
     def by(t: optuna.trial.FrozenTrial) -> bool:
-        if slurm_task is not None:
-            return t.user_attrs.get("slurm_task") == slurm_task
+        if task is not None:
+            return all(t.user_attrs.get(k) == v for k, v in task.items())
         if pids is None:
             return True
         return t.user_attrs.get("worker_host") == HOST and t.user_attrs.get("worker_pid") in pids
@@ -130,10 +131,11 @@ def start_sample_ahead(settings: RunSettings, space: Space, overrides: dict,
 
 def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads: int | None,
                signals: tuple = (signal.SIGINT, signal.SIGTERM),
-               slurm_task: str | None = None, ahead: SampleAhead | None = None) -> optuna.Study:
+               task: dict[str, str] | None = None, ahead: SampleAhead | None = None) -> optuna.Study:
     """One worker: open the study, run its share of trials. Trial failures (divergence, an
-    impossible combination) fail that trial only; anything else ends the worker. A Slurm array
-    task (`slurm_task`) that runs again after a requeue runs only what its earlier runs left.
+    impossible combination) fail that trial only; anything else ends the worker. A launcher's
+    task (`task`: the attribute marking its trials, as a Slurm array task's `slurm_task`) that
+    runs again after a requeue runs only what its earlier runs left.
     `ahead`: the sampling-ahead child its command started already (else started here)."""
     quiet_libraries()
     if threads:
@@ -148,14 +150,14 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
         study, _ = open_study(settings, space, worker=index)
         if settings.study_total is not None and n_trials:  # the study's total bounds it instead:
             n_trials = None  # retries of other workers' trials must not use up a share
-        if slurm_task is not None and n_trials is not None:
-            n_trials = max(0, n_trials - finished_by(study, slurm_task=slurm_task))
+        if task is not None and n_trials is not None:
+            n_trials = max(0, n_trials - finished_by(study, task=task))
         pack = None
         if settings.pbt is None and n_trials != 0:
             pack = settings.pack if settings.pack != "auto" else resolve_auto_pack(space, overrides, n_trials)
             if ahead is not None:  # the first refill's sets: drawing since the start
                 ahead.top_up(min(pack, n_trials or pack))
-        _run(settings, index, study, space, overrides, n_trials, signals, pack, ahead)
+        _run(settings, index, study, space, overrides, n_trials, signals, pack, ahead, task)
     finally:
         if ahead is not None:
             ahead.close()
@@ -163,7 +165,8 @@ def run_worker(settings: RunSettings, index: int, n_trials: int | None, threads:
 
 
 def _run(settings: RunSettings, index: int, study: optuna.Study, space: Space, overrides: dict,
-         n_trials: int | None, signals: tuple, pack: int | None, ahead: SampleAhead | None) -> None:
+         n_trials: int | None, signals: tuple, pack: int | None, ahead: SampleAhead | None,
+         task: dict[str, str] | None = None) -> None:
     """`run_worker` once its study is open and its pack sized."""
     tracker = Tracker(settings.mlflow_uri, settings.study_name, settings.command)
     parent = wait_for_attr(study, PARENT_ATTR)
@@ -175,7 +178,7 @@ def _run(settings: RunSettings, index: int, study: optuna.Study, space: Space, o
     runner = TrialRunner(space, overrides, tracker, parent,
                          CheckpointStore(settings.checkpoint_dir, settings.study_name,
                                          settings.keep_checkpoints), reaper, settings.objectives,
-                         settings.constraints, cadence_value(settings.checkpoint_every))
+                         settings.constraints, cadence_value(settings.checkpoint_every), task)
     if reaper is not None:
         reaper(study)
     if n_trials == 0:  # only tidy up (stale trials failed and re-queued)
