@@ -5,11 +5,12 @@ never reaches into the training loop. One folder per concern; a module imports o
 own folder or the layers below it (tests/test_structure.py checks this):
 
     cli/       the `search` command: flags and one `cmd_*` per subcommand
-    launch/    where workers run: local supervised processes, Slurm job arrays (one interface)
+    launch/    where workers run: one Launcher class each (local processes, Slurm arrays), plugins
     worker/    one worker: its share of trials, the loop that keeps P in flight, pack sizing
-    ui/        the progress bar and trial lines, the table and the HTML report, the dashboard
+    ui/        the progress bar and trial lines, the table and the HTML report
     study/     storage, a study's life and parent run, a trial attempt, checkpoints, recovery
     tracking/  MLflow runs, datasets, logged models, the runs table's view
     inputs/    spaces, study files, objectives, constraints, samplers and pruners, settings
-    errors, logs, optuna_seam   one-line failures, stderr messages, Optuna's private internals
+    optuna_seam/  every private name of Optuna's and optuna-dashboard's, and the pack operations
+    errors, defaults, logs   one-line failures and exit codes, every default, stderr messages
 """

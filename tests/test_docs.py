@@ -29,3 +29,12 @@ def test_the_docs_site_builds_strictly(tmp_path):
                        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "site" / "pbt" / "index.html").is_file()
+
+
+def test_the_layout_page_names_every_module():
+    """docs/layout.md is the map of the code: each module of search/ and trainer/ is on it."""
+    layout = (ROOT / "docs" / "layout.md").read_text()
+    missing = [str(p.relative_to(ROOT)) for package in ("search", "trainer")
+               for p in sorted((ROOT / package).rglob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and p.name not in layout]
+    assert not missing, missing
