@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"bookkeeping_ms_per_trial_epoch_p{widest}: {figure('embedded', 'per_trial_epoch_ms')} "
           f"(server stores: {figure('server', 'per_trial_epoch_ms')}) start_ms_per_trial: "
-          f"{figure('embedded', 'start')}")
+          f"{figure('embedded', 'start')} (server stores: {figure('server', 'start')})")
     return 0
 
 

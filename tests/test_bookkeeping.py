@@ -172,7 +172,7 @@ def test_the_quick_benchmark_prints_its_table_and_last_line(postgres):
             for r in table] == [(s, p, n) for s in ("embedded", "server")
                                 for p, n in (("1", "0"), ("4", "0"), ("4", "100"))]
     assert re.fullmatch(r"bookkeeping_ms_per_trial_epoch_p4: [\d.]+ \(server stores: [\d.]+\) "
-                        r"start_ms_per_trial: [\d.]+", out.strip().splitlines()[-1])
+                        r"start_ms_per_trial: [\d.]+ \(server stores: [\d.]+\)", out.strip().splitlines()[-1])
 
 
 def test_the_tpe_ask_benchmark_prints_both_samplers_and_its_ratio():

@@ -53,6 +53,17 @@ class Pbt:
         n = self.population if ranked is None else ranked
         return max(1, min(n // 2, math.ceil(n * self.quantile)))
 
+    def at_boundary(self, epoch: int, epochs: int) -> bool:
+        """Whether a generation ends at `epoch` of an `epochs`-long run (never at its start or
+        its end): the one rule for when members exploit and explore."""
+        return 0 < epoch < epochs and epoch % self.interval == 0
+
+    def split(self, ranked: list) -> tuple[list, list]:
+        """The exploit rule: of members ranked best first, the top quantile (donors) and the
+        bottom quantile (losers, who copy a donor of their shape); no loser among fewer than 2."""
+        n = self.replaced_per_step(len(ranked))
+        return ranked[:n], ranked[-n:] if len(ranked) >= 2 else []
+
 
 def mutable_names(space: Space) -> list[str]:
     """The space's searched settings the stacked engine holds per trial (trainer.config's

@@ -159,9 +159,6 @@ class WorkerLoop:
         """Starts an asked (or created) trial in the engine of its shape: from its chain's
         checkpoint, or from `inherit` (a state another trial left: PBT's exploit). Returns the
         engine's member, or None when its configuration is impossible (the trial fails)."""
-        from trainer.engine import Engine
-        from trainer.runtime import prepare
-
         # beating from the ask on: a worker killed while it opens the trial's MLflow run
         # leaves a trial that goes stale, not one RUNNING for ever
         heartbeat = optuna_seam.heartbeat_thread(trial, self.study)
@@ -179,11 +176,19 @@ class WorkerLoop:
         key = pack_key(session.config)
         if resume is not None and "partial" in resume:
             key = (key, "inside an epoch", trial.number)  # alone until it ends
-        if key not in self.engines:
-            self.engines[key] = Engine(prepare(session.config))
-        member = self.engines[key].add(session.config, resume)
+        member = self._engine(key, session.config).add(session.config, resume)
         self.in_flight[member] = InFlight(session, heartbeat)
         return member
+
+    def _engine(self, key: Any, config: Any) -> Any:
+        """The engine that trains trials of shape `key` (made for the first of them): the one
+        place an engine is set up, for a new trial, a resumed one or a PBT member."""
+        from trainer.engine import Engine
+        from trainer.runtime import prepare
+
+        if key not in self.engines:
+            self.engines[key] = Engine(prepare(config))
+        return self.engines[key]
 
     def _train_epoch(self, key: tuple, engine: Any) -> None:
         """One epoch of one engine's trials, then each trial's report and end or checkpoint."""

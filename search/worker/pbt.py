@@ -87,10 +87,14 @@ class PbtLoop(WorkerLoop):
 
     def _asked(self, trial: optuna.Trial) -> None:
         if MEMBER_ATTR not in trial.user_attrs:  # a new member (a retry keeps its attributes)
-            for key, value in ((MEMBER_ATTR, self.next_member), (START_EPOCH_ATTR, 0),
-                               (GENERATION_ATTR, 0)):
-                trial.set_user_attr(key, value)
+            self._new_member(trial, self.next_member)
             self.next_member += 1
+
+    @staticmethod
+    def _new_member(trial: optuna.Trial, index: int) -> None:
+        """A new member's first segment: the member attributes every segment carries."""
+        for key, value in ((MEMBER_ATTR, index), (START_EPOCH_ATTR, 0), (GENERATION_ATTR, 0)):
+            trial.set_user_attr(key, value)
 
     def _admit(self, trial: optuna.Trial, inherit: dict[str, Any] | None = None) -> Any:
         member = super()._admit(trial, inherit)
@@ -109,7 +113,7 @@ class PbtLoop(WorkerLoop):
             for member in engine.members:
                 by_epoch[member.epoch].append((engine, member))
         for epoch, group in sorted(by_epoch.items()):
-            if epoch % self.pbt.interval == 0 and 0 < epoch < group[0][1].config.epochs:
+            if self.pbt.at_boundary(epoch, group[0][1].config.epochs):
                 self._step(epoch, group)
 
     def _score(self, member: Any) -> float:
@@ -123,9 +127,7 @@ class PbtLoop(WorkerLoop):
         step (diverged) is refilled the same way, so the population keeps its size."""
         if len(group) < 2:
             return
-        ranked = sorted(group, key=lambda em: self._score(em[1]), reverse=True)
-        n = self.pbt.replaced_per_step(len(ranked))
-        top, bottom = ranked[:n], ranked[-n:]
+        top, bottom = self.pbt.split(sorted(group, key=lambda em: self._score(em[1]), reverse=True))
         for engine, loser in bottom:
             donors = [d for e, d in top if e is engine]
             if donors:

@@ -30,7 +30,6 @@ import optuna
 
 from search import optuna_seam
 from search.study.lineage import (
-    GENERATION_ATTR,
     MEMBER_ATTR,
     READY_ATTR,
     START_EPOCH_ATTR,
@@ -82,9 +81,7 @@ class SharedPbtLoop(PbtLoop):
             if self._superseded(trial, superseded(self.study.get_trials(deepcopy=False))):
                 return True
         else:
-            for key, value in ((MEMBER_ATTR, self.to_create.pop(0)), (START_EPOCH_ATTR, 0),
-                               (GENERATION_ATTR, 0)):
-                trial.set_user_attr(key, value)
+            self._new_member(trial, self.to_create.pop(0))
         self._admit(trial)
         return True
 
@@ -137,8 +134,7 @@ class SharedPbtLoop(PbtLoop):
                          if m in self.in_flight}
 
     def _boundary(self, epoch: int) -> bool:
-        epochs = next(iter(self.in_flight.values())).session.config.epochs
-        return 0 < epoch < epochs and epoch % self.pbt.interval == 0
+        return self.pbt.at_boundary(epoch, next(iter(self.in_flight.values())).session.config.epochs)
 
     def _due(self, member: Any, epoch: int) -> bool:
         """Whether the member has a step to take at `epoch`: a generation's epoch, not where
@@ -186,9 +182,8 @@ class SharedPbtLoop(PbtLoop):
     def _step_shared(self, epoch: int, group: list[tuple[Any, Any]]) -> None:
         trials = self.study.get_trials(deepcopy=False)
         maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
-        ranked = ranking_at(trials, epoch, maximize)
-        n = self.pbt.replaced_per_step(len(ranked))
-        top, bottom = ranked[:n], set(ranked[-n:]) if len(ranked) >= 2 else set()
+        top, losers = self.pbt.split(ranking_at(trials, epoch, maximize))
+        bottom = set(losers)
         mine = {self.member_index[m]: (e, m) for e, m in group}
         vacant = {index: number for index, _, number in self.vacant}
         for index in sorted((bottom & set(mine)) | set(vacant)):
@@ -230,15 +225,9 @@ class SharedPbtLoop(PbtLoop):
         engine.remove(member)
 
     def _unpark(self, member: Any) -> None:
-        from trainer.engine import Engine
-        from trainer.runtime import prepare
-
         key, state = self.parked.pop(member)
         flight = self.in_flight.pop(member)
-        config = flight.session.config
-        if key not in self.engines:
-            self.engines[key] = Engine(prepare(config))
-        back = self.engines[key].add(config, state)
+        back = self._engine(key, flight.session.config).add(flight.session.config, state)
         self.in_flight[back] = flight
         self.member_index[back] = self.member_index.pop(member)
         self.started[back] = self.started.pop(member, 0)
