@@ -18,6 +18,23 @@ from benchmarks.pg import PostgresServer, pg_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # tests run side by side (`make test`: 4 on 2 cores): each process's torch on one thread,
+    # so their OpenMP threads do not spin against each other's (before torch is imported)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+SERVICES = {"postgres", "mlflow_server", "slurm_cluster", "tracked_study"}  # what `make test-fast` skips
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks each test that starts a service (PostgreSQL, an MLflow server, a Slurm cluster,
+    Chromium) `services`, and keeps a Slurm cluster's tests on one xdist worker: `make test`
+    runs them all in parallel, `make test-fast` (-m "not services and not slow") none of them."""
+    for item in items:
+        uses = SERVICES & set(getattr(item, "fixturenames", ()))
+        if uses or "browser" in item.nodeid or "[postgres]" in item.nodeid:
+            item.add_marker(pytest.mark.services)
 
 
 def free_port() -> int:
