@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from search.launch.base import Launcher, write_spec
+from search.launch.base import Launcher, open_launch, write_spec
 
 SCRIPT = """#!/bin/sh
 # one worker of a search study, as a remote shell would start it
@@ -41,11 +41,7 @@ class ShellLauncher(Launcher):
         return cls() if args.shell or (block or {}).get("enabled") else None
 
     def launch(self, settings, workers: int) -> int:
-        from search.study.lifecycle import open_run
-        from search.worker.run import resolve_budget
-
-        study, _, _, _ = open_run(settings, workers)
-        settings = resolve_budget(study, settings)
+        study, _, _, _, settings = open_launch(settings, workers)
         folder = Path("shell") / settings.study_name
         spec = write_spec(settings, workers, self.name, folder)
         script = folder / "worker.sh"

@@ -103,6 +103,17 @@ def read_spec(path: str) -> dict[str, Any]:
         raise UserError(f"--spec {path}: cannot read the worker's settings ({exc})") from None
 
 
+def open_launch(settings: Any, workers: int) -> tuple[Any, Any, str, int, Any]:
+    """Every launch's start: the study created or resumed with its parent MLflow run
+    (`open_run`), then its budget resolved into the settings workers receive. Returns the study,
+    its tracker, the parent run's id, the epochs per trial and those settings."""
+    from search.study.lifecycle import open_run
+    from search.worker.run import resolve_budget
+
+    study, tracker, parent, epochs = open_run(settings, workers)
+    return study, tracker, parent, epochs, resolve_budget(study, settings)
+
+
 def leave(study: Any, tracker: Any, parent: str, progress: Any, status: str) -> None:
     """The progress's last refresh, then the command's last word on the parent run
     (`leave_study`); a silent storage leaves both as they are."""

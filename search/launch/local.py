@@ -21,7 +21,7 @@ import optuna
 from search import defaults
 from search.errors import EXIT_STORAGE_GONE, EXIT_USAGE, StorageUnavailable, UserError
 from search.inputs.settings import RunSettings
-from search.launch.base import Launcher, WorkersGaveUp, leave
+from search.launch.base import Launcher, WorkersGaveUp, leave, open_launch
 from search.logs import say
 from search.study.budget import counted, room
 from search.study.recovery import STOP, RetryDeadTrial, reap_worker
@@ -185,16 +185,14 @@ class Supervisor:
 def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = defaults.MAX_RESTARTS) -> optuna.Study:
     """Creates or resumes the study, then runs `workers` workers on it until their shares of
     `settings.n_trials` (or the timeout) are spent. Returns the study."""
-    from search.study.lifecycle import open_run
-    from search.worker.run import finished_by, resolve_budget, run_worker, start_sample_ahead, worker_device
+    from search.worker.run import finished_by, run_worker, start_sample_ahead, worker_device
 
     ahead = None  # one worker here: its sampling-ahead child starts up while the study opens
     if workers == 1:
         ahead = start_sample_ahead(settings, settings.load_space(), worker_device(0, settings.overrides),
                                    settings.n_trials)
     try:
-        study, tracker, parent, epochs = open_run(settings, workers)
-        settings = resolve_budget(study, settings)
+        study, tracker, parent, epochs, settings = open_launch(settings, workers)
     except BaseException:
         if ahead is not None:
             ahead.close()

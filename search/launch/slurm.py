@@ -33,7 +33,7 @@ from pathlib import Path
 from search.errors import UserError
 from search.inputs.settings import RunSettings
 from search.inputs.values import positive_int
-from search.launch.base import Launcher, WorkersGaveUp, leave, write_spec
+from search.launch.base import Launcher, WorkersGaveUp, leave, open_launch, write_spec
 from search.logs import redact, say
 from search.study.checkpoints import DEFAULT_DIR
 from search.study.storage import shared_across_machines
@@ -180,11 +180,9 @@ def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int
     # a relative folder means the submitting directory's, which every node must share
     settings = dataclasses.replace(settings, checkpoint_dir=str(
         (Path.cwd() / (settings.checkpoint_dir or DEFAULT_DIR)).absolute()))
-    from search.study.lifecycle import open_run
-    from search.worker.run import finished_by, resolve_budget
+    from search.worker.run import finished_by
 
-    study, tracker, parent, epochs = open_run(settings, workers)
-    settings = resolve_budget(study, settings)
+    study, tracker, parent, epochs, settings = open_launch(settings, workers)
     job = submit(settings, workers, opts)
     study.set_user_attr(JOB_ATTR, job)
     tracker.tag(parent, JOB_ATTR, job)
