@@ -29,12 +29,26 @@ SERVICES = {"postgres", "mlflow_server", "slurm_cluster", "tracked_study"}  # wh
 
 def pytest_collection_modifyitems(config, items):
     """Marks each test that starts a service (PostgreSQL, an MLflow server, a Slurm cluster,
-    Chromium) `services`, and keeps a Slurm cluster's tests on one xdist worker: `make test`
-    runs them all in parallel, `make test-fast` (-m "not services and not slow") none of them."""
+    Chromium) `services` (`make test-fast` runs none of them), and keeps the tests that share a
+    module's fixture on one xdist worker (`make test` runs the rest side by side)."""
     for item in items:
         uses = SERVICES & set(getattr(item, "fixturenames", ()))
         if uses or "browser" in item.nodeid or "[postgres]" in item.nodeid:
             item.add_marker(pytest.mark.services)
+        if item.get_closest_marker("xdist_group") is None and (group := _xdist_group(item)):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _xdist_group(item) -> str | None:
+    """The xdist worker a test must share: a module-scoped fixture's users share one worker (it
+    is set up once, not once per worker), and so do the browser tests (one Chromium profile)."""
+    if "test_browser" in item.nodeid:
+        return "browser"
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    for name in sorted(getattr(item, "fixturenames", ())):
+        if defs.get(name) and defs[name][-1].scope == "module":
+            return f"{item.module.__name__}:{name}"
+    return None
 
 
 def free_port() -> int:

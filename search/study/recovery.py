@@ -96,7 +96,7 @@ def chain_root(trial: optuna.trial.FrozenTrial) -> int:
 
 
 # what a retry must not inherit from the attempt it replaces
-STALE_ATTRS = ("fail_reason", "pruned_reason")
+STALE_ATTRS = ("fail_reason", "pruned_reason", "worker_host", "worker_pid")  # its worker marks its own
 
 
 class RetryDeadTrial:
