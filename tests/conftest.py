@@ -24,6 +24,8 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+LONG = {"test_faults", "test_search_efficiency", "test_budget", "test_recovery", "test_bookkeeping",
+        "test_launcher_plugin"}  # modules of minutes-long tests (each run's durations list them)
 SERVICES = {"postgres", "mlflow_server", "slurm_cluster", "tracked_study"}  # what `make test-fast` skips
 
 
@@ -37,6 +39,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.services)
         if item.get_closest_marker("xdist_group") is None and (group := _xdist_group(item)):
             item.add_marker(pytest.mark.xdist_group(group))
+    # the longest first (a worker's chain of grouped tests, minutes-long fault tests), so that
+    # none of them starts last and ends the run alone
+    items.sort(key=lambda item: not (item.get_closest_marker("xdist_group")
+                                     or item.module.__name__ in LONG))
 
 
 def _xdist_group(item) -> str | None:
