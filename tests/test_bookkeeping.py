@@ -11,6 +11,7 @@ import threading
 import time
 
 import optuna
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -61,6 +62,7 @@ def test_a_trial_end_drops_its_queued_writes(tmp_path):
     assert store.files(2) == [] and store.load(1)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_checkpoint_every_sets_the_cadence_and_bad_values_are_one_line(cli, tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=4))
     seen: list[int] = []
@@ -97,6 +99,7 @@ def test_auto_checkpoints_every_epoch_while_cheap_and_at_least_once_a_minute():
     assert due(cadence_value("5m"), 1, 300.0, 0, 1) and not due(cadence_value("5m"), 9, 299, 0, 1)
 
 
+@pytest.mark.slow
 def test_a_stop_between_epochs_saves_what_the_cadence_had_not(tmp_path):
     """A cadence that has not come round yet (an hour) loses nothing to a SIGTERM: the worker
     finishes its epoch, saves it, and the retry resumes there."""
@@ -130,6 +133,7 @@ def test_a_stop_between_epochs_saves_what_the_cadence_had_not(tmp_path):
     assert retry.user_attrs["resumed_from_epoch"] == saved["epoch"]
 
 
+@pytest.mark.slow
 def test_a_restarted_chain_logs_each_epoch_once(tmp_path):
     """A retry that restarts from epoch 0 (its checkpoint unreadable) recomputes epochs its run
     already holds: MLflow keeps one value per epoch, as Optuna keeps the first report."""

@@ -8,6 +8,7 @@ import sys
 import time
 
 import optuna
+import pytest
 
 from search.study.budget import finished
 from search.study.recovery import retried_numbers
@@ -34,6 +35,7 @@ def trials(tmp_path):
         return []
 
 
+@pytest.mark.slow
 def test_a_rerun_after_a_kill_finishes_the_study_to_its_total(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     proc = subprocess.Popen([*RUN, "--n-trials", "4"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -65,6 +67,7 @@ def test_a_rerun_after_a_kill_finishes_the_study_to_its_total(tmp_path):
     assert r.stdout.startswith("b (5 of 5 trials): 5 complete"), r.stdout
 
 
+@pytest.mark.slow
 def test_two_commands_at_once_share_the_total(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     procs = [subprocess.Popen([*RUN, "--n-trials", "4"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -81,6 +84,7 @@ def test_two_commands_at_once_share_the_total(tmp_path):
     assert finished(trials(tmp_path)) in (4, 5)
 
 
+@pytest.mark.slow
 def test_add_trials_with_n_trials_is_one_line(cli, tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     r = cli("run", "--space", "s.yaml", "--n-trials", "4", "--add-trials", "2")

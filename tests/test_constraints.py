@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port
@@ -29,6 +30,7 @@ def _study(d, name):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+@pytest.mark.slow
 def test_infeasible_trials_stay_off_the_front_everywhere(cli, tmp_path):
     (tmp_path / "c.yaml").write_text(SPACE)
     r = cli("run", "--space", "c.yaml", "--sampler", "grid", "--n-trials", "4",
@@ -108,6 +110,7 @@ def _get_json(url: str, seconds: float = 120.0) -> dict:
             time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_a_bad_constraint_is_one_line(cli, tmp_path):
     (tmp_path / "c.yaml").write_text(SPACE)
     for bad, says in (("val_acc>0.5", "expected METRIC>=NUMBER"),
@@ -126,6 +129,7 @@ params:
 """
 
 
+@pytest.mark.slow
 def test_a_period_longer_than_the_run_is_warned_about_or_refused(cli, tmp_path):
     (tmp_path / "l.yaml").write_text(LOCAL)
     r = cli("run", "--space", "l.yaml", "--n-trials", "1", "--pruner", "none")

@@ -66,6 +66,7 @@ def test_digits_are_real_32x32_rgb():
     assert data.train.x.max() > 200  # strokes reach near-white after upscaling
 
 
+@pytest.mark.slow
 def test_digit_pairs_is_a_deterministic_100_class_stand_in_with_held_out_glyphs():
     from search.tracking.datasets import dataset_input
     from trainer.catalogue import TEST_IMAGES, TRAIN_IMAGES, train_split_size

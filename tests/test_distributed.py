@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.test_search import SPACE
@@ -47,6 +48,7 @@ def test_workers_share_a_postgres_study_and_log_to_an_mlflow_server(postgres, ml
     assert all(len(client.get_metric_history(r.info.run_id, "val_acc")) == 2 for r in children)
 
 
+@pytest.mark.slow
 def test_unreachable_database_is_one_line_without_password(cli, tmp_path):
     (tmp_path / "digits.yaml").write_text(SPACE)
     r = cli("run", "--space", "digits.yaml", "--n-trials", "1", "--storage",

@@ -51,6 +51,7 @@ def _plain(optimizer: str, config: TrainConfig) -> list[dict]:
     return history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "sgdm"])
 def test_the_trainer_gives_torchs_numbers_for_the_same_init_and_batches(optimizer):
     config = TrainConfig(optimizer=optimizer, **SETTINGS[optimizer], epochs=2, dataset="digits",

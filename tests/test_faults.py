@@ -214,6 +214,7 @@ def _journal_trials(d):
     return optuna.load_study(study_name="s", storage=storage).get_trials()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_an_unreadable_checkpoint_is_moved_aside_and_the_trial_restarts(tmp_path, damage):
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=12))
@@ -261,6 +262,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_checkpoint_disk_is_one_line_and_every_trial_completes(tmp_path, tiny_disk):
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=12))
     proc = subprocess.Popen(

@@ -56,6 +56,7 @@ def space(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_a_study_on_a_folder_trains_packs_and_reports(space):
     folder = write_folder(space / "imgs")
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml", "--dataset",
@@ -93,6 +94,7 @@ def test_a_study_on_a_folder_trains_packs_and_reports(space):
     (lambda root: (write_folder(root), (root / "train" / "class2" / "bad.png").write_bytes(
         b"not a png")), "bad.png: cannot read the image"),
 ])
+@pytest.mark.slow
 def test_a_bad_folder_is_one_line(cli, space, breaks, names):
     root = space / "imgs"
     root.mkdir()

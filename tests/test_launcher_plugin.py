@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 
 from search.study.checkpoints import CheckpointStore
 from search.study.recovery import retried_numbers
@@ -44,6 +45,7 @@ def _study(tmp_path: Path) -> optuna.Study:
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log"))))
 
 
+@pytest.mark.slow
 def test_a_launcher_from_another_package_runs_resumes_and_shows(tmp_path):
     env = _install(tmp_path / "site")
     (tmp_path / "s.yaml").write_text(SPACE)

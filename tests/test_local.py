@@ -2,6 +2,7 @@
 a local run resumes exactly."""
 
 import numpy as np
+import pytest
 import torch
 
 from trainer import TrainConfig, train
@@ -58,6 +59,7 @@ def test_shards_iid_are_stratified_and_noniid_split_classes():
     assert sum(len(c) for c in classes) == 10 and not set.intersection(*classes[:2])
 
 
+@pytest.mark.slow
 def test_k4_h8_learns_digits(cli):
     import json
 
@@ -69,6 +71,7 @@ def test_k4_h8_learns_digits(cli):
     assert out["history"][-1]["comm_rounds"] == 8 * 18 // 8
 
 
+@pytest.mark.slow
 def test_local_run_resumes_from_a_checkpoint_exactly():
     import io
 

@@ -98,6 +98,7 @@ def _pack_run(configs, join_at, epochs, resume=None, vmap_rows=True):
     return {i: m.history for i, m in members.items()}
 
 
+@pytest.mark.slow
 def test_pack_of_four_matches_each_trial_alone_with_a_late_joiner():
     base = dict(dataset="digits", optimizer="sgdm", augment="final", epochs=2, batch_size=64)
     configs = [TrainConfig(**base, lr=0.02, weight_decay=1e-4, momentum=0.9, seed=1),
@@ -116,6 +117,7 @@ def test_pack_of_four_matches_each_trial_alone_with_a_late_joiner():
     assert packed[0][0]["train_loss"] != packed[1][0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_local_sgd_pack_matches_alone_and_a_checkpoint_resumes_in_a_pack():
     base = dict(dataset="digits", optimizer="sgdm", augment="flip-crop", epochs=2,
                 batch_size=64, local_workers=2, local_steps=5, slowmo_beta=0.5, slowmo_lr=1.0)

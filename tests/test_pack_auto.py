@@ -36,6 +36,7 @@ def test_auto_is_one_on_the_cpu_and_sized_by_memory_budget_and_cap_on_a_gpu():
     assert auto_pack("cuda", 4096, 1, 10, free_bytes=GiB // 4).pack == 1  # never 0
 
 
+@pytest.mark.slow
 def test_pack_auto_on_the_cpu_runs_one_trial_at_a_time(cli, tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     r = cli("run", "--space", "s.yaml", "--n-trials", "3", "--pack", "auto", "--pruner", "none",
@@ -69,6 +70,7 @@ SMALL_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pack", [4, 1])
 def test_a_pack_out_of_device_memory_is_halved_and_its_trials_resume(cli, tmp_path, pack):
     (tmp_path / "s.yaml").write_text(SPACE)

@@ -63,6 +63,7 @@ def test_packed_workers_finish_exactly_n_trials(postgres, mlflow_server, tmp_pat
         assert steps == sorted(t.intermediate_values)
 
 
+@pytest.mark.slow
 def test_killed_packed_trial_resumes_from_its_checkpoint(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 3", "epochs: 5")
                                      .replace("choices: [32, 64]", "choices: [64]"))
@@ -99,6 +100,7 @@ def test_killed_packed_trial_resumes_from_its_checkpoint(tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_pack_after_its_epoch_and_requeues_every_trial(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 3", "epochs: 5")
                                      .replace("choices: [32, 64]", "choices: [64]"))

@@ -6,6 +6,7 @@ objectives, and a pruner request gives one notice and an unpruned study."""
 import json
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from search.inputs.studyfile import load_study_file
@@ -18,6 +19,7 @@ params:
 """
 
 
+@pytest.mark.slow
 def test_a_two_objective_study_finds_its_pareto_front(cli, tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     r = cli("run", "--space", "s.yaml", "--objective", "val_acc,comm_rounds", "--n-trials", "8",

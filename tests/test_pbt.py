@@ -114,6 +114,7 @@ def evolved(tmp_path_factory):
     return tmp, r, load(tmp)
 
 
+@pytest.mark.slow
 def test_the_population_evolves_as_optuna_trials_with_their_lineage(evolved):
     _, r, study = evolved
     trials = {t.number: t for t in study.trials}
@@ -149,6 +150,7 @@ def test_the_population_evolves_as_optuna_trials_with_their_lineage(evolved):
     assert "replaced, continues as trial" in r.stderr  # the trial lines say it too
 
 
+@pytest.mark.slow
 def test_every_segment_is_an_mlflow_run_with_its_lineage(evolved):
     tmp, _, study = evolved
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
@@ -167,6 +169,7 @@ def test_every_segment_is_an_mlflow_run_with_its_lineage(evolved):
     assert '"first": 1' in best.data.tags["pbt_schedule"]
 
 
+@pytest.mark.slow
 def test_the_best_schedule_replays_bit_for_bit_and_retrains(evolved):
     """A member's lineage, replayed from scratch (one run, each segment's settings from
     its epoch on), is the curve PBT made; `search retrain` replays it on train+val."""
@@ -200,6 +203,7 @@ def test_the_report_draws_each_member_and_names_the_schedule(evolved):
     assert "; PBT: 4 members, " in status and "generation 2" in status
 
 
+@pytest.mark.slow
 def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=8))
     cmd = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--pbt",
@@ -266,6 +270,7 @@ def _replay_each(trials, complete):
         assert [h["val_acc"] for h in result.history] == made, t.number
 
 
+@pytest.mark.slow
 def test_a_population_shared_by_two_workers_survives_a_killed_worker(tmp_path):
     """`--workers 2`: each worker trains half the population; generations meet in the storage
     and exploits cross workers through published states. Worker 1 killed mid-generation: its

@@ -4,6 +4,7 @@ Its rule against a study's states, and a real `search run --pack 4 --ramp 2` who
 start and end times show the width growing only as results come in."""
 
 import optuna
+import pytest
 
 from search.worker.sizing import in_flight_limit
 
@@ -45,6 +46,7 @@ def _in_flight_at_each_start(trials: list[optuna.trial.FrozenTrial]) -> list[tup
     return out
 
 
+@pytest.mark.slow
 def test_a_packed_run_widens_only_as_results_come_in(cli, tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     storage = f"sqlite:///{tmp_path}/s.db"

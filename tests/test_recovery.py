@@ -46,6 +46,7 @@ def _trials(d):
     return optuna.load_study(study_name="s", storage=storage).get_trials()
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     proc = _start(tmp_path)
@@ -72,6 +73,7 @@ def test_killed_worker_resumes_from_checkpoint_in_the_same_mlflow_run(tmp_path):
     assert not (tmp_path / "checkpoints" / "s" / "trial-0.pt").exists()  # removed at the end
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_safe_point_and_requeues(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     proc = _start(tmp_path)
@@ -94,6 +96,7 @@ def test_sigterm_stops_at_a_safe_point_and_requeues(tmp_path):
     assert trials[1].user_attrs["resumed_from_epoch"] == saved
 
 
+@pytest.mark.slow
 def test_a_run_orphaned_by_a_kill_before_the_trial_knew_it_is_closed(tmp_path):
     """A worker killed after the sender thread created its trial's MLflow run and before the
     trial recorded the run's id: the next command closes that run (found by its trial number)

@@ -145,6 +145,7 @@ def test_a_killed_worker_leaves_no_sampling_child(tmp_path):
     assert not _alive(child), f"the sampling child {child} outlived its killed worker"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_worker_and_its_child_and_a_rerun_finishes(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     args = ["run", "--space", "s.yaml", "--n-trials", "8", "--epochs", "2", "--pack", "4",
@@ -205,6 +206,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["journal", "postgres"])
 def test_a_packed_study_starts_its_refills_with_sets_drawn_ahead(store, tmp_path, request):
     (tmp_path / "s.yaml").write_text(SPACE)

@@ -41,6 +41,7 @@ def _study(d):
     return optuna.load_study(study_name="digits", storage=storage)
 
 
+@pytest.mark.slow
 def test_trials_land_in_the_embedded_storage(study_dir):
     study = _study(study_dir)
     states = [t.state for t in study.trials]
@@ -70,6 +71,7 @@ def test_each_trial_has_a_dashboard_note_naming_its_mlflow_run(study_dir):
     assert study.trials[0].user_attrs["mlflow_run_id"] in get_note(trial)
 
 
+@pytest.mark.slow
 def test_mlflow_parent_and_children(study_dir):
     client = MlflowClient(tracking_uri=f"sqlite:///{study_dir}/mlflow.db")
     exp = client.get_experiment_by_name("digits")
@@ -122,6 +124,7 @@ def test_mlflow_parent_and_children(study_dir):
         assert "space.yaml" in artifacts
 
 
+@pytest.mark.slow
 def test_resume_adds_trials_and_refuses_another_space(study_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
                         "--n-trials", "7"], cwd=study_dir, capture_output=True, text=True,
@@ -189,6 +192,7 @@ def test_dashboard_serves_the_study(study_dir):
         proc.wait(timeout=20)
 
 
+@pytest.mark.slow
 def test_diverged_trial_fails_with_reason_and_the_study_goes_on(cli, tmp_path):
     (tmp_path / "div.yaml").write_text(
         "fixed: {optimizer: sgdm, epochs: 2, dataset: digits, augment: none}\n"
@@ -242,6 +246,7 @@ def test_table_shows_the_epochs_a_pruned_trial_ran(study_dir):
             assert cells[1] == str(max(trial.intermediate_values))  # run, not planned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruner", ["median", "hyperband", "sha"])
 def test_a_trial_that_ran_its_whole_budget_is_never_pruned(cli, tmp_path, pruner):
     """One-epoch trials, pruning from the first trial on: every report is the last, so every

@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import search_efficiency as se
 from search.inputs.studyfile import load_study_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_a_study_spends_its_budget_counting_the_epochs_actually_run():
     sf = load_study_file("seed-adamw")
     overrides = {"dataset": "digits", "epochs": 2, "augment": "none"}
@@ -25,6 +28,7 @@ def test_a_study_spends_its_budget_counting_the_epochs_actually_run():
         assert [e for e, _ in r["curve"]] == sorted(e for e, _ in r["curve"])
 
 
+@pytest.mark.slow
 def test_the_benchmark_prints_its_table_and_verdict(tmp_path, capsys):
     assert se.main(["--study", "seed-adamw", "--budget", "4", "--epochs", "2", "--repeats", "1",
                     "--strategies", "random,grid", "--jobs", "2",
@@ -37,6 +41,7 @@ def test_the_benchmark_prints_its_table_and_verdict(tmp_path, capsys):
     assert (tmp_path / "curve.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path):
     sf = load_study_file("seed-adamw")
     overrides = {"dataset": "digits", "epochs": 2, "augment": "none"}
@@ -59,6 +64,7 @@ def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path):
     assert ramped["curve"] == [(4, v) for _, v in r["curve"][:2]]
 
 
+@pytest.mark.slow
 def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
     """`--quick`: widths 1 and 8, TPE + Hyperband and random search, a 32-epoch budget."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"),

@@ -135,6 +135,7 @@ def test_a_preempted_task_requeues_itself_and_its_trial_resumes(slurm_cluster, p
     assert set(_job_states(job).values()) == {"COMPLETED"}
 
 
+@pytest.mark.slow
 def test_what_cannot_work_on_a_cluster_is_refused_before_anything_is_submitted(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.format(epochs=2))
     bin_dir = tmp_path / "bin"

@@ -8,6 +8,7 @@ import sys
 import time
 
 import optuna
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -37,6 +38,7 @@ def _history(d):
     return done[0], dict(done[0].intermediate_values), losses, trials
 
 
+@pytest.mark.slow
 def test_a_signal_mid_epoch_stops_within_the_bound_and_resumes_bit_for_bit(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     for d in (ref, cut):

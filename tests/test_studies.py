@@ -50,6 +50,7 @@ def _trials(d):
     return optuna.load_study(study_name="mini", storage=storage).get_trials()
 
 
+@pytest.mark.slow
 def test_fixed_trials_run_exactly_once(study_dir):
     trials = _trials(study_dir)
     assert len(trials) == 7
@@ -73,6 +74,7 @@ def test_table_shows_labelled_rows_with_reported_and_measured(study_dir):
     assert "not CIFAR-100" in r.stdout
 
 
+@pytest.mark.slow
 def test_report_is_self_contained(study_dir, tmp_path):
     out = tmp_path / "mini.html"
     r = _search(study_dir, "report", "--study", "mini", "--output", str(out))
@@ -86,6 +88,7 @@ def test_report_is_self_contained(study_dir, tmp_path):
     assert len(text) > 1_000_000
 
 
+@pytest.mark.slow
 def test_retrain_stores_test_accuracy(study_dir, monkeypatch):
     r = _search(study_dir, "retrain", "--study", "mini")
     assert r.returncode == 0, r.stderr[-2000:]

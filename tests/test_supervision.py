@@ -112,6 +112,7 @@ def test_sigterm_to_the_parent_alone_stops_every_worker_and_closes_every_run(
     assert parent.info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_workers_stop_when_their_parent_is_killed(tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE.replace("epochs: 5", "epochs: 30"))
     proc = subprocess.Popen([sys.executable, "-m", "search", "run", "--space", "s.yaml",
@@ -137,6 +138,7 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
     assert len([t for t in trials if t.state == State.WAITING]) == 2
 
 
+@pytest.mark.slow
 def test_an_unreachable_mlflow_server_is_one_line_before_anything_exists(cli, tmp_path):
     (tmp_path / "s.yaml").write_text(SPACE)
     uri = f"http://127.0.0.1:{free_port()}"
@@ -227,6 +229,7 @@ def _mlflow_server(base, port):
     pytest.fail("mlflow server did not start")
 
 
+@pytest.mark.slow
 def test_an_mlflow_outage_mid_study_loses_no_trial_and_no_metric(tmp_path):
     base = tmp_path / "server"
     base.mkdir()
