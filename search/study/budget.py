@@ -9,7 +9,7 @@ import contextlib
 import fcntl
 import hashlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -28,10 +28,18 @@ def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
     return sum(t.state != State.WAITING and t.number not in retried for t in trials)
 
 
-def finished(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """Trials that ended, once per retry chain."""
+def finished(trials: list[optuna.trial.FrozenTrial],
+             by: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> int:
+    """Trials that ended, once per retry chain (only those `by` accepts, if given)."""
+    return len(ended(trials, by))
+
+
+def ended(trials: list[optuna.trial.FrozenTrial],
+          by: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> list[optuna.trial.FrozenTrial]:
+    """The trials that ended, once per retry chain (the last attempt), that `by` accepts."""
     retried = retried_numbers(trials)
-    return sum(t.state.is_finished() and t.number not in retried for t in trials)
+    return [t for t in trials if t.state.is_finished() and t.number not in retried
+            and (by is None or by(t))]
 
 
 def set_total(study: optuna.Study, n_trials: int | None, add_trials: int | None) -> int | None:

@@ -31,7 +31,7 @@ from search.errors import Interrupted
 from search.tracking import RUN_ATTR
 
 __all__ = ["STOP", "Interrupted", "RetryDeadTrial", "chain_root", "mark_worker",
-           "reap_dead_local_trials", "reap_worker", "requeue_interrupted", "retried_numbers"]
+           "owned_by", "reap_dead_local_trials", "reap_worker", "requeue_interrupted", "retried_numbers"]
 
 State = optuna.trial.TrialState
 HOST = socket.gethostname()
@@ -149,6 +149,11 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial,
     return won
 
 
+def owned_by(trial: optuna.trial.FrozenTrial, pids: set[int] | frozenset[int]) -> bool:
+    """Whether the trial was last run by one of these processes on this host (`mark_worker`)."""
+    return trial.user_attrs.get("worker_host") == HOST and trial.user_attrs.get("worker_pid") in pids
+
+
 def reap_dead_local_trials(study: optuna.Study, handler: RetryDeadTrial) -> int:
     """Embedded storage: fails and re-queues RUNNING trials whose worker on this host is gone."""
     reaped = 0
@@ -167,8 +172,7 @@ def reap_worker(study: optuna.Study, pid: int, handler: RetryDeadTrial,
     (its parent saw it die); returns their numbers."""
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
-        mine = t.user_attrs.get("worker_host") == HOST and t.user_attrs.get("worker_pid") == pid
-        if mine and _fail_and_retry(study, t, handler, reason, status):
+        if owned_by(t, {pid}) and _fail_and_retry(study, t, handler, reason, status):
             reaped.append(t.number)
     return reaped
 

@@ -38,8 +38,9 @@ from mlflow.utils.mlflow_tags import (
 
 from search.errors import UserError
 from search.logs import say
+from search.tracking import run_link
 from search.tracking.datasets import dataset_input, system_tags
-from search.tracking.views import VIEW_KEY, VIEW_PARAM, mark_best
+from search.tracking.views import mark_best
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                  "seconds", "comm_rounds")
@@ -179,15 +180,9 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id
 
     def run_url(self, run_id: str | None = None) -> str | None:
-        """The run's (or the experiment's) page in the MLflow UI, when the tracking URI is a
-        server. `workflowType=machine_learning`: MLflow 3's UI opens in its GenAI view unless
-        the link says otherwise (its experimentKind tag is not enough in 3.17). The
-        experiment's page opens on the study's view (`set_view`)."""
-        if not self.uri.startswith(("http://", "https://")):
-            return None
-        page = f"/runs/{run_id}?" if run_id else f"/runs?{VIEW_PARAM}={VIEW_KEY}&"
-        return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}{page}"
-                "workflowType=machine_learning")
+        """The run's (or the experiment's, on the study's view: `set_view`) page in the MLflow
+        UI, when the tracking URI is a server (`run_link`)."""
+        return run_link(self.uri, self.experiment_id, run_id)
 
     def parent_run(self, run_id: str | None, study_name: str, space_text: str, space_hash: str,
                    settings: dict[str, Any] | None = None, description: str = "",

@@ -15,8 +15,9 @@ import time
 from mlflow.tracking import MlflowClient
 
 from search.logs import say
+from search.tracking import VIEW_KEY
 
-VIEW_TAG, VIEW_PARAM, VIEW_KEY = "mlflow.sharedViewState.", "viewStateShareKey", "search-trials"
+VIEW_TAG = "mlflow.sharedViewState."
 
 
 def set_view(client: MlflowClient, experiment_id: str, objectives: list[str],

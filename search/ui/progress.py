@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from search.inputs.constraints import feasible, missed
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
-from search.study.budget import finished
+from search.study.budget import ended, finished
 from search.study.lineage import DONOR_ATTR, MEMBER_ATTR, REPLACED_BY_ATTR, SCHEDULE_ATTR, schedule_text
-from search.study.recovery import HOST, retried_numbers
+from search.study.recovery import owned_by, retried_numbers
 
 State = optuna.trial.TrialState
 
@@ -160,14 +160,11 @@ class Progress:
         return f"ep {step}/{self.epochs} acc {t.intermediate_values[step]:.3f} eta {eta:.0f}s"
 
     def _mine(self, t: optuna.trial.FrozenTrial) -> bool:
-        return self.pids is None or (t.user_attrs.get("worker_host") == HOST
-                                     and t.user_attrs.get("worker_pid") in self.pids)
+        return self.pids is None or owned_by(t, self.pids)
 
     def refresh(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
-        retried = retried_numbers(trials)
-        done = [t for t in trials if t.state.is_finished() and t.number not in retried
-                and t.number not in self.baseline and self._mine(t)]
+        done = ended(trials, lambda t: t.number not in self.baseline and self._mine(t))
         counts = {s: sum(t.state == s for t in done) for s in (State.COMPLETE, State.PRUNED,
                                                                State.FAIL)}
         # against the study's total, the study's finished trials (any command's); else this

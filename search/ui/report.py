@@ -29,7 +29,7 @@ from search.study.lineage import (
     is_pbt,
     schedule_text,
 )
-from search.tracking import RUN_ATTR
+from search.tracking import RUN_ATTR, run_link
 
 State = optuna.trial.TrialState
 COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "learning_rate",
@@ -322,10 +322,8 @@ def run_links(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> li
     """Each trial's MLflow run page, when the study was tracked on an MLflow server."""
     info = study.user_attrs.get("mlflow") or {}
     uri = str(info.get("uri", ""))
-    if not uri.startswith(("http://", "https://")):
-        return [None] * len(trials)
-    return [f"{uri.rstrip('/')}/#/experiments/{info['experiment_id']}/runs/{t.user_attrs[RUN_ATTR]}"
-            "?workflowType=machine_learning" if RUN_ATTR in t.user_attrs else None for t in trials]
+    return [run_link(uri, info.get("experiment_id", ""), t.user_attrs[RUN_ATTR])
+            if RUN_ATTR in t.user_attrs else None for t in trials]
 
 
 

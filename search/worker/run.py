@@ -13,10 +13,10 @@ from search.inputs.settings import RunSettings
 from search.inputs.space import Space
 from search.inputs.values import cadence_value
 from search.logs import quiet_libraries, say
-from search.study.budget import counted, set_total
+from search.study.budget import counted, finished, set_total
 from search.study.checkpoints import CheckpointStore
 from search.study.lifecycle import open_study
-from search.study.recovery import HOST, STOP, RetryDeadTrial, reap_dead_local_trials, retried_numbers
+from search.study.recovery import STOP, RetryDeadTrial, owned_by, reap_dead_local_trials
 from search.study.session import TrialRunner
 from search.study.storage import has_heartbeat, wait_for_attr
 from search.tracking import PARENT_ATTR
@@ -38,17 +38,12 @@ def finished_by(study: optuna.Study, pids: set[int] | None = None,
     """Trials that processes `pids` on this host (or one launcher's task, over its requeues:
     the trial attribute it marks them with; or, with neither, anyone) finished; retried
     attempts not counted."""
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-
     def by(t: optuna.trial.FrozenTrial) -> bool:
         if task is not None:
             return all(t.user_attrs.get(k) == v for k, v in task.items())
-        if pids is None:
-            return True
-        return t.user_attrs.get("worker_host") == HOST and t.user_attrs.get("worker_pid") in pids
+        return pids is None or owned_by(t, pids)
 
-    return sum(t.state.is_finished() and t.number not in retried and by(t) for t in trials)
+    return finished(study.get_trials(deepcopy=False), by)
 
 
 def trial_device(space: Space, overrides: dict) -> str:
