@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -36,13 +37,19 @@ def _chromium() -> str:
 def render(url: str, name: str) -> str:
     """The page's DOM after its scripts ran, and a screenshot of it as SHOTS/NAME.png."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    base = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--window-size=1500,1000", "--virtual-time-budget=20000",
-            f"--user-data-dir={SHOTS / '.profile'}"]
-    subprocess.run([*base, f"--screenshot={SHOTS / name}.png", url], capture_output=True,
-                   timeout=180)
-    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180)
-    (SHOTS / f"{name}.html").write_text(dom.stdout)
+
+    def chromium(*args: str) -> subprocess.CompletedProcess:
+        # a fresh profile each time: one Chromium's lingering helpers can hold a shared
+        # profile's lock while the next starts (it then exits at once, printing nothing)
+        with tempfile.TemporaryDirectory(prefix="search-chromium-") as profile:
+            return subprocess.run(
+                [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                 "--window-size=1500,1000", "--virtual-time-budget=20000", f"--user-data-dir={profile}",
+                 *args, url], capture_output=True, text=True, timeout=180)
+
+    chromium(f"--screenshot={SHOTS / name}.png")
+    dom = chromium("--dump-dom")
+    (SHOTS / f"{name}.html").write_text(dom.stdout or dom.stderr[-3000:])
     return dom.stdout
 
 

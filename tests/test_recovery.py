@@ -138,8 +138,11 @@ def test_a_run_orphaned_by_a_kill_before_the_trial_knew_it_is_closed(tmp_path):
 
 
 def test_soak_short(postgres):
+    # its kills land at its own pace, not at that of the three tests beside it under `make
+    # test` (as root: its processes get the CPU first)
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--short"],
-                       capture_output=True, text=True, timeout=1200, cwd=ROOT)
+                       capture_output=True, text=True, timeout=1200, cwd=ROOT,
+                       preexec_fn=(lambda: os.nice(-10)) if os.geteuid() == 0 else None)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     figures = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
