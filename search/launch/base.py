@@ -12,6 +12,7 @@ This module imports nothing heavy: every launcher class is loaded to build the c
 
 from __future__ import annotations
 
+import abc
 import argparse
 import dataclasses
 import json
@@ -29,7 +30,7 @@ class WorkersGaveUp(UserError):
     exit_code = EXIT_FAILED
 
 
-class Launcher:
+class Launcher(abc.ABC):
     """A launcher. Subclasses set `name` and override what they need; `launch` is required."""
 
     name: ClassVar[str] = ""
@@ -39,7 +40,8 @@ class Launcher:
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """Adds its flags to `search run`."""
+        """Adds its flags to `search run` (none by default)."""
+        return None
 
     @classmethod
     def chosen(cls, args: argparse.Namespace, block: dict | None, where: str) -> Launcher | None:
@@ -47,11 +49,13 @@ class Launcher:
         return None
 
     def check(self, settings: Any) -> None:
-        """Raises UserError (one line) for settings it cannot run, before anything exists."""
+        """Raises UserError (one line) for settings it cannot run, before anything exists;
+        accepts any by default."""
+        return None
 
+    @abc.abstractmethod
     def launch(self, settings: Any, workers: int) -> int:
         """Opens the study and its parent run, starts the workers; returns the exit status."""
-        raise NotImplementedError
 
     @classmethod
     def task(cls) -> tuple[str, int, int | None] | None:
