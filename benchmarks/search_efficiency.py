@@ -23,7 +23,7 @@ Many trials in flight: `--in-flight 1,16,64` runs each strategy's studies with W
 flight through the worker loop users run (`search.worker.loop.run_trials`, `--pack W`), with the
 default `--ramp` unless the strategy says `+rampN` or `+rampoff` (e.g. `tpe-hyperband+rampoff`);
 the table adds rounds to the target (a launch-bound GPU's time) and the last line is
-`epochs_to_target_ratio_pW_vs_p1: X (random: Y)`. `--quick` (CI: widths 1 and 8, a 32-epoch
+`epochs_to_target_ratio_pW_vs_p1: X (random: Y)`. `--quick` (CI: widths 1 and 8, a 16-epoch
 budget); `--first-seed` and `--json` to add repeats later, `--tabulate A.json,B.json` to print
 them together (what they trained on is read from the files).
 
@@ -320,11 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="repeats use seeds from this one")
     p.add_argument("--tabulate", help="with --in-flight: no new studies; the table, plot and "
                    "last line of earlier runs' --json files (comma-separated), together")
-    p.add_argument("--quick", action="store_true", help="a minute or two (CI): --in-flight 1,8 "
-                   "--budget 32 --repeats 1 --strategies tpe-hyperband,random --target 0.80")
+    p.add_argument("--quick", action="store_true", help="about a minute (CI): --in-flight 1,8 "
+                   "--budget 16 --repeats 1 --strategies tpe-hyperband,random --target 0.80")
     args = p.parse_args(argv)
     if args.quick:
-        args.in_flight, args.budget, args.repeats = "1,8", 32, 1
+        args.in_flight, args.budget, args.repeats = "1,8", 16, 1
         args.strategies, args.target = "tpe-hyperband,random", 0.80
     if args.in_flight:
         return main_in_flight(args, p)

@@ -29,6 +29,7 @@ LONG = {"test_faults", "test_search_efficiency", "test_budget", "test_recovery",
 SERVICES = {"postgres", "mlflow_server", "slurm_cluster", "tracked_study"}  # what `make test-fast` skips
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups into node ids
 def pytest_collection_modifyitems(config, items):
     """Marks each test that starts a service (PostgreSQL, an MLflow server, a Slurm cluster,
     Chromium) `services` (`make test-fast` runs none of them), and keeps the tests that share a
@@ -43,6 +44,20 @@ def pytest_collection_modifyitems(config, items):
     # none of them starts last and ends the run alone
     items.sort(key=lambda item: not (item.get_closest_marker("xdist_group")
                                      or item.module.__name__ in LONG))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup`, xdist groups by a suffix it writes into each marked node id
+    (pytest 9.2 with xdist 3.8 drops it silently: every module fixture then set up once per
+    test, minutes of CI): a lost suffix stops the run here instead."""
+    if not session.config.getvalue("loadgroup") or "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup: xdist lost the group of {lost[0]} (and "
+                                f"{len(lost) - 1} more); this pytest/pytest-xdist pair cannot group")
 
 
 def _xdist_group(item) -> str | None:

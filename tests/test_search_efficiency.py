@@ -66,7 +66,7 @@ def test_in_flight_studies_run_through_the_packed_worker_loop(tmp_path):
 
 @pytest.mark.slow
 def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
-    """`--quick`: widths 1 and 8, TPE + Hyperband and random search, a 32-epoch budget."""
+    """`--quick`: widths 1 and 8, TPE + Hyperband and random search, a 16-epoch budget."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"),
                         "--quick", "--plot", str(tmp_path / "curve.png"), "--json",
                         str(tmp_path / "quick.json")],
@@ -74,7 +74,7 @@ def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout.strip().splitlines()
     assert out[0].startswith("search efficiency in flight: space adamw.yaml on digits (not "
-                             "CIFAR-100), 2-epoch trials, budget 32 epochs")
+                             "CIFAR-100), 2-epoch trials, budget 16 epochs")
     rows = [line.split()[:2] for line in out if line.split()[:1] in (["random"], ["tpe-hyperband"])]
     assert rows == [["tpe-hyperband", "1"], ["tpe-hyperband", "8"], ["random", "1"], ["random", "8"]]
     assert re.fullmatch(r"epochs_to_target_ratio_p8_vs_p1: \d+\.\d\d \(random: \d+\.\d\d\)",
@@ -83,14 +83,14 @@ def test_the_quick_in_flight_benchmark_runs_as_ci_runs_it(tmp_path):
     # the same table again from its file, as repeats run apart are put together; what the
     # studies trained on comes from the file (digits here), not from this command's defaults
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"),
-                            "--in-flight", "1,8", "--budget", "32", "--target", "0.80",
+                            "--in-flight", "1,8", "--budget", "16", "--target", "0.80",
                             "--dataset", "cifar100", "--tabulate", str(tmp_path / "quick.json"),
                             "--plot", str(tmp_path / "again.png")],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     lines = again.stdout.strip().splitlines()
     assert lines[0].startswith("search efficiency in flight, tabulated: 4 studies from ")
-    assert "on digits (not CIFAR-100), 2-epoch trials, budget 32 epochs" in lines[0]
+    assert "on digits (not CIFAR-100), 2-epoch trials, budget 16 epochs" in lines[0]
     assert lines[-1] == out[-1]
 
 

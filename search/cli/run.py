@@ -133,7 +133,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     # every bad value ends here, before a storage, a study or an MLflow run exists
     check_numbers(args, sources)
     check_trials(args, sources)
-    preflight(args.mlflow_uri, sources)
     settings = resolve(args, sources, storage_url(args.storage),
                        " ".join(["search", *map(shlex.quote, sys.argv[1:])]))
     launcher = plugins.choose(args, sources.options, sources.where)
@@ -143,6 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"--workers {args.workers}: more workers than the {population} PBT "
                             f"members to share (--pbt-population); at most {population}")
         settings.pbt["workers"] = args.workers
+    # last of the checks: it imports torch and the tracking client (seconds), which a bad
+    # value above need not wait for
+    preflight(args.mlflow_uri, sources)
     launcher.check(settings)
     return launcher.launch(settings, args.workers)
 
