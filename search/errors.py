@@ -4,6 +4,7 @@ statuses a command and its workers use."""
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command could not finish (workers gave up, the storage went silent)
 EXIT_USAGE = 2  # bad input: a file, key, value or URL
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_STORAGE_GONE = 75  # a worker's: its storage stayed silent past its patience (EX_TEMPFAIL)
 
 

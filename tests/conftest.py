@@ -51,7 +51,7 @@ def pytest_collection_finish(session):
     """Under `--dist loadgroup`, xdist groups by a suffix it writes into each marked node id
     (pytest 9.2 with xdist 3.8 drops it silently: every module fixture then set up once per
     test, minutes of CI): a lost suffix stops the run here instead."""
-    if not session.config.getvalue("loadgroup") or "PYTEST_XDIST_WORKER" not in os.environ:
+    if not getattr(session.config.option, "loadgroup", False):
         return
     lost = [item.nodeid for item in session.items
             if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]

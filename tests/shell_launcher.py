@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from search.launch.base import Launcher, open_launch, write_spec
+from search.launch.base import Launcher, write_spec
 
 SCRIPT = """#!/bin/sh
 # one worker of a search study, as a remote shell would start it
@@ -40,8 +40,7 @@ class ShellLauncher(Launcher):
     def chosen(cls, args, block, where):
         return cls() if args.shell or (block or {}).get("enabled") else None
 
-    def launch(self, settings, workers: int) -> int:
-        study, _, _, _, settings = open_launch(settings, workers)
+    def start(self, study, tracker, parent, settings, workers: int):
         folder = Path("shell") / settings.study_name
         spec = write_spec(settings, workers, self.name, folder)
         script = folder / "worker.sh"
@@ -52,8 +51,13 @@ class ShellLauncher(Launcher):
                                   stderr=subprocess.STDOUT) for i in range(workers)]
         study.set_user_attr(self.study_attr, {"job": job, "pids": [p.pid for p in procs]})
         print(f"search run: started {workers} workers through {script}", flush=True)
-        codes = [p.wait() for p in procs]
-        return 0 if not any(codes) else 1
+        return procs
+
+    def wait(self, procs) -> None:
+        self.codes = [p.wait() for p in procs]
+
+    def ended(self, study, settings, procs) -> int:
+        return 0 if not any(self.codes) else 1
 
     @classmethod
     def task(cls):

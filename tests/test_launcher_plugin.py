@@ -21,7 +21,7 @@ from tests.conftest import run_cli
 
 State = optuna.trial.TrialState
 SPACE = """
-fixed: {optimizer: sgdm, epochs: 12, dataset: digits, augment: none}
+fixed: {optimizer: sgdm, epochs: 6, dataset: digits, augment: none}
 params:
   lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}
 """

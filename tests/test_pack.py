@@ -134,13 +134,14 @@ def test_local_sgd_pack_matches_alone_and_a_checkpoint_resumes_in_a_pack():
 
 
 def test_trials_of_one_seed_share_its_initial_weights_and_never_change_them():
-    from trainer.model import LeNet5, initial_parameters
+    from trainer.model import LeNet5
+    from trainer.networks import initial_state
 
     base = dict(dataset="digits", optimizer="sgdm", augment="none", epochs=1, batch_size=128, seed=7)
     configs = [TrainConfig(**base, lr=0.05), TrainConfig(**base, lr=0.01)]
     packed = _pack_run(configs, join_at=[0, 0], epochs=1)
     torch.manual_seed(7)
     fresh = dict(LeNet5(10).named_parameters())
-    shared = initial_parameters(7, 10)  # what both trials started from, after they trained
+    shared, _ = initial_state("lenet5", (), 7, 10)  # what both trials started from, after they trained
     assert all(torch.equal(shared[n], p.detach()) for n, p in fresh.items())
     assert packed[0][0]["train_loss"] != packed[1][0]["train_loss"]  # they trained apart

@@ -11,6 +11,8 @@ cycles (tests/test_structure.py):
     folder     a `folder:PATH` dataset read as arrays
     config     TrainConfig: every knob, defaults = the notes' baseline; the checkpoint format
     data       datasets by name, the stratified validation split, tensors on the device
+    networks   the `model` setting: any network built, checked, its initial state, the logged model
+    divergence when a run has diverged
     augment, model, optim, stacked_optim, schedule, runtime, engine, loop, local
 """
 

@@ -13,6 +13,7 @@ from trainer.errors import ConfigError
 from trainer.folder import LayoutError, folder_path, is_folder, sizes
 
 DATASETS = ("cifar100", "digits", "digit-pairs", "synthetic")
+IMAGE_SHAPE = (3, 32, 32)  # every dataset's images, a folder's resized to it (trainer.folder)
 DATA_ROOT_ENV = "SEARCH_DATA_ROOT"
 
 # images in each dataset's training set (before the validation split is carved from it) and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.catalogue import DATASETS, train_split_size
@@ -73,6 +73,10 @@ class TrainConfig:
     local_partition: str = "iid"  # iid (label-stratified shards) or noniid (classes split)
     slowmo_beta: float = 0.0  # SlowMo outer momentum; 0 with slowmo_lr 1 is plain averaging
     slowmo_lr: float = 1.0
+    # network: lenet5, torchvision:NAME, PATH.py:FUNCTION or package.module:FUNCTION
+    # (trainer.networks), called with num_classes= and model_args
+    model: str = "lenet5"
+    model_args: dict[str, Any] = field(default_factory=dict)
     # run
     seed: int = 0
     device: str = "auto"
@@ -107,6 +111,13 @@ class TrainConfig:
                     f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}"
                     + (" or folder:PATH" if key == "dataset" else "")
                 )
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"model: expected lenet5, torchvision:NAME, PATH.py:FUNCTION or "
+                              f"package.module:FUNCTION, got {self.model!r}")
+        if not isinstance(self.model_args, dict) or not all(
+                isinstance(k, str) and k.isidentifier() for k in self.model_args):
+            raise ConfigError(f"model_args: expected a mapping of argument names to values, got "
+                              f"{self.model_args!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -143,11 +154,28 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """From settings by name; `model_args.NAME` keys (a space's searched or fixed model
+        arguments, flat as Optuna keeps them) join `model_args`."""
+        values = fold_model_args(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown setting; expected one of {', '.join(sorted(known))}")
         return cls(**values)
+
+
+MODEL_ARGS_PREFIX = "model_args."
+
+
+def fold_model_args(values: dict[str, Any]) -> dict[str, Any]:
+    """`{"model_args.width": 32, ...}` -> `{"model_args": {"width": 32}, ...}` (over any
+    `model_args` mapping given whole)."""
+    flat = {k[len(MODEL_ARGS_PREFIX):]: v for k, v in values.items() if k.startswith(MODEL_ARGS_PREFIX)}
+    if not flat:
+        return dict(values)
+    out = {k: v for k, v in values.items() if not k.startswith(MODEL_ARGS_PREFIX)}
+    out["model_args"] = {**dict(out.get("model_args") or {}), **flat}
+    return out
 
 
 def field_types() -> dict[str, str]:
@@ -164,5 +192,7 @@ PER_TRIAL = ("lr", "momentum", "beta2", "weight_decay", "trust_coefficient", "la
 
 
 def pack_key(config: TrainConfig) -> tuple:
-    """Trials with equal keys can be trained together as one stacked model."""
-    return tuple((k, v) for k, v in sorted(config.to_dict().items()) if k not in PER_TRIAL)
+    """Trials with equal keys can be trained together as one stacked model (the same network
+    and `model_args`: the same parameter shapes)."""
+    return tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                 for k, v in sorted(config.to_dict().items()) if k not in PER_TRIAL)

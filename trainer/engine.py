@@ -3,8 +3,9 @@
 All parameters are one flat (R, N) buffer of R = P*K rows (P trials in the pack, K local
 workers per trial; a plain run is P = K = 1), seen by the model as per-tensor views. Each
 epoch draws every trial's data order and augmentation uniforms from its own generator; a step
-takes each trial's batch, augments all R batches in one pass, runs the rows through LeNet-5
-with `torch.func.vmap` over `functional_call` (on the CPU: a loop over the rows),
+takes each trial's batch, augments all R batches in one pass, runs the rows through the network
+(`trainer.networks`: LeNet-5 unless `model` names another; its buffers, e.g. BatchNorm's
+statistics, per row too) with `torch.func.vmap` over `functional_call` (CPU: a loop over rows),
 backpropagates the sum of the rows' losses (rows are independent, so each gets its own
 gradient) and applies the stacked optimiser to the flat buffer, its hyperparameters per-row
 tensors. Nothing in an epoch's steps reads a value back to the host; metrics are read once per
@@ -31,8 +32,9 @@ from torch.func import functional_call, vmap
 
 from trainer.augment import Augment, prepare_eval
 from trainer.config import CHECKPOINT_FORMAT, TrainConfig, pack_key
+from trainer.divergence import Diverged, divergence
 from trainer.local import average_workers, plain, shards
-from trainer.model import LeNet5, initial_parameters
+from trainer.networks import args_key, build, initial_state, packable
 from trainer.runtime import Setup, autocast
 from trainer.schedule import lr_at
 from trainer.stacked_optim import HYPER, Layout, StackedOptimizer
@@ -40,22 +42,6 @@ from trainer.stacked_optim import HYPER, Layout, StackedOptimizer
 EVAL_BATCH = 1024
 # stop(steps run, steps left in the epoch, seconds so far) -> stop now?
 StopRule = Callable[[int, int, float], bool]
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite, or far above the chance loss."""
-
-    def __init__(self, epoch: int, loss: float):
-        what = "is not finite" if not math.isfinite(loss) else f"is {loss:.3g}"
-        super().__init__(f"diverged at epoch {epoch}: training loss {what}")
-        self.epoch, self.loss = epoch, loss
-
-
-def divergence(config: TrainConfig, epoch: int, loss: float, num_classes: int) -> Diverged | None:
-    """Diverged for a non-finite loss or one above diverge_factor x ln(classes), else None."""
-    if not math.isfinite(loss) or loss > config.diverge_factor * math.log(num_classes):
-        return Diverged(epoch, loss)
-    return None
 
 
 @dataclass(eq=False)
@@ -82,15 +68,20 @@ class Engine:
         self.k, self.h = c.local_workers, c.local_steps
         self.local = self.k > 1 or self.h > 1
         self.beta, self.alpha = c.slowmo_beta, c.slowmo_lr
-        self.model = LeNet5(setup.num_classes).to(setup.device)  # a template for functional_call
+        self.model = build(c.model, setup.num_classes, c.model_args).to(setup.device)  # a template
         self.layout = Layout({n: tuple(p.shape) for n, p in self.model.named_parameters()},
                              setup.device)
+        # per-row buffers (BatchNorm's statistics), (R, ...) each, updated in place by the rows
+        self.buffers: dict[str, torch.Tensor] = {}
         # The accelerator path: vmap runs the rows as one batched (grouped-conv) model, one
         # launch per op for the whole pack, and nothing in a step waits for the device. On the
         # CPU, compute-bound, a loop over the rows with channels_last convolutions is ~1.5x
         # faster than grouped ones (benchmarks/pack.py) and a host sync costs nothing.
         # benchmarks/launches.py and tests/test_sync_guard.py force it on the CPU.
         self.accelerated = setup.device.type != "cpu"
+        # rows that cannot run batched (an op without a vmap rule) run one after another
+        self.unbatched = (packable(self.model, tuple(setup.train.x.shape[1:]))
+                          if self.accelerated and c.model != "lenet5" else None)
         self.augment = Augment(c.augment)
         labels = setup.train.y.cpu().numpy()
         self.worker_idx = [torch.as_tensor(s, device=setup.device)
@@ -124,6 +115,7 @@ class Engine:
                 raise ValueError("checkpoint from another version of the trainer")
             member.pending = {k: resume[k] for k in ("params", "optimizer", "slowmo_sync",
                                                      "slowmo_u")}
+            member.pending["buffers"] = resume.get("buffers", {})  # none in LeNet-5's
             gen.set_state(resume["generator"])
             member.epoch, member.step = int(resume["epoch"]), int(resume["step"])
             member.rounds, member.history = int(resume["rounds"]), list(resume["history"])
@@ -143,13 +135,15 @@ class Engine:
         self._restack_needed = True
 
     def _fresh(self, config: TrainConfig) -> dict[str, Any]:
-        init = initial_parameters(config.seed, self.setup.num_classes)  # shared: read only
+        init, buffers = initial_state(config.model, args_key(config.model_args), config.seed,
+                                      self.setup.num_classes)  # shared: read only
         dev, k = self.setup.device, self.k
         # views of the fresh model's tensors (K workers start alike): restacking copies them
         params = {n: p.to(dev).unsqueeze(0).expand(k, *p.shape) for n, p in init.items()}
         keep_outer = self.local and not plain(self.beta, self.alpha)
         return {
             "params": params,
+            "buffers": {n: b.to(dev).unsqueeze(0).expand(k, *b.shape) for n, b in buffers.items()},
             "optimizer": None,  # zeros, made where the pack is restacked (not once per trial)
             "slowmo_sync": {n: p[0].clone() for n, p in params.items()} if keep_outer else {},
             "slowmo_u": {n: torch.zeros_like(p[0]) for n, p in params.items()} if keep_outer else {},
@@ -162,6 +156,7 @@ class Engine:
             return {} if flat is None else {n: t[0] for n, t in views(flat[row:row + 1]).items()}
 
         return {"params": views(self.flat[rows]), "optimizer": self.optimizer.state_rows(rows),
+                "buffers": {n: b[rows] for n, b in self.buffers.items()},
                 "slowmo_sync": outer(self.sync), "slowmo_u": outer(self.u)}
 
     def _restack(self) -> None:
@@ -171,6 +166,8 @@ class Engine:
         flatten = self.layout.flatten
         self.flat = torch.cat([flatten(s["params"]).detach().to(dev) for s in states])
         self.params = {n: v.requires_grad_() for n, v in self.layout.views(self.flat).items()}
+        self.buffers = {n: torch.cat([s["buffers"][n].to(dev) for s in states])
+                        for n, _ in self.model.named_buffers()}
 
         def outer(key):  # per trial (P, N), or None when no trial keeps SlowMo's state
             if not states[0][key]:
@@ -217,18 +214,21 @@ class Engine:
 
     # --- one epoch of every member ---
 
-    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+    def _loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+              x: torch.Tensor, y: torch.Tensor):
         with autocast(self.setup.device, self.setup.precision):
-            logits = functional_call(self.model, params, (x,))
+            logits = functional_call(self.model, {**params, **buffers}, (x,))
         return F.cross_entropy(logits.float(), y), logits
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor):
         """Per-row mean losses (R,) and logits (R, b, classes)."""
-        if self.accelerated and len(x) > 1:
-            return vmap(self._loss)(self.params, x, y)
+        if self.accelerated and len(x) > 1 and self.unbatched is None:
+            # random ops (Dropout) draw differently per row
+            return vmap(self._loss, randomness="different")(self.params, self.buffers, x, y)
         # unbind: its backward stacks the rows' gradients in one op (indexing would not)
         rows = {n: p.unbind(0) for n, p in self.params.items()}
         out = [self._loss({n: r[i] for n, r in rows.items()},
+                          {n: b[i] for n, b in self.buffers.items()},
                           x[i].contiguous(memory_format=torch.channels_last), y[i])
                for i in range(len(x))]
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
@@ -338,6 +338,7 @@ class Engine:
             loss_sum += resumed["loss_sum"].to(dev)
             correct += resumed["correct"].to(dev)
         shape = setup.train.x.shape[1:]
+        self.model.train()  # BatchNorm on batch statistics, Dropout on
         began = time.perf_counter()
         for s in range(first, self.steps_per_epoch):
             lo, hi = s * self.local_batch, min((s + 1) * self.local_batch, self.shortest)
@@ -368,9 +369,16 @@ class Engine:
     def evaluate(self, split) -> tuple[list[float], list[float]]:
         """(mean losses, accuracies) per member over a split; a trial's K workers are
         evaluated as their average."""
-        p_count, dev = len(self.members), self.setup.device
-        params = {n: t.view(p_count, self.k, *t.shape[1:]).mean(1) if self.k > 1 else t.detach()
-                  for n, t in self.params.items()}
+        p_count, dev, k = len(self.members), self.setup.device, self.k
+
+        def per_trial(t: torch.Tensor) -> torch.Tensor:  # K workers' rows as their average
+            if k == 1:
+                return t.detach()
+            rows = t.view(p_count, k, *t.shape[1:])
+            return rows.mean(1) if t.is_floating_point() else rows[:, 0]
+
+        params = {n: per_trial(t) for n, t in {**self.params, **self.buffers}.items()}
+        self.model.eval()  # BatchNorm on each trial's running statistics, Dropout off
         loss_sum = torch.zeros(p_count, device=dev)
         correct = torch.zeros(p_count, device=dev, dtype=torch.long)
         chunk = max(128, EVAL_BATCH // p_count)  # bounds activation memory for big packs
@@ -378,7 +386,7 @@ class Engine:
             x = prepare_eval(split.x[i:i + chunk]).contiguous(memory_format=torch.channels_last)
             y = split.y[i:i + chunk]
             with autocast(dev, self.setup.precision):
-                if self.accelerated and p_count > 1:
+                if self.accelerated and p_count > 1 and self.unbatched is None:
                     logits = vmap(functional_call, in_dims=(None, 0, None))(self.model, params, (x,))
                 else:
                     logits = torch.stack([

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
-
-from trainer.augment import prepare_eval
 
 
 class LeNet5(nn.Module):
@@ -26,34 +22,3 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
-
-
-@functools.lru_cache(maxsize=8)
-def initial_parameters(seed: int, num_classes: int) -> dict[str, torch.Tensor]:
-    """A fresh LeNet-5's parameters for `seed` (torch's own initialisation, on the CPU), made
-    once per seed: the trials of a study mostly share one seed, and drawing 815k numbers is
-    most of a trial's start. Read-only by contract: every caller copies before training."""
-    with torch.random.fork_rng(devices=[]):  # only the CPU generator (torch.manual_seed would
-        torch.default_generator.manual_seed(seed)  # seed, and queue seeds for, every device)
-        init = LeNet5(num_classes)
-    return {n: p.detach() for n, p in init.named_parameters()}
-
-
-class ImageClassifier(nn.Module):
-    """LeNet-5 behind the trainer's own input normalisation: takes uint8 images (N, 3, 32, 32)
-    as stored on disk and returns logits, so a logged model needs no preprocessing code."""
-
-    def __init__(self, net: LeNet5):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(prepare_eval(images))
-
-
-def from_checkpoint(state: dict, num_classes: int) -> ImageClassifier:
-    """The model of a trial's checkpoint (`Engine.state`); local methods' K worker copies are
-    averaged, as their final communication round would."""
-    net = LeNet5(num_classes)
-    net.load_state_dict({name: rows.float().mean(0) for name, rows in state["params"].items()})
-    return ImageClassifier(net.eval())

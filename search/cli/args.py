@@ -51,6 +51,25 @@ def dataset_name(text: str) -> str:
                                      f"got {text!r}")
 
 
+def model_spec(text: str) -> str:
+    """argparse type of --model: lenet5, torchvision:NAME, PATH.py:FUNCTION (PATH relative to
+    the current directory) or package.module:FUNCTION; built and checked at the preflight."""
+    from pathlib import Path
+
+    from search.inputs.space import model_path
+
+    kind, sep, rest = text.partition(":")
+    if text != "lenet5" and not (sep and kind and rest):
+        raise argparse.ArgumentTypeError(f"expected lenet5, torchvision:NAME, PATH.py:FUNCTION or "
+                                         f"package.module:FUNCTION, got {text!r}")
+    return model_path(text, Path.cwd())
+
+
+MODEL_HELP = ("the network: lenet5 (default), torchvision:NAME (e.g. resnet18, fresh weights), "
+              "PATH.py:FUNCTION or package.module:FUNCTION (called with num_classes= and the "
+              "model_args.NAME settings)")
+
+
 def storage_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="SQLAlchemy URL or journal file "
                    "(default $SEARCH_STORAGE, else search-journal.log)")

@@ -8,10 +8,11 @@ import json
 
 import optuna
 
-from search.cli.args import dataset_name, storage_flag
+from search.cli.args import MODEL_HELP, dataset_name, model_spec, storage_flag
 from search.cli.inspect import load_existing_study
 from search.errors import UserError
 from search.inputs.objectives import pareto_numbers, primary, study_objectives
+from search.inputs.settings import trial_config
 from search.inputs.values import positive_int
 from search.logs import quiet_libraries
 from search.study.lineage import MEMBER_ATTR, SCHEDULE_ATTR, segments
@@ -24,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--study", required=True, help="the study's name")
     storage_flag(p)
     p.add_argument("--epochs", type=positive_int, help="override the trial's epochs")
+    p.add_argument("--model", type=model_spec, help=MODEL_HELP + "; over the trial's")
     p.add_argument("--trial", type=int, help="retrain this trial instead of the best one "
                    "(a multi-objective study: one of its Pareto front)")
     p.add_argument("--dataset", type=dataset_name,
@@ -66,8 +68,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     study = load_existing_study(args.study, args.storage)
     best = chosen_trial(study, args.trial)
     flags = {k: v for k, v in {"epochs": args.epochs, "dataset": args.dataset,
-                               "data_root": args.data_root}.items() if v is not None}
-    config = TrainConfig.from_dict({**best.user_attrs.get("config", {}), **best.params, **flags})
+                               "data_root": args.data_root, "model": args.model}.items()
+             if v is not None}
+    config = TrainConfig.from_dict({**trial_config(best), **flags})
     ensure_available(config.dataset, config.data_root)  # CIFAR-100 fetched here if absent
     # a PBT member: its whole schedule, replayed from scratch (each segment's settings)
     schedule = (segments(study.get_trials(deepcopy=False), best.number)

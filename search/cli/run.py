@@ -10,8 +10,10 @@ import sys
 
 from search import defaults
 from search.cli.args import (
+    MODEL_HELP,
     checkpoint_cadence,
     dataset_name,
+    model_spec,
     pack_size,
     ramp_size,
     storage_flag,
@@ -72,6 +74,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--dataset", type=dataset_name, help=f"{', '.join(DATASETS)}, or folder:PATH "
                    "(PATH/train/CLASS/*.png|jpg, optional PATH/test/CLASS/...)")
     p.add_argument("--data-root")
+    p.add_argument("--model", type=model_spec, help=MODEL_HELP + "; over the space's")
     p.add_argument("--seed", type=int, help="training seed, and the sampler's seed")
     p.add_argument("--device")
     p.add_argument("--precision", choices=PRECISIONS)
@@ -150,13 +153,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def preflight(mlflow_uri: str | None, sources) -> None:
-    """A silent tracking server or a missing dataset is one line before the study starts."""
+    """A silent tracking server, a missing dataset or a network that cannot be built is one
+    line before the study starts; a network whose rows cannot run batched is said."""
     from search.tracking.client import check_tracking_uri
     from trainer.data import ensure_available
 
     check_tracking_uri(mlflow_uri)
-    ensure_available(trial_setting(sources.space, sources.overrides, "dataset"),
-                     trial_setting(sources.space, sources.overrides, "data_root"))
+    dataset = trial_setting(sources.space, sources.overrides, "dataset")
+    ensure_available(dataset, trial_setting(sources.space, sources.overrides, "data_root"))
+    check_networks(sources.space, sources.overrides, dataset)
+
+
+def check_networks(space, overrides: dict, dataset: str) -> None:
+    """Every network the space can name (its `model` choices), with its fixed `model_args` and
+    each searched argument at its bounds or choices, built once on the CPU."""
+    from search.logs import say
+    from trainer.catalogue import dataset_sizes
+    from trainer.config import MODEL_ARGS_PREFIX
+    from trainer.networks import check
+
+    searched = {p.name: p for p in space.params}
+    model = searched.get("model")
+    specs = model.choices if model is not None and "model" not in overrides else [
+        trial_setting(space, overrides, "model")]
+    fixed = {k[len(MODEL_ARGS_PREFIX):]: v for k, v in {**space.fixed, **overrides}.items()
+             if k.startswith(MODEL_ARGS_PREFIX)}
+    fixed = {**dict(space.fixed.get("model_args") or {}), **fixed}
+    variants = [dict(fixed)]
+    for name, p in searched.items():
+        if name.startswith(MODEL_ARGS_PREFIX):
+            values = p.choices if p.type == "categorical" else [p.low, p.high]
+            variants += [{**fixed, name[len(MODEL_ARGS_PREFIX):]: v} for v in values]
+    classes = dataset_sizes(dataset)[2]
+    for spec in specs:
+        reasons = {check(spec, args, classes) for args in variants} - {None}
+        if reasons:
+            say(f"model {spec}: its trials train unpacked, one after another in a pack (its "
+                f"rows cannot run batched: {sorted(reasons)[0]})", "search run")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from search.cli.args import dataset_name
+from search.cli.args import MODEL_HELP, dataset_name, model_spec
 from search.errors import EXIT_FAILED
 from search.inputs.values import positive_float, positive_int
 from trainer.config import AUGMENTS, LR_SCALINGS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
@@ -28,6 +28,7 @@ FLAGS = (
     ("--augment", "augment", {"choices": AUGMENTS}),
     ("--dataset", "dataset", {"type": dataset_name, "help": "or folder:PATH"}),
     ("--data-root", "data_root", {"help": "folder holding cifar-100-python/ ($SEARCH_DATA_ROOT)"}),
+    ("--model", "model", {"type": model_spec, "help": MODEL_HELP}),
     ("--seed", "seed", {"type": int}),
     ("--device", "device", {}),
     ("--precision", "precision", {"choices": PRECISIONS}),
@@ -40,10 +41,34 @@ FLAGS = (
 )
 
 
+def check_network(config: TrainConfig) -> None:
+    """The network built and its output checked on the CPU: a bad one is one line (exit 2)."""
+    from trainer.catalogue import dataset_sizes
+    from trainer.networks import check
+
+    check(config.model, config.model_args, dataset_sizes(config.dataset)[2])
+
+
+def model_arg(text: str) -> tuple[str, object]:
+    """argparse type of --model-arg: NAME=VALUE, the value read as YAML (16, 0.5, true, text)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{name}: cannot read {value!r} as a value") from None
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="one training run with the given settings")
     for flag, field, kwargs in FLAGS:
         p.add_argument(flag, dest=field, default=getattr(TrainConfig, field), **kwargs)
+    p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                   type=model_arg, help="an argument of the --model factory (YAML value; repeat "
+                   "for more)")
     p.add_argument("--test", action="store_true",
                    help="train on train+val and report test accuracy (final evaluation)")
     p.add_argument("--json", action="store_true", help="print one JSON result as the last line")
@@ -56,7 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer import Diverged, train
     from trainer.data import ensure_available
 
-    config = TrainConfig(**{field: getattr(args, field) for _, field, _ in FLAGS})
+    config = TrainConfig(**{field: getattr(args, field) for _, field, _ in FLAGS},
+                         model_args=dict(args.model_arg))
+    check_network(config)
     ensure_available(config.dataset, config.data_root)  # CIFAR-100 fetched here if absent
     bar = tqdm(total=config.epochs, desc="train", unit="epoch", file=sys.stderr)
 

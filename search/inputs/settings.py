@@ -25,6 +25,15 @@ from trainer.errors import ConfigError
 DEFAULT_RAMP, DEFAULT_TRIALS = defaults.RAMP, defaults.TRIALS
 
 
+CONFIG_ATTR = "config"  # the trial attribute of a trial's settings that differ from the defaults
+
+
+def trial_config(trial: Any) -> dict[str, Any]:
+    """Every setting a trial (an Optuna FrozenTrial) trained with: the defaults, its recorded
+    config, its params."""
+    return {**TrainConfig().to_dict(), **trial.user_attrs.get(CONFIG_ATTR, {}), **trial.params}
+
+
 def trial_setting(space: Space, overrides: dict[str, Any], key: str) -> Any:
     """A setting every trial shares: an override, else the space's fixed value, else the
     trainer's default (`epochs`, `dataset`, `data_root`, ...)."""
@@ -124,6 +133,7 @@ def read_sources(args: argparse.Namespace, blocks: frozenset[str] | set[str] = f
     sources.overrides.update({k: v for k, v in {
         "epochs": args.epochs, "dataset": args.dataset, "data_root": args.data_root,
         "seed": args.seed, "device": args.device, "precision": args.precision,
+        "model": getattr(args, "model", None),
     }.items() if v is not None})
     return sources
 

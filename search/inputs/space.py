@@ -30,7 +30,7 @@ import yaml
 from search.errors import UserError
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import parse_objectives
-from trainer.config import TrainConfig, field_types
+from trainer.config import MODEL_ARGS_PREFIX, TrainConfig, field_types
 from trainer.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
@@ -114,7 +114,7 @@ class Space:
         (e.g. `--dataset digits` against batch-size choices), naming the flags on error."""
         fixed = {**self.fixed, **overrides}
         try:
-            TrainConfig(**fixed)
+            TrainConfig.from_dict(fixed)
             for p in self.params:
                 for key, values in (("choices", p.choices), ("low", [p.low]), ("high", [p.high])):
                     for i, v in enumerate(values):
@@ -178,9 +178,33 @@ def _coerce(v: Any) -> Any:
     return v
 
 
+def setting_kind(key: str) -> str | None:
+    """A setting's annotated type as text; `any` for a network argument (`model_args.NAME`,
+    checked against the network's factory at the preflight); None for no setting."""
+    if key.startswith(MODEL_ARGS_PREFIX) and key[len(MODEL_ARGS_PREFIX):].isidentifier():
+        return "any"
+    return field_types().get(key)
+
+
+def _unknown(where: str) -> SpaceError:
+    return SpaceError(f"{where}: unknown setting; expected one of "
+                      f"{', '.join(sorted(field_types()))} or model_args.NAME")
+
+
+def model_path(spec: Any, base: Path) -> Any:
+    """A `PATH.py:FUNCTION` model with a relative PATH, made absolute against `base` (the
+    folder of the file that names it, or the current directory for a flag)."""
+    if not isinstance(spec, str) or spec.startswith("torchvision:"):
+        return spec
+    location, sep, function = spec.rpartition(":")
+    if not sep or not location.endswith(".py") or Path(location).expanduser().is_absolute():
+        return spec
+    return f"{(base / location).resolve()}:{function}"
+
+
 def _check_setting(where: str, key: str, value: Any, fixed: dict[str, Any]) -> None:
     """Raises SpaceError unless `key: value` builds a valid TrainConfig beside `fixed`."""
-    kind = field_types()[key]
+    kind = setting_kind(key) or ""
     if "int" in kind and "float" not in kind and not isinstance(value, int | type(None)):
         raise SpaceError(f"{where}: expected an integer, got {value!r}")
     if "float" in kind and not (_is_number(value) or value is None):
@@ -188,7 +212,7 @@ def _check_setting(where: str, key: str, value: Any, fixed: dict[str, Any]) -> N
     if kind.startswith("str") and not isinstance(value, str | type(None)):
         raise SpaceError(f"{where}: expected a string, got {value!r}")
     try:
-        TrainConfig(**{**fixed, key: value})
+        TrainConfig.from_dict({**fixed, key: value})
     except ConfigError as exc:
         raise SpaceError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
     except TypeError as exc:
@@ -198,9 +222,8 @@ def _check_setting(where: str, key: str, value: Any, fixed: dict[str, Any]) -> N
 def _parse_param(file: Path, name: str, entry: Any, fixed: dict[str, Any],
                  known: dict[str, list[Any] | None]) -> Param:
     where = f"{file}: params.{name}"
-    if name not in field_types():
-        raise SpaceError(f"{where}: unknown setting; expected one of "
-                         f"{', '.join(sorted(field_types()))}")
+    if setting_kind(name) is None:
+        raise _unknown(where)
     if name in fixed:
         raise SpaceError(f"{where}: also set under fixed; a setting is either fixed or searched")
     if not isinstance(entry, dict):
@@ -220,6 +243,8 @@ def _parse_param(file: Path, name: str, entry: Any, fixed: dict[str, Any],
         if not isinstance(choices, list) or not choices:
             raise SpaceError(f"{where}.choices: expected a non-empty list")
         p.choices = [_coerce(c) for c in choices]
+        if name == "model":
+            p.choices = [model_path(c, file.parent) for c in p.choices]
         for i, c in enumerate(p.choices):
             if not isinstance(c, Scalar):
                 raise SpaceError(f"{where}.choices[{i}]: expected a scalar, got {c!r}")
@@ -249,7 +274,7 @@ def _parse_param(file: Path, name: str, entry: Any, fixed: dict[str, Any],
                 raise SpaceError(f"{where}: step and log cannot be combined (Optuna's rule)")
         if p.log and p.low <= 0:
             raise SpaceError(f"{where}.low: a log range needs low > 0, got {p.low}")
-        if kind == "float" and "int" in field_types()[name] and "float" not in field_types()[name]:
+        if kind == "float" and "int" in setting_kind(name) and "float" not in setting_kind(name):
             raise SpaceError(f"{where}.type: {name} is an integer setting; use type int")
         for bound in ("low", "high"):
             _check_setting(f"{where}.{bound}", name, getattr(p, bound), fixed)
@@ -291,13 +316,14 @@ def parse_space(text: str, path: Path | str = "<space>") -> Space:
         raise SpaceError(f"{path}: fixed: expected a mapping of setting: value")
     _string_keys(f"{path}: fixed.", fixed)
     fixed = {k: _coerce(v) for k, v in fixed.items()}
+    if "model" in fixed:
+        fixed["model"] = model_path(fixed["model"], path.parent)
     for key, value in fixed.items():
-        if key not in field_types():
-            raise SpaceError(f"{path}: fixed.{key}: unknown setting; expected one of "
-                             f"{', '.join(sorted(field_types()))}")
+        if setting_kind(key) is None:
+            raise _unknown(f"{path}: fixed.{key}")
         _check_setting(f"{path}: fixed.{key}", key, value, {})
     try:
-        TrainConfig(**fixed)
+        TrainConfig.from_dict(fixed)
     except ConfigError as exc:
         raise SpaceError(f"{path}: fixed.{exc}") from None
     params_doc = doc.get("params")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from search.errors import EXIT_FAILED, StorageUnavailable, UserError
+from search.errors import EXIT_FAILED, EXIT_OK, StorageUnavailable, UserError
 
 
 class WorkersGaveUp(UserError):
@@ -31,7 +31,8 @@ class WorkersGaveUp(UserError):
 
 
 class Launcher(abc.ABC):
-    """A launcher. Subclasses set `name` and override what they need; `launch` is required."""
+    """A launcher. Subclasses set `name`, write `start` and `wait`, and override what else they
+    need; `launch` is the run's life around them."""
 
     name: ClassVar[str] = ""
     block: ClassVar[str | None] = None  # its study file's block (`slurm:`), checked by `chosen`
@@ -53,9 +54,70 @@ class Launcher(abc.ABC):
         accepts any by default."""
         return None
 
-    @abc.abstractmethod
     def launch(self, settings: Any, workers: int) -> int:
-        """Opens the study and its parent run, starts the workers; returns the exit status."""
+        """The run's life, the same for every launcher: the study and its parent run opened and
+        the budget resolved (`open_launch`), the workers started (`start`), followed with the
+        progress lines until they end (`wait`; unless `follows` says no), the parent run left
+        FINISHED, FAILED or KILLED, and the exit status (`ended`). Ctrl-C while following:
+        `interrupted` answers (an exit status, or None to stop the command as one)."""
+        from search.ui.progress import Progress
+
+        settings = self.prepare(settings, workers)
+        try:
+            study, tracker, parent, epochs, settings = open_launch(settings, workers)
+        except BaseException:
+            self.abandon()
+            raise
+        job = self.start(study, tracker, parent, settings, workers)
+        if not self.follows(job):
+            return EXIT_OK
+        progress = Progress(study, settings.study_total, epochs, pids=self.pids(job))
+        progress.watch()
+        status = "FAILED"
+        try:
+            self.wait(job)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            code = self.interrupted(job)
+            if code is None:
+                raise
+            return code
+        finally:
+            leave(study, tracker, parent, progress, status)
+        return self.ended(study, settings, job)
+
+    def prepare(self, settings: Any, workers: int) -> Any:
+        """The settings as this launcher runs them, before the study opens (unchanged by default)."""
+        return settings
+
+    def abandon(self) -> None:
+        """Undoes `prepare` when the study could not be opened."""
+        return None
+
+    @abc.abstractmethod
+    def start(self, study: Any, tracker: Any, parent: str, settings: Any, workers: int) -> Any:
+        """Starts the workers on the opened study; returns what `wait` and `ended` need (a job)."""
+
+    def follows(self, job: Any) -> bool:
+        """Whether this command follows the workers until they end (True by default)."""
+        return True
+
+    def pids(self, job: Any) -> set[int] | None:
+        """This machine's processes whose trials the progress lines count as this command's."""
+        return None
+
+    @abc.abstractmethod
+    def wait(self, job: Any) -> None:
+        """Returns when the workers have ended; raises what made them end early."""
+
+    def interrupted(self, job: Any) -> int | None:
+        """Ctrl-C while following: the exit status after stopping the workers, or None."""
+        return None
+
+    def ended(self, study: Any, settings: Any, job: Any) -> int:
+        """The exit status once the workers have ended and the parent run is left."""
+        return EXIT_OK
 
     @classmethod
     def task(cls) -> tuple[str, int, int | None] | None:

@@ -19,13 +19,13 @@ import time
 import optuna
 
 from search import defaults
-from search.errors import EXIT_STORAGE_GONE, EXIT_USAGE, StorageUnavailable, UserError
+from search.errors import EXIT_OK, EXIT_STORAGE_GONE, EXIT_USAGE, StorageUnavailable, UserError
 from search.inputs.settings import RunSettings
-from search.launch.base import Launcher, WorkersGaveUp, leave, open_launch
+from search.launch.base import Launcher, WorkersGaveUp
 from search.logs import say
 from search.study.budget import counted, room
 from search.study.recovery import STOP, RetryDeadTrial, reap_worker
-from search.ui.progress import Progress, print_summary
+from search.ui.progress import print_summary
 from trainer.errors import ConfigError, DataError
 
 
@@ -182,47 +182,14 @@ class Supervisor:
             raise WorkersGaveUp(f"{count}: {'; '.join(s.problem for s in problems)}")
 
 
-def run_study(settings: RunSettings, workers: int = 1, max_restarts: int = defaults.MAX_RESTARTS) -> optuna.Study:
-    """Creates or resumes the study, then runs `workers` workers on it until their shares of
-    `settings.n_trials` (or the timeout) are spent. Returns the study."""
-    from search.worker.run import finished_by, run_worker, start_sample_ahead, worker_device
+@dataclasses.dataclass
+class LocalJob:
+    """This command's workers: the study, their settings, how many, and their pids."""
 
-    ahead = None  # one worker here: its sampling-ahead child starts up while the study opens
-    if workers == 1:
-        ahead = start_sample_ahead(settings, settings.load_space(), worker_device(0, settings.overrides),
-                                   settings.n_trials)
-    try:
-        study, tracker, parent, epochs, settings = open_launch(settings, workers)
-    except BaseException:
-        if ahead is not None:
-            ahead.close()
-        raise
-    pids = {os.getpid()}  # the Supervisor adds its workers'
-    progress = Progress(study, settings.study_total, epochs, pids=pids)
-    progress.watch()
-    status = "FAILED"
-    try:
-        if workers == 1:
-            run_worker(settings, 0, settings.n_trials, None, ahead=ahead)
-        else:
-            # like a worker's: first signal stops after the epoch, a second stops at once;
-            # a SIGINT ignored by whoever started us (`cmd &` in a script) stays ignored
-            ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-            STOP.install((signal.SIGTERM,) if ignored else (signal.SIGINT, signal.SIGTERM))
-            Supervisor(settings, study, workers, max_restarts, pids).run()
-        status = "FINISHED"
-        total = settings.study_total
-        if total and finished_by(study, pids) == 0 and not room(study, total):
-            say(f"study {study.study_name} already holds its {total} trials (--n-trials is the "
-                "study's total); nothing to run: --add-trials K runs K more", "search run")
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        leave(study, tracker, parent, progress, status)
-    return study
-
-
+    study: optuna.Study
+    settings: RunSettings
+    workers: int
+    pids: set[int]
 
 
 class LocalLauncher(Launcher):
@@ -232,6 +199,7 @@ class LocalLauncher(Launcher):
 
     def __init__(self, max_restarts: int = defaults.MAX_RESTARTS):
         self.max_restarts = max_restarts
+        self.ahead = None  # one worker's sampling-ahead child (`prepare`)
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
@@ -239,6 +207,46 @@ class LocalLauncher(Launcher):
                             help="a dead worker is replaced until it dies this many times in a row "
                             f"without finishing a trial (default {defaults.MAX_RESTARTS})")
 
-    def launch(self, settings: RunSettings, workers: int) -> int:
-        print_summary(run_study(settings, workers, self.max_restarts))
-        return 0
+    def prepare(self, settings: RunSettings, workers: int) -> RunSettings:
+        """One worker here: its sampling-ahead child starts up while the study opens."""
+        from search.worker.run import start_sample_ahead, worker_device
+
+        self.ahead = None
+        if workers == 1:
+            self.ahead = start_sample_ahead(settings, settings.load_space(),
+                                            worker_device(0, settings.overrides), settings.n_trials)
+        return settings
+
+    def abandon(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+
+    def start(self, study: optuna.Study, tracker, parent: str, settings: RunSettings,
+              workers: int) -> LocalJob:
+        # the Supervisor adds its workers' pids: their trials are this command's
+        return LocalJob(study, settings, workers, {os.getpid()})
+
+    def pids(self, job: LocalJob) -> set[int]:
+        return job.pids
+
+    def wait(self, job: LocalJob) -> None:
+        if job.workers == 1:
+            from search.worker.run import run_worker
+
+            run_worker(job.settings, 0, job.settings.n_trials, None, ahead=self.ahead)
+            return
+        # like a worker's: first signal stops after the epoch, a second stops at once;
+        # a SIGINT ignored by whoever started us (`cmd &` in a script) stays ignored
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        STOP.install((signal.SIGTERM,) if ignored else (signal.SIGINT, signal.SIGTERM))
+        Supervisor(job.settings, job.study, job.workers, self.max_restarts, job.pids).run()
+
+    def ended(self, study: optuna.Study, settings: RunSettings, job: LocalJob) -> int:
+        from search.worker.run import finished_by
+
+        total = settings.study_total
+        if total and finished_by(study, job.pids) == 0 and not room(study, total):
+            say(f"study {study.study_name} already holds its {total} trials (--n-trials is the "
+                "study's total); nothing to run: --add-trials K runs K more", "search run")
+        print_summary(study)
+        return EXIT_OK

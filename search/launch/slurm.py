@@ -30,14 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-from search.errors import UserError
+from search.errors import EXIT_INTERRUPTED, EXIT_OK, UserError
 from search.inputs.settings import RunSettings
 from search.inputs.values import positive_int
-from search.launch.base import Launcher, WorkersGaveUp, leave, open_launch, write_spec
+from search.launch.base import Launcher, WorkersGaveUp, write_spec
 from search.logs import redact, say
 from search.study.checkpoints import DEFAULT_DIR
 from search.study.storage import shared_across_machines
-from search.ui.progress import Progress
 
 JOB_ATTR = "slurm_job_id"  # the study's (and its parent run's tag): its job array
 TASK_ATTR = "slurm_task"  # a trial's: the array task (JOB_TASK) that ran it, over requeues
@@ -173,59 +172,6 @@ def slurm_options(args: argparse.Namespace, block: dict | None, where: str
     return opts
 
 
-def submit_study(settings: RunSettings, workers: int, opts: SlurmOptions) -> int:
-    """`search run --slurm`: the study and its parent run as for a local run, then ONE job
-    array of `workers` tasks; prints how to follow it and returns (`--slurm-wait` follows it
-    with the same progress lines until the array ends; Ctrl-C then cancels the array)."""
-    # a relative folder means the submitting directory's, which every node must share
-    settings = dataclasses.replace(settings, checkpoint_dir=str(
-        (Path.cwd() / (settings.checkpoint_dir or DEFAULT_DIR)).absolute()))
-    from search.worker.run import finished_by
-
-    study, tracker, parent, epochs, settings = open_launch(settings, workers)
-    job = submit(settings, workers, opts)
-    study.set_user_attr(JOB_ATTR, job)
-    tracker.tag(parent, JOB_ATTR, job)
-    storage = redact(settings.storage)
-    where = "on its GPU" if opts.gpus_per_worker else "on its CPUs"
-    flight = (f"up to {settings.pack} trial(s) in flight" if settings.pack != "auto"
-              else "as many trials in flight as its GPU holds (--pack auto)"
-              if opts.gpus_per_worker else "one trial at a time (--pack auto on CPUs)")
-    lines = [f"submitted Slurm job array {job}: {workers} tasks, each one worker with "
-             f"{flight} {where}",
-             f"follow it:    squeue -r -j {job}    (or: search status --storage '{storage}')",
-             f"cancel it:    scancel {job}",
-             f"worker logs:  slurm/{settings.study_name}/logs/worker-{job}_*.log",
-             f"checkpoints:  {settings.checkpoint_dir} (every node must share this folder)",
-             f"dashboard:    search dashboard --storage '{storage}'"]
-    if tracker.run_url():
-        lines.append(f"MLflow:       {tracker.run_url(parent)}")
-    for line in lines:
-        print(f"search run: {line}", flush=True)
-    if not opts.wait:
-        return 0
-    progress = Progress(study, settings.study_total, epochs)
-    progress.watch()
-    try:
-        while array_tasks(job):
-            time.sleep(2.0)
-    except KeyboardInterrupt:
-        subprocess.run(["scancel", job], capture_output=True)
-        progress.close()
-        say(f"cancelled Slurm job array {job}; its trials resume from their "
-            "checkpoints with the next command on the study", "search run")
-        return 130
-    leave(study, tracker, parent, progress, "FINISHED")
-    done = finished_by(study)
-    print(f"search run: Slurm job array {job} ended; the study has {done} finished trials",
-          flush=True)
-    total = settings.study_total
-    if total is not None and done < total:
-        raise WorkersGaveUp(f"{total - done} of the study's {total} trials did not run; "
-                            f"see slurm/{settings.study_name}/logs/worker-{job}_*.log")
-    return 0
-
-
 class SlurmLauncher(Launcher):
     """`search run --slurm`: the workers are the tasks of one Slurm job array."""
 
@@ -246,8 +192,59 @@ class SlurmLauncher(Launcher):
     def check(self, settings: RunSettings) -> None:
         check_can_submit(settings.storage, settings.mlflow_uri)
 
-    def launch(self, settings: RunSettings, workers: int) -> int:
-        return submit_study(settings, workers, self.opts)
+    def prepare(self, settings: RunSettings, workers: int) -> RunSettings:
+        # a relative folder means the submitting directory's, which every node must share
+        return dataclasses.replace(settings, checkpoint_dir=str(
+            (Path.cwd() / (settings.checkpoint_dir or DEFAULT_DIR)).absolute()))
+
+    def start(self, study, tracker, parent: str, settings: RunSettings, workers: int) -> str:
+        """ONE job array of `workers` tasks; prints how to follow it. Returns its job id."""
+        opts = self.opts
+        job = submit(settings, workers, opts)
+        study.set_user_attr(JOB_ATTR, job)
+        tracker.tag(parent, JOB_ATTR, job)
+        storage = redact(settings.storage)
+        where = "on its GPU" if opts.gpus_per_worker else "on its CPUs"
+        flight = (f"up to {settings.pack} trial(s) in flight" if settings.pack != "auto"
+                  else "as many trials in flight as its GPU holds (--pack auto)"
+                  if opts.gpus_per_worker else "one trial at a time (--pack auto on CPUs)")
+        lines = [f"submitted Slurm job array {job}: {workers} tasks, each one worker with "
+                 f"{flight} {where}",
+                 f"follow it:    squeue -r -j {job}    (or: search status --storage '{storage}')",
+                 f"cancel it:    scancel {job}",
+                 f"worker logs:  slurm/{settings.study_name}/logs/worker-{job}_*.log",
+                 f"checkpoints:  {settings.checkpoint_dir} (every node must share this folder)",
+                 f"dashboard:    search dashboard --storage '{storage}'"]
+        if tracker.run_url():
+            lines.append(f"MLflow:       {tracker.run_url(parent)}")
+        for line in lines:
+            print(f"search run: {line}", flush=True)
+        return job
+
+    def follows(self, job: str) -> bool:
+        return self.opts.wait  # --slurm-wait: the same progress lines until the array ends
+
+    def wait(self, job: str) -> None:
+        while array_tasks(job):
+            time.sleep(2.0)
+
+    def interrupted(self, job: str) -> int:
+        subprocess.run(["scancel", job], capture_output=True)
+        say(f"cancelled Slurm job array {job}; its trials resume from their "
+            "checkpoints with the next command on the study", "search run")
+        return EXIT_INTERRUPTED
+
+    def ended(self, study, settings: RunSettings, job: str) -> int:
+        from search.worker.run import finished_by
+
+        done = finished_by(study)
+        print(f"search run: Slurm job array {job} ended; the study has {done} finished trials",
+              flush=True)
+        total = settings.study_total
+        if total is not None and done < total:
+            raise WorkersGaveUp(f"{total - done} of the study's {total} trials did not run; "
+                                f"see slurm/{settings.study_name}/logs/worker-{job}_*.log")
+        return EXIT_OK
 
     @classmethod
     def task(cls) -> tuple[str, int, int | None] | None:

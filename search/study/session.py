@@ -18,6 +18,7 @@ from search.errors import AttemptLost
 from search.inputs.constraints import record_for_dashboard, violations
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import objective_values
+from search.inputs.settings import CONFIG_ATTR
 from search.inputs.space import Space
 from search.inputs.values import AUTO_LONGEST
 from search.logs import say
@@ -86,7 +87,7 @@ class TrialRunner:
         label = trial.user_attrs.get("label")
         run_name = f"{label} · trial-{root}" if label else f"trial-{root}"
         run_id, logged = self._open_run(trial, config, root, resume, run_name)
-        trial.set_user_attr("config", compact_config(config))
+        trial.set_user_attr(CONFIG_ATTR, compact_config(config))
         if resume is not None:
             trial.set_user_attr("resumed_from_epoch", int(resume["epoch"]))
         if discarded is not None:  # said once by the store; the run and the trial say it too

@@ -41,14 +41,30 @@ def log_model(tracker: Tracker, run_id: str, state: dict[str, Any], config: Any,
     from mlflow.models import infer_signature
 
     from trainer.data import load_dataset
-    from trainer.model import from_checkpoint
+    from trainer.networks import from_checkpoint
 
     data = load_dataset(config.dataset, config.data_root)
-    model = from_checkpoint(state, data.num_classes)
+    model = from_checkpoint(state, data.num_classes, config.model, config.model_args)
     example = np.ascontiguousarray(data.test.x[:2])
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
+    code = user_code(config.model)
     with _tracking_uri(tracker.uri), mlflow.start_run(run_id=run_id):
         return mlflow.pytorch.log_model(
             model, name=name, signature=infer_signature(example, logits),
-            input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            input_example=example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            code_paths=code or None)
+
+
+def user_code(spec: str) -> list[str]:
+    """A `PATH.py:FUNCTION` network's file: its classes pickled by value with the model (a fresh
+    process loads it without the file on its path), and the file carried as the model's code."""
+    import cloudpickle
+
+    from trainer.networks import user_module
+
+    module = user_module(spec)
+    if module is None:
+        return []
+    cloudpickle.register_pickle_by_value(module)
+    return [module.__file__]

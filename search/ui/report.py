@@ -20,6 +20,7 @@ import optuna
 
 from search.inputs.constraints import feasible
 from search.inputs.objectives import best_first, epochs_run, pareto_numbers, primary, study_objectives
+from search.inputs.settings import trial_config
 from search.study.lineage import (
     DONOR_ATTR,
     MEMBER_ATTR,
@@ -37,10 +38,7 @@ COLUMNS = ("Test #", "Epochs", "batch_size", "beta/momentum", "weight_decay", "l
 
 
 def _config(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """Every setting of the trial: the defaults, its recorded (non-default) config, its params."""
-    from trainer.config import TrainConfig
-
-    return {**TrainConfig().to_dict(), **trial.user_attrs.get("config", {}), **trial.params}
+    return trial_config(trial)
 
 
 def describe_state(trial: optuna.trial.FrozenTrial) -> str:

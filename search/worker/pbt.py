@@ -1,7 +1,10 @@
-"""Population-based training in one pack (`--pbt`): the population trains together as one
-stacked model; every `interval` epochs the worst quantile of it copies the best quantile (exploit:
-the donor's weights, optimiser and generator state, copied on the device, no file round trip)
-and perturbs the donor's per-trial settings (explore: `search.inputs.pbt.explore`).
+"""Population-based training (`--pbt`): the one PBT loop. On one worker the population trains
+together as one stacked model; every `interval` epochs the worst quantile of it copies the best
+quantile (exploit: the donor's weights, optimiser and generator state, copied on the device, no
+file round trip) and perturbs the donor's per-trial settings (explore:
+`search.inputs.pbt.explore`). `PbtLoop._step` is the one exploit step; a population shared by
+workers (`pbt_shared.SharedPbtLoop`) adds only where its ranking and its remote donors' states
+come from (the storage and published files) and the barrier between them.
 
 Each stretch of a member with constant settings is one Optuna trial, so every tool shows the
 population as it evolved: a replaced segment ends PRUNED with `pruned_reason` "replaced by a copy
@@ -32,12 +35,20 @@ from search.study.lineage import (
     REPLACES_ATTR,
     SCHEDULE_ATTR,
     START_EPOCH_ATTR,
+    replaced_at,
+    segment_at,
     segments,
     superseded,
 )
 from search.study.recovery import RetryDeadTrial
 from search.study.session import TrialRunner
 from search.worker.loop import State, WorkerLoop
+from trainer.config import PER_TRIAL
+
+
+def shape(params: dict[str, Any]) -> dict[str, Any]:
+    """A member's values that fix its pack (not held per row): donors must share them."""
+    return {k: v for k, v in params.items() if k not in PER_TRIAL}
 
 
 class PbtLoop(WorkerLoop):
@@ -59,9 +70,9 @@ class PbtLoop(WorkerLoop):
                          stop_within, ramp=None)
         self.pbt = pbt
         self.next_member = max(members, default=-1) + 1
-        self.seed, self.rng = seed, random.Random(seed)
+        self.seed = seed
         self.member_index: dict[Any, int] = {}
-        self.vacant: list[tuple[int, tuple, int]] = []  # (member, shape key, failed trial)
+        self.vacant: list[tuple[int, int]] = []  # (member, its failed trial)
 
     def _ask(self, slots: int = 1) -> bool:  # one at a time: members are numbered
         optuna.storages.fail_stale_trials(self.study)
@@ -113,44 +124,77 @@ class PbtLoop(WorkerLoop):
             for member in engine.members:
                 by_epoch[member.epoch].append((engine, member))
         for epoch, group in sorted(by_epoch.items()):
-            if self.pbt.at_boundary(epoch, group[0][1].config.epochs):
-                self._step(epoch, group)
+            if len(group) >= 2 and self.pbt.at_boundary(epoch, group[0][1].config.epochs):
+                ranked = sorted(group, key=lambda em: self._score(em[1]), reverse=True)
+                self._step(epoch, group, [self.member_index[m] for _, m in ranked])
 
     def _score(self, member: Any) -> float:
         session = self.in_flight[member].session
         value = session.values(member.history)[0]
         return value if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else -value
 
-    def _step(self, epoch: int, group: list[tuple[Any, Any]]) -> None:
-        """One generation: the worst `quantile` copy a random member of the best `quantile`
-        that shares their shape (same pack), then explore; a member that failed since the last
-        step (diverged) is refilled the same way, so the population keeps its size."""
-        if len(group) < 2:
-            return
-        top, bottom = self.pbt.split(sorted(group, key=lambda em: self._score(em[1]), reverse=True))
-        for engine, loser in bottom:
-            donors = [d for e, d in top if e is engine]
-            if donors:
-                self._exploit(engine, loser, self.rng.choice(donors), epoch)
-        for index, key, number in list(self.vacant):
-            donors = [(e, d) for e, d in top if e.key == key]
-            if donors:
-                self.vacant.remove((index, key, number))
-                engine, donor = self.rng.choice(donors)
-                self._copy(engine, donor, epoch, index, number)
+    def _step(self, epoch: int, group: list[tuple[Any, Any]], ranking: list[int]) -> None:
+        """One generation, the population's members ranked best first at `epoch`: each of
+        this worker's members in the bottom quantile, and each member vacant since the last
+        step (diverged), copies a member of the top quantile that shares its shape, drawn with
+        a generator seeded by the study's seed, the epoch and the member (the same draw
+        wherever it is made), then explores. A member that already has a segment starting at
+        `epoch` is not stepped again, so a retry resumed there repeats nothing."""
+        trials = self.study.get_trials(deepcopy=False)
+        top, losers = self.pbt.split(ranking)
+        mine = {self.member_index[m]: (e, m) for e, m in group}
+        vacant = dict(self.vacant)
+        for index in sorted((set(losers) & set(mine)) | set(vacant)):
+            if replaced_at(trials, index, epoch):
+                continue  # stepped already (by this member's earlier attempt)
+            engine, loser = mine.get(index, (None, None))
+            replaces = (self.in_flight[loser].session.trial.number if loser is not None
+                        else vacant[index])
+            loser_shape = shape(next(t for t in trials if t.number == replaces).params)
+            rng = random.Random(f"{self.seed}:{epoch}:{index}")
+            donors = [j for j in top if shape(self._segment(trials, j, epoch).params) == loser_shape]
+            if not donors:
+                continue
+            donor = self._segment(trials, rng.choice(donors), epoch)
+            state = self._donor_state(int(donor.user_attrs[MEMBER_ATTR]), epoch)
+            if state is None:
+                continue
+            number = self._start_segment(state, donor, epoch, index, replaces, rng)
+            if loser is not None:
+                self._replaced(engine, loser, donor.number, number, epoch)
+            else:
+                self.vacant = [v for v in self.vacant if v[0] != index]
+
+    def _here(self, index: int, epoch: int) -> tuple[Any, Any] | None:
+        """(engine, member) of member `index` when it trains in this worker at `epoch`."""
+        for engine in self.engines.values():
+            for member in engine.members:
+                if self.member_index.get(member) == index and member.epoch == epoch:
+                    return engine, member
+        return None
+
+    def _segment(self, trials: list[optuna.trial.FrozenTrial], index: int,
+                 epoch: int) -> optuna.trial.FrozenTrial:
+        """Member `index`'s segment at `epoch`: its trial here when it trains here (its reports
+        may still be on their way to the storage), else the one that reported `epoch`."""
+        here = self._here(index, epoch)
+        if here is not None:
+            return optuna_seam.get_trial(self.study, self.in_flight[here[1]].session.trial)
+        return segment_at(trials, index, epoch)
+
+    def _donor_state(self, index: int, epoch: int) -> dict[str, Any] | None:
+        """The donor's state at `epoch`: copied on the device when it trains here (it trains
+        on unchanged), else read from its published file (a population shared by workers)."""
+        here = self._here(index, epoch)
+        if here is not None:
+            return here[0].state(here[1])
+        return self.runner.checkpoints.load_generation(index, epoch)
 
     def _fail(self, engine: Any, member: Any, reason: str) -> None:
         index, number = self.member_index.get(member), self.in_flight[member].session.trial.number
         super()._fail(engine, member, reason)
         if index is not None:  # refilled at the next step from a donor
-            self.vacant.append((index, engine.key, number))
-
-    def _copy(self, engine: Any, donor: Any, epoch: int, index: int, replaces: int) -> int:
-        """A new segment of member `index`: the donor's state at `epoch`, its values explored."""
-        donor_trial = self.in_flight[donor].session.trial
-        frozen = optuna_seam.get_trial(self.study, donor_trial)
-        state = engine.state(donor)  # copied on the device: the donor trains on unchanged
-        return self._start_segment(state, frozen, epoch, index, replaces, self.rng)
+            self.vacant.append((index, number))
 
     def _start_segment(self, state: dict[str, Any], donor: optuna.trial.FrozenTrial, epoch: int,
                        index: int, replaces: int, rng: random.Random) -> int:
@@ -166,12 +210,6 @@ class PbtLoop(WorkerLoop):
         if member is not None:  # its first checkpoint now: a crash resumes it from the copy
             self.in_flight[member].session.save(state)
         return trial.number
-
-    def _exploit(self, engine: Any, loser: Any, donor: Any, epoch: int) -> None:
-        loser_session = self.in_flight[loser].session
-        number = self._copy(engine, donor, epoch, self.member_index[loser],
-                            loser_session.trial.number)
-        self._replaced(engine, loser, self.in_flight[donor].session.trial.number, number, epoch)
 
     def _replaced(self, engine: Any, loser: Any, donor_number: int, number: int,
                   epoch: int) -> None:

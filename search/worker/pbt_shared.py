@@ -22,7 +22,6 @@ trials still running and beating).
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any
 
@@ -35,21 +34,13 @@ from search.study.lineage import (
     START_EPOCH_ATTR,
     generation_ready,
     ranking_at,
-    replaced_at,
-    segment_at,
     superseded,
 )
 from search.study.recovery import STOP, Interrupted
 from search.worker.loop import State
 from search.worker.pbt import PbtLoop
-from trainer.config import PER_TRIAL
 
 POLL = 0.5  # seconds between the barrier's reads of the storage
-
-
-def shape(params: dict[str, Any]) -> dict[str, Any]:
-    """A member's values that fix its pack (not held per row): donors must share them."""
-    return {k: v for k, v in params.items() if k not in PER_TRIAL}
 
 
 class SharedPbtLoop(PbtLoop):
@@ -129,7 +120,9 @@ class SharedPbtLoop(PbtLoop):
                     if member.epoch == lowest and self._due(member, lowest):
                         self._park(key, engine, member)
             return
-        self._step_shared(lowest, group)
+        maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        self._step(lowest, group, ranking_at(self.study.get_trials(deepcopy=False), lowest,
+                                             maximize))
         self.stepped |= {(self.in_flight[m].session.trial.number, lowest) for _, m in group
                          if m in self.in_flight}
 
@@ -179,44 +172,11 @@ class SharedPbtLoop(PbtLoop):
                     optuna.storages.fail_stale_trials(self.study)
             time.sleep(POLL)
 
-    def _step_shared(self, epoch: int, group: list[tuple[Any, Any]]) -> None:
-        trials = self.study.get_trials(deepcopy=False)
-        maximize = self.study.direction == optuna.study.StudyDirection.MAXIMIZE
-        top, losers = self.pbt.split(ranking_at(trials, epoch, maximize))
-        bottom = set(losers)
-        mine = {self.member_index[m]: (e, m) for e, m in group}
-        vacant = {index: number for index, _, number in self.vacant}
-        for index in sorted((bottom & set(mine)) | set(vacant)):
-            if replaced_at(trials, index, epoch):
-                continue  # stepped already (by this member's earlier attempt)
-            engine, loser = mine.get(index, (None, None))
-            loser_shape = shape(self.in_flight[loser].session.trial.params) if loser else (
-                shape(next(t for t in trials if t.number == vacant[index]).params))
-            rng = random.Random(f"{self.seed}:{epoch}:{index}")
-            donors = [j for j in top if shape(segment_at(trials, j, epoch).params) == loser_shape]
-            if not donors:
-                continue
-            donor = segment_at(trials, rng.choice(donors), epoch)
-            state = self._donor_state(int(donor.user_attrs[MEMBER_ATTR]), epoch)
-            if state is None:
-                continue
-            replaces = self.in_flight[loser].session.trial.number if loser else vacant[index]
-            number = self._start_segment(state, donor, epoch, index, replaces, rng)
-            if loser is not None:
-                self._replaced(engine, loser, donor.number, number, epoch)
-            else:
-                self.vacant = [v for v in self.vacant if v[0] != index]
-        for index in mine:  # every step that could read them is over
-            self.runner.checkpoints.remove_generations(index, epoch - self.pbt.interval + 1)
-
-    def _donor_state(self, index: int, epoch: int) -> dict[str, Any] | None:
-        """The donor's state at `epoch`: copied on the device when it trains here, else read
-        from its published file."""
-        for engine in self.engines.values():
-            for member in engine.members:
-                if self.member_index.get(member) == index and member.epoch == epoch:
-                    return engine.state(member)
-        return self.runner.checkpoints.load_generation(index, epoch)
+    def _step(self, epoch: int, group: list[tuple[Any, Any]], ranking: list[int]) -> None:
+        super()._step(epoch, group, ranking)
+        for _, member in group:  # every step that could read them is over
+            self.runner.checkpoints.remove_generations(self.member_index[member],
+                                                       epoch - self.pbt.interval + 1)
 
     # --- parking: a member at its generation's epoch waits out of the pack ---
 

@@ -6,10 +6,11 @@ compute-bound, packing is neutral (benchmarks/pack.py), so `auto` is 1 there. On
 
     P = min(64, trials this worker has left to ask, (free memory / 2) / memory per trial)
 
-with memory per trial estimated from the largest batch size the space can draw (parameters,
-gradients and optimiser state of each of its K rows, activations and augmentation of a batch,
-an epoch's augmentation plan: the widest preset's columns over CIFAR-100's training split, both
-read from the trainer). Half the free memory is the margin for the estimate; a pack
+with memory per trial estimated from the largest batch size the space can draw and the network
+(parameters, gradients and optimiser state of each of its K rows; activations -- every layer's
+output and its gradient, measured on the meta device, nothing allocated -- and augmentation of
+a batch; an epoch's augmentation plan: the widest preset's columns over CIFAR-100's training
+split; all read from the trainer). Half the free memory is the margin for the estimate; a pack
 that still runs out of memory is halved by the worker (`search.worker.loop`), never a crash.
 
 `--ramp R` (default 10) bounds the pack while the study knows little: never more trials in
@@ -31,21 +32,42 @@ from trainer.config import TrainConfig
 AUTO_CAP = 64  # wider packs gain little: ~5 launches per trial-step at 64 already
 MEMORY_SHARE = 0.5
 PARAMETER_COPIES = 8  # weights, gradient, its flat copy, two optimiser buffers, temporaries
-ACTIVATION_BYTES = 1_100_000  # per sample: LeNet-5's activations and their gradients, fp32
 AUGMENT_BYTES = 150_000  # per sample: the augmentation's live temporaries (3x32x32 fp32 each)
 
 
 @functools.cache
-def _model_and_plan_bytes() -> tuple[int, int]:
-    """(LeNet-5's parameters for CIFAR-100's classes, an epoch's augmentation plan in bytes: the
-    widest preset's columns over CIFAR-100's training split), from the trainer itself."""
+def _plan_bytes() -> int:
+    """An epoch's augmentation plan in bytes: the widest preset's columns over CIFAR-100's
+    training split, from the trainer itself."""
     from trainer.augment import PRESETS, Augment
-    from trainer.model import LeNet5
 
-    parameters = sum(p.numel() for p in LeNet5(CLASSES["cifar100"]).parameters())
     columns = max(Augment(name).plan_width(sync_free=True) for name in PRESETS)
-    images = train_split_size("cifar100", TrainConfig.val_fraction)
-    return parameters, images * columns * 4
+    return train_split_size("cifar100", TrainConfig.val_fraction) * columns * 4
+
+
+@functools.lru_cache(maxsize=16)
+def network_bytes(model: str = "lenet5", model_args: tuple = ()) -> tuple[int, int]:
+    """(the network's parameters for CIFAR-100's classes, activation bytes per sample: every
+    layer's output and its gradient, fp32), measured on the meta device: nothing allocated,
+    nothing computed (LeNet-5: 815,332 and ~1.0 MB)."""
+    import torch
+
+    from trainer.catalogue import IMAGE_SHAPE
+    from trainer.networks import build
+
+    with torch.device("meta"):
+        net = build(model, CLASSES["cifar100"], dict(model_args))
+        outputs: list[int] = []
+
+        def count(_module, _inputs, out) -> None:
+            if isinstance(out, torch.Tensor):
+                outputs.append(out.numel())
+
+        hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
+        net(torch.zeros(2, *IMAGE_SHAPE))  # two: BatchNorm refuses one sample when training
+        for hook in hooks:
+            hook.remove()
+    return sum(p.numel() for p in net.parameters()), sum(outputs) // 2 * 4 * 2
 
 
 def in_flight_limit(study: optuna.Study, pack: int, ramp: int | None, mine: int) -> int:
@@ -68,16 +90,18 @@ class AutoPack:
     line: str  # what was chosen and why, for the worker's log
 
 
-def trial_bytes(batch_size: int, local_workers: int = 1) -> int:
+def trial_bytes(batch_size: int, local_workers: int = 1, model: str = "lenet5",
+                model_args: tuple = ()) -> int:
     """Estimated device memory one trial holds while it trains (fp32 throughout)."""
-    parameters, plan = _model_and_plan_bytes()
+    parameters, activations = network_bytes(model, model_args)
     per_row = parameters * 4 * PARAMETER_COPIES
-    per_batch = batch_size * (ACTIVATION_BYTES + AUGMENT_BYTES)  # K rows share the batch
-    return local_workers * per_row + per_batch + plan
+    per_batch = batch_size * (activations + AUGMENT_BYTES)  # K rows share the batch
+    return local_workers * per_row + per_batch + _plan_bytes()
 
 
 def auto_pack(device: str, batch_size: int, local_workers: int, trials_left: int | None,
-              free_bytes: int | None = None) -> AutoPack:
+              free_bytes: int | None = None, model: str = "lenet5",
+              model_args: tuple = ()) -> AutoPack:
     """The pack `--pack auto` gives a worker on `device` (free_bytes: its free memory, read from
     the device when None)."""
     if not device.startswith("cuda"):
@@ -86,7 +110,7 @@ def auto_pack(device: str, batch_size: int, local_workers: int, trials_left: int
         import torch
 
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-    each = trial_bytes(batch_size, local_workers)
+    each = trial_bytes(batch_size, local_workers, model, model_args)
     fits = max(1, int(free_bytes * MEMORY_SHARE // each))
     limits = {"memory": fits, "cap": AUTO_CAP}
     if trials_left is not None:
