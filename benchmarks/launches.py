@@ -5,6 +5,7 @@ aten op of a few steady-state steps is seen by a TorchDispatchMode; views, alias
 allocations launch nothing and are not counted.
 
     python benchmarks/launches.py            # P in 1, 4, 16, 64; SGDM and AdamW; by phase
+    python benchmarks/launches.py --model torchvision:resnet18 --packs 1,16   # another network
 
 Last line: `ops_per_step_p16_sgdm: A ops_per_step_p16_adamw: B ops_per_trial_step_p64: C`
 (C: the larger of SGDM's and AdamW's at P = 64, divided by 64).
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from search.cli.train import model_arg  # noqa: E402
 from trainer import TrainConfig  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
 from trainer.runtime import prepare  # noqa: E402
@@ -103,9 +105,11 @@ def phases(engine: Engine, counter: OpCounter):
 
 
 def packed_engine(optimizer: str, pack: int, augment: str = "final", local_workers: int = 1,
-                  batch_size: int = 64) -> Engine:
+                  batch_size: int = 64, model: str = "lenet5",
+                  model_args: dict | None = None) -> Engine:
     """A warmed-up pack of `pack` trials on the accelerator path, forced on the CPU."""
     base = dict(dataset="digits", augment=augment, epochs=3, batch_size=batch_size,
+                model=model, model_args=dict(model_args or {}),
                 device="cpu", precision="fp32", local_workers=local_workers,
                 local_steps=3 if local_workers > 1 else 1,
                 slowmo_beta=0.5 if local_workers > 1 else 0.0)
@@ -127,10 +131,11 @@ def count_steps(engine: Engine, steps: int = 3, forbid_sync: bool = False) -> Op
     return counter
 
 
-def per_step(optimizer: str, pack: int, steps: int = 3) -> dict[str, float]:
+def per_step(optimizer: str, pack: int, steps: int = 3, model: str = "lenet5",
+             model_args: dict | None = None) -> dict[str, float]:
     """Steady-state ops per step by phase: the difference between `steps` and one step, so
     the epoch's one-off data order drops out."""
-    engine = packed_engine(optimizer, pack)
+    engine = packed_engine(optimizer, pack, model=model, model_args=model_args)
     one, many = count_steps(engine, 1), count_steps(engine, 1 + steps)
     return {phase: (many.counts[phase] - one.counts[phase]) / steps for phase in PHASES}
 
@@ -140,7 +145,13 @@ def main() -> None:
     ap.add_argument("--packs", default="1,4,16,64")
     ap.add_argument("--optimizers", default="sgdm,adamw")
     ap.add_argument("--top", type=int, default=0, help="also list the N most frequent ops")
+    ap.add_argument("--model", default="lenet5", help="the network (the `model` setting: "
+                    "torchvision:resnet18, PATH.py:FUNCTION, ...)")
+    ap.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                    type=model_arg, help="an argument of its factory (YAML value)")
     args = ap.parse_args()
+    model_args = dict(args.model_arg)
+    print(f"network {args.model}" + (f" {model_args}" if model_args else ""))
     torch.set_num_threads(2)
     packs = [int(p) for p in args.packs.split(",")]
     total = {}
@@ -148,12 +159,13 @@ def main() -> None:
           + f" {'per step':>9} {'per trial':>9}")
     for opt in args.optimizers.split(","):
         for p in packs:
-            counts = per_step(opt, p)
+            counts = per_step(opt, p, model=args.model, model_args=model_args)
             total[(opt, p)] = sum(counts.values())
             print(f"{opt:<9} {p:>3} " + " ".join(f"{counts[ph]:>9.0f}" for ph in PHASES)
                   + f" {total[(opt, p)]:>9.0f} {total[(opt, p)] / p:>9.1f}")
     if args.top:
-        engine = packed_engine(args.optimizers.split(",")[0], packs[-1])
+        engine = packed_engine(args.optimizers.split(",")[0], packs[-1], model=args.model,
+                               model_args=model_args)
         for (phase, op), n in count_steps(engine, 1).ops.most_common(args.top):
             print(f"  {n:>4} {phase:<9} {op}")
     widest = max(packs)

@@ -6,6 +6,7 @@ alone on the stacked engine (what `search run` does without --pack), and then as
 (`search run --pack P`), in the same process. Evaluation on the validation split is included.
 
     python benchmarks/pack.py [--quick] [--device cuda] [--packs 1,4,16,64]
+                              [--model torchvision:resnet18 | PATH.py:FUNCTION [--model-arg K=V]]
 
 Last line: `pack_speedup_p16: X pack_speedup_p64: Y epoch_s_single: Z`, where epoch_s_single is
 one trial's epoch alone, scaled to CIFAR-100's 40,000 training + 10,000 validation images when
@@ -20,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from search.cli.train import model_arg
 from trainer import TrainConfig
 from trainer.data import Arrays, to_device
 from trainer.engine import Engine
@@ -41,10 +43,12 @@ def synthetic_setup(config: TrainConfig, n_train: int, n_val: int) -> Setup:
                  split(n_val), split(1), 100)
 
 
-def trials(p: int, epochs: int, device: str, precision: str) -> list[TrainConfig]:
+def trials(p: int, epochs: int, device: str, precision: str, model: str = "lenet5",
+           model_args: dict | None = None) -> list[TrainConfig]:
     rng = np.random.default_rng(p)
     return [TrainConfig(dataset="synthetic", optimizer="sgdm", augment="final", batch_size=64,
-                        epochs=epochs, device=device, precision=precision,
+                        epochs=epochs, device=device, precision=precision, model=model,
+                        model_args=dict(model_args or {}),
                         lr=float(10 ** rng.uniform(-3, -1)), momentum=float(rng.uniform(0.5, 0.95)),
                         weight_decay=float(10 ** rng.uniform(-5, -3)), seed=i, diverge_factor=1e9)
             for i in range(p)]
@@ -70,22 +74,28 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="epochs per trial (default 2; quick 1)")
     p.add_argument("--train-images", type=int,
                    help="training images (default: 40,000 on cuda, 2,048 on cpu; quick 512)")
+    p.add_argument("--model", default="lenet5", help="the network (the `model` setting: "
+                   "torchvision:resnet18, PATH.py:FUNCTION, ...)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                   type=model_arg, help="an argument of its factory (YAML value)")
     args = p.parse_args()
+    net = dict(model=args.model, model_args=dict(args.model_arg))
     tune_malloc()
     cuda = args.device.startswith("cuda")
     packs = [int(x) for x in (args.packs or ("1,4,16" if args.quick else "1,4,16,64")).split(",")]
     epochs = args.epochs or (1 if args.quick else 2)
     n_train = args.train_images or (512 if args.quick else CIFAR_TRAIN if cuda else 2048)
     n_val = max(128, n_train // 4)
-    base = trials(1, epochs, args.device, args.precision)[0]
+    base = trials(1, epochs, args.device, args.precision, **net)[0]
     setup = synthetic_setup(base, n_train, n_val)
     print(f"device {setup.device} ({torch.cuda.get_device_name(setup.device) if cuda else 'cpu'}), "
           f"precision {setup.precision}, torch threads {torch.get_num_threads()}, synthetic data: "
-          f"{n_train} train / {n_val} val images, batch 64, augment final, {epochs} epoch(s)")
-    timed(setup, trials(2, 1, args.device, args.precision))  # warm-up: kernels, allocator
+          f"{n_train} train / {n_val} val images, batch 64, augment final, {epochs} epoch(s), "
+          f"network {args.model}" + (f" {net['model_args']}" if net["model_args"] else ""))
+    timed(setup, trials(2, 1, args.device, args.precision, **net))  # warm-up: kernels, allocator
     speedup, single_epoch = {}, None
     for size in packs:
-        configs = trials(size, epochs, args.device, args.precision)
+        configs = trials(size, epochs, args.device, args.precision, **net)
         try:
             alone = sum(timed(setup, [c]) for c in configs)
             packed = timed(setup, configs)

@@ -86,6 +86,39 @@ def run_cli(*args: str, cwd: Path | str | None = None, env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def checkpoints_at(store, numbers, epoch: int, timeout: float = 300) -> list[dict]:
+    """Waits until each trial in `numbers` has a checkpoint at `epoch` or later in `store` (a
+    CheckpointStore); returns those checkpoints."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = [store.load(n) if store.path(n).is_file() else None for n in numbers]
+        if all(s is not None and s["epoch"] >= epoch for s in states):
+            return states
+        time.sleep(0.3)
+    pytest.fail(f"no checkpoints of trials {list(numbers)} at epoch {epoch} appeared")
+
+
+def killed_and_rerun(cmd: list[str], cwd: Path, numbers, epoch: int, study: str = "s"):
+    """Starts `cmd` (a `search run` on the journal file in `cwd`), SIGKILLs it once each trial
+    in `numbers` has a checkpoint at `epoch` or later, and runs it again to its end; returns
+    those checkpoints and the study's trials."""
+    import signal
+
+    import optuna
+
+    from search.study.checkpoints import CheckpointStore
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    states = checkpoints_at(CheckpointStore(Path(cwd) / "checkpoints", study), numbers, epoch)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(Path(cwd) / "search-journal.log")))
+    return states, optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
 @pytest.fixture
 def cli(tmp_path):
     """`cli(*args)` runs search in a per-test working directory (embedded storage lands there)."""

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.conftest import killed_and_rerun
 from trainer import TrainConfig, train
 from trainer.engine import Engine
 from trainer.runtime import prepare
@@ -180,3 +181,38 @@ def test_pack_auto_is_sized_from_the_networks_own_memory(nets):
     small = auto_pack("cuda", 256, 1, None, free_bytes=8 * gib, model="torchvision:resnet18")
     assert small.pack < auto_pack("cuda", 256, 1, None, free_bytes=8 * gib).pack
     assert small.pack == int(8 * gib * 0.5 // trial_bytes(256, 1, "torchvision:resnet18"))
+
+
+@pytest.mark.slow
+def test_a_user_network_with_batchnorm_and_dropout_packs_is_killed_and_resumes(nets, tmp_path):
+    """`search run --pack 4` on the user's BatchNorm + Dropout network; SIGKILLed mid-trial,
+    the rerun resumes each trial from its checkpoint (its running statistics with it)."""
+    import optuna
+
+    (tmp_path / "s.yaml").write_text(
+        "fixed: {dataset: digits, epochs: 4, augment: none, optimizer: adamw, model: nets.py:bn_net,"
+        " model_args.dropout: 0.2, batch_size: 128}\n"
+        "params:\n  lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    cmd = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "4",
+           "--pack", "4", "--pruner", "none", "--checkpoint-every", "1"]
+    states, trials = killed_and_rerun(cmd, tmp_path, range(4), 2)
+    assert set(states[0]["buffers"]) >= {"1.running_mean", "1.running_var"}
+    retries = [t for t in trials if "failed_trial" in t.system_attrs]
+    assert len(retries) == 4
+    for retry in retries:
+        assert retry.state == optuna.trial.TrialState.COMPLETE
+        assert retry.user_attrs["resumed_from_epoch"] >= 2
+        assert sorted(retry.intermediate_values) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_pbt_evolves_a_user_network(nets, tmp_path):
+    (tmp_path / "s.yaml").write_text(
+        "fixed: {dataset: digits, epochs: 4, augment: none, optimizer: adamw, model: nets.py:bn_net,"
+        " batch_size: 128}\n"
+        "params:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    r = _cli(tmp_path, "run", "--space", "s.yaml", "--pbt", "--pbt-population", "4",
+             "--pbt-interval", "2", "--seed", "1", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "replaced, continues as trial" in out and "the best member's schedule" in out, out[-3000:]

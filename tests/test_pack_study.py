@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.study.checkpoints import CheckpointStore
+from tests.conftest import killed_and_rerun
 
 State = optuna.trial.TrialState
 SPACE = """
@@ -69,24 +70,7 @@ def test_killed_packed_trial_resumes_from_its_checkpoint(tmp_path):
                                      .replace("choices: [32, 64]", "choices: [64]"))
     cmd = [sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "2",
            "--pack", "2", "--pruner", "none", "--checkpoint-every", "1"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    store = CheckpointStore(tmp_path / "checkpoints", "s")
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        states = [store.load(n) if store.path(n).is_file() else None for n in (0, 1)]
-        if all(s is not None and s["epoch"] >= 2 for s in states):
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail("no checkpoints of the packed trials appeared")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "search-journal.log")))
-    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    _, trials = killed_and_rerun(cmd, tmp_path, (0, 1), 2)
     assert [t.state for t in trials] == [State.FAIL, State.FAIL, State.COMPLETE, State.COMPLETE]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     for retry in trials[2:]:
