@@ -4,6 +4,7 @@ is ever said, and quiet libraries (our bars and lines replace Optuna's and MLflo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -64,5 +65,7 @@ def quiet_libraries() -> None:
         for handler in optuna_logger.handlers:
             handler.addFilter(_NoExpectedTracebacks())
         optuna_logger.addFilter(_NoExpectedTracebacks())
+    # MLflow configures its loggers when it is imported (later, lazily): it reads this then
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

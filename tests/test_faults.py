@@ -274,12 +274,13 @@ def test_a_full_checkpoint_disk_is_one_line_and_every_trial_completes(tmp_path, 
          "--pruner", "none", "--checkpoint-every", "1", "--checkpoint-dir", str(tiny_disk)], cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def unsafe_in_status():
-        status = run_cli("status", cwd=tmp_path)
-        return "running without crash safety" in status.stdout and status.stdout
+    def unsafe():  # read in this process: a `search status` per poll would take a core
+        return (tmp_path / "search-journal.log").exists() and any(
+            t.user_attrs.get("crash_safe") is False for t in _journal_trials(tmp_path))
 
-    status = _wait(unsafe_in_status, "`search status` to show the unsafe trial", timeout=120)
-    assert "trial 0" in status
+    _wait(unsafe, "the trial to run without crash safety", timeout=120)
+    status = run_cli("status", cwd=tmp_path).stdout
+    assert "running without crash safety" in status and "trial 0" in status, status
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "enforce fail" not in err

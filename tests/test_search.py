@@ -135,8 +135,13 @@ def test_resume_adds_trials_and_refuses_another_space(study_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
                         "--add-trials", "1", "--epochs", "1"], cwd=study_dir,
                        capture_output=True, text=True, timeout=600)
-    # --epochs changes a trial setting, not the space: same study, one more trial
-    assert r.returncode == 0, r.stderr[-2000:]
+    # --epochs changes what a trial's value measures: refused, nothing added (issue 45)
+    assert r.returncode == 2 and "epochs 3 in the study, 1 in this command" in r.stderr
+    assert len(_study(study_dir).trials) == 7
+    r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "digits.yaml",
+                        "--add-trials", "1"], cwd=study_dir,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]  # the same settings: one more trial
     assert len(_study(study_dir).trials) == 8
     (study_dir / "other.yaml").write_text(SPACE.replace("3.0e-3", "1.0e-2"))
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "other.yaml",

@@ -18,6 +18,7 @@ from search.launch import plugins
 from search.logs import quiet_libraries, redact
 from search.study.budget import TOTAL_ATTR, finished
 from search.study.lineage import GENERATION_ATTR, MEMBER_ATTR, is_pbt
+from search.study.measures import MEASURES_ATTR, describe_measures
 from search.study.storage import is_file, open_storage, storage_url
 from search.tracking import RUN_ATTR
 from search.ui.progress import describe_counts, short_params, state_counts, trials_word
@@ -100,6 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                "running_without_crash_safety": [
                    t.number for t in study.get_trials(deepcopy=False, states=(State.RUNNING,))
                    if t.user_attrs.get("crash_safe") is False]}
+        if (measured := study.user_attrs.get(MEASURES_ATTR)) is not None:
+            row["measures"] = measured
         if (total := study.user_attrs.get(TOTAL_ATTR)) is not None:
             row["n_trials_total"] = total
             row["finished"] = finished(study.get_trials(deepcopy=False))
@@ -129,6 +132,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         of = f" ({r['finished']} of {r['n_trials_total']} trials)" if "n_trials_total" in r else ""
         line = f"{r['study']}{of}: {describe_counts(r['counts'])}"
+        if "measures" in r:
+            line += "; " + describe_measures(r["measures"])
         if "pareto_front" in r:
             line += (f"; Pareto front ({', '.join(r['objectives'])}): "
                      f"{trials_word(len(r['pareto_front']))} {r['pareto_front']}")

@@ -6,6 +6,7 @@ leave closes that run. The same for workers started here and for a Slurm job arr
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -17,9 +18,10 @@ from search.inputs.objectives import best_first, directions, primary, pruner_for
 from search.inputs.settings import RunSettings
 from search.inputs.space import Space
 from search.logs import redact, say
+from search.study.measures import check_measures
 from search.study.recovery import RetryDeadTrial
 from search.study.storage import DEFAULT_STORAGE, open_storage, wait_for_attr
-from search.tracking import PARENT_ATTR, RUN_ATTR
+from search.tracking import PARENT_ATTR, RUN_ATTR, run_link
 from search.tracking.client import Tracker
 from search.tracking.views import set_view
 from trainer.config import TrainConfig
@@ -94,6 +96,7 @@ def open_study(settings: RunSettings, space: Space, worker: int = 0) -> tuple[op
                         f"not {', '.join(settings.objectives)}; use --study NEW_NAME for a new "
                         "study")
     check_space(study, space, created)
+    check_measures(study, settings, space)
     return study, created
 
 
@@ -155,12 +158,21 @@ def open_run(settings: RunSettings, workers: int) -> tuple[optuna.Study, Tracker
         study.set_user_attr(PARENT_ATTR, parent)
     set_view(tracker.client, tracker.experiment_id, settings.objectives,  # the link's view
              [d == "minimize" for d in directions(settings.objectives)], [p.name for p in space.params])
-    if tracker.run_url() and created:
-        say(f"MLflow experiment {tracker.run_url()}", "search run")
+    if created:
+        say(f"MLflow experiment {tracker.run_url() or local_view(tracker)}", "search run")
     enqueue_fixed_trials(study, settings.fixed_trials, created)
     if settings.table and created:
         study.set_user_attr("table", settings.table)
     return study, tracker, parent, int(settings.trial_setting(space, "epochs"))
+
+
+def local_view(tracker: Tracker) -> str:
+    """How to open a local store's runs: `mlflow ui` on it, then the study's view."""
+    uri = tracker.uri
+    here = uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).resolve() == (
+        Path.cwd() / "mlflow.db").resolve()  # what `mlflow ui` reads by default
+    ui = "mlflow ui" if here else f"mlflow ui --backend-store-uri {uri}"
+    return f"{tracker.experiment_id}: run `{ui}`, then open {run_link('http://127.0.0.1:5000', tracker.experiment_id)}"
 
 
 def leave_study(study: optuna.Study, tracker: Tracker, parent: str, status: str) -> None:
