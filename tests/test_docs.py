@@ -38,3 +38,43 @@ def test_the_layout_page_names_every_module():
                for p in sorted((ROOT / package).rglob("*.py"))
                if p.name not in ("__init__.py", "__main__.py") and p.name not in layout]
     assert not missing, missing
+
+
+def _subcommands() -> dict:
+    import argparse
+
+    from search.cli import build_parser
+
+    actions = build_parser()._actions
+    return next(a for a in actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_flag_of_every_command_is_documented_under_it():
+    text = (ROOT / "docs" / "commands.md").read_text()
+    sections = dict(re.findall(r"^### search (\S+)\n(.*?)(?=^### |\Z)", text, re.S | re.M))
+    missing = []
+    for name, parser in _subcommands().items():
+        assert name in sections, f"docs/commands.md has no section '### search {name}'"
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help") and not re.search(
+                        rf"`{re.escape(flag)}(?:[ `])", sections[name]):
+                    missing.append(f"search {name} {flag}")
+    assert not missing, missing
+
+
+def test_the_readme_command_summary_names_only_real_flags():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Every command", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    commands, wrong, current = _subcommands(), [], None
+    for line in block.splitlines():
+        words = line.split()
+        if words[:1] == ["search"]:
+            current = commands[words[1]]
+        if current is None:
+            continue
+        known = {f for a in current._actions for f in a.option_strings}
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", line):
+            if flag not in known:
+                wrong.append(f"{line.strip()[:40]}…: {flag}")
+    assert not wrong, wrong
