@@ -106,7 +106,8 @@ def test_a_run_orphaned_by_a_kill_before_the_trial_knew_it_is_closed(tmp_path):
     from search.tracking.client import Tracker
 
     (tmp_path / "s.yaml").write_text(SPACE)
-    opened = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "0"],
+    opened = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml", "--n-trials", "0",
+                             "--epochs", "1"],  # the study measures what its retry below runs
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert opened.returncode == 0, opened.stderr[-2000:]
     storage = optuna.storages.JournalStorage(
