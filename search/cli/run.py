@@ -169,21 +169,10 @@ def check_networks(space, overrides: dict, dataset: str) -> None:
     each searched argument at its bounds or choices, built once on the CPU."""
     from search.logs import say
     from trainer.catalogue import dataset_sizes
-    from trainer.config import MODEL_ARGS_PREFIX
     from trainer.networks import check
 
-    searched = {p.name: p for p in space.params}
-    model = searched.get("model")
-    specs = model.choices if model is not None and "model" not in overrides else [
-        trial_setting(space, overrides, "model")]
-    fixed = {k[len(MODEL_ARGS_PREFIX):]: v for k, v in {**space.fixed, **overrides}.items()
-             if k.startswith(MODEL_ARGS_PREFIX)}
-    fixed = {**dict(space.fixed.get("model_args") or {}), **fixed}
-    variants = [dict(fixed)]
-    for name, p in searched.items():
-        if name.startswith(MODEL_ARGS_PREFIX):
-            values = p.choices if p.type == "categorical" else [p.low, p.high]
-            variants += [{**fixed, name[len(MODEL_ARGS_PREFIX):]: v} for v in values]
+    specs, fixed, extremes = space.networks(overrides)
+    variants = [fixed] + [{**fixed, name: v} for name, values in extremes.items() for v in values]
     classes = dataset_sizes(dataset)[2]
     for spec in specs:
         reasons = {check(spec, args, classes) for args in variants} - {None}

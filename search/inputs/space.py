@@ -30,7 +30,7 @@ import yaml
 from search.errors import UserError
 from search.inputs.objectives import DEFAULT as DEFAULT_OBJECTIVES
 from search.inputs.objectives import parse_objectives
-from trainer.config import MODEL_ARGS_PREFIX, TrainConfig, field_types
+from trainer.config import MODEL_ARGS_PREFIX, TrainConfig, field_types, fold_model_args
 from trainer.errors import ConfigError
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "spaces"
@@ -126,6 +126,22 @@ class Space:
             raise SpaceError(f"{flags}: {exc}") from None
         except SpaceError as exc:
             raise SpaceError(f"{flags}: {exc}") from None
+
+    def networks(self, overrides: dict[str, Any]) -> tuple[list[str], dict[str, Any],
+                                                           dict[str, list[Any]]]:
+        """The networks this space can name (its `model` choices, else the one `model`
+        setting), their fixed `model_args`, and each searched argument's extremes (its choices,
+        or its low and high)."""
+        searched = {p.name: p for p in self.params}
+        values = {**self.fixed, **overrides}
+        model = searched.get("model")
+        specs = (model.choices if model is not None and "model" not in overrides
+                 else [values.get("model", TrainConfig.model)])
+        fixed = fold_model_args(values).get("model_args") or {}
+        extremes = {name[len(MODEL_ARGS_PREFIX):]: (p.choices if p.type == "categorical"
+                                                    else [p.low, p.high])
+                    for name, p in searched.items() if name.startswith(MODEL_ARGS_PREFIX)}
+        return specs, dict(fixed), extremes
 
     def grid(self) -> dict[str, list[Any]]:
         """Search space for Optuna's GridSampler; every parameter must have finite values."""

@@ -68,18 +68,11 @@ def auto_pack_choice(space: Space, overrides: dict, n_trials: int | None):
     if not device.startswith("cuda"):
         return auto_pack(device, int(max(batches)), int(local), n_trials)
     from search.worker.sizing import trial_bytes
-    from trainer.config import MODEL_ARGS_PREFIX
 
     # the heaviest network the space can name: each model choice with every searched argument
-    # at its largest value
-    model = next((p for p in space.params if p.name == "model"), None)
-    specs = model.choices if model is not None and "model" not in overrides else [
-        fixed.get("model", "lenet5")]
-    args = {**dict(fixed.get("model_args") or {}),
-            **{k[len(MODEL_ARGS_PREFIX):]: v for k, v in fixed.items() if k.startswith(MODEL_ARGS_PREFIX)}}
-    for p in space.params:
-        if p.name.startswith(MODEL_ARGS_PREFIX):
-            args[p.name[len(MODEL_ARGS_PREFIX):]] = p.choices[-1] if p.type == "categorical" else p.high
+    # at its last choice or its high bound
+    specs, args, extremes = space.networks(overrides)
+    args.update({name: values[-1] for name, values in extremes.items()})
     key = tuple(sorted(args.items()))
     spec = max(specs, key=lambda m: trial_bytes(int(max(batches)), int(local), m, key))
     return auto_pack(device, int(max(batches)), int(local), n_trials, model=spec, model_args=key)
