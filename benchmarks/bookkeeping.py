@@ -410,25 +410,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def against(rev: str, rest: list[str]) -> int:
     """This script at `rev` and here, with the same arguments, one after the other."""
+    from benchmarks.against import worktree  # here only: the copy at `rev` runs without it
+
     root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(prefix="bookkeeping-against-") as tmp:
-        tree = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=root,
-                       check=True, capture_output=True)
-        try:
-            shutil.copy(__file__, tree / "benchmarks" / "bookkeeping.py")
-            results = {}
-            for name, where in ((rev, tree), ("this tree", root)):
-                out = Path(tmp) / f"{len(results)}.json"
-                print(f"== {name}", flush=True)
-                r = subprocess.run([sys.executable, str(where / "benchmarks" / "bookkeeping.py"),
-                                    *rest, "--json", str(out)], cwd=where)
-                if r.returncode != 0:
-                    return r.returncode
-                results[name] = json.loads(out.read_text())
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=root,
-                           capture_output=True)
+    with worktree(rev) as tree, tempfile.TemporaryDirectory(prefix="bookkeeping-") as tmp:
+        shutil.copy(__file__, tree / "benchmarks" / "bookkeeping.py")
+        results = {}
+        for name, where in ((rev, tree), ("this tree", root)):
+            out = Path(tmp) / f"{len(results)}.json"
+            print(f"== {name}", flush=True)
+            r = subprocess.run([sys.executable, str(where / "benchmarks" / "bookkeeping.py"),
+                                *rest, "--json", str(out)], cwd=where)
+            if r.returncode != 0:
+                return r.returncode
+            results[name] = json.loads(out.read_text())
     base, now = results[rev], results["this tree"]
     print(f"\nratio (this tree / {rev}), per trial-epoch and all told:")
     for b, n in zip(base, now, strict=True):

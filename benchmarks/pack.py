@@ -16,11 +16,16 @@ the run used fewer (`--quick`, the CPU default).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.against import side_by_side  # noqa: E402
 from search.cli.train import model_arg
 from trainer import TrainConfig
 from trainer.data import Arrays, to_device
@@ -78,7 +83,10 @@ def main() -> None:
                    "torchvision:resnet18, PATH.py:FUNCTION, ...)")
     p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
                    type=model_arg, help="an argument of its factory (YAML value)")
+    p.add_argument("--against", metavar="REV", help="also run this at commit REV first; ratios")
     args = p.parse_args()
+    if args.against:
+        sys.exit(side_by_side(args.against, "pack.py", sys.argv[1:]))
     net = dict(model=args.model, model_args=dict(args.model_arg))
     tune_malloc()
     cuda = args.device.startswith("cuda")

@@ -13,7 +13,9 @@ Last line: `speedup_fp32: X speedup_bf16: Y aug_share: Z` (aug_share = 1 - ours_
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +24,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.against import side_by_side  # noqa: E402
 from trainer.augment import Augment, prepare_eval
 from trainer.data import make_synthetic
 from trainer.model import LeNet5
@@ -108,7 +113,10 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=0,
                    help="DataLoader workers for the notes' way (default 0, DataLoader's own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--against", metavar="REV", help="also run this at commit REV first; ratios")
     args = p.parse_args()
+    if args.against:
+        sys.exit(side_by_side(args.against, "throughput.py", sys.argv[1:]))
     batches = args.batches or (15 if args.quick else 60)
     tune_malloc()
     data = make_synthetic(n_train=4096, n_test=1)
