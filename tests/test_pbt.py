@@ -15,7 +15,8 @@ import pytest
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from search.inputs.pbt import explore, resolve_pbt
+from search.inputs.pbt import copy_limits, explore, resolve_pbt
+from search.inputs.space import parse_space
 from search.inputs.studyfile import load_study_file
 from search.study.lineage import segments, superseded
 from search.study.recovery import retried_numbers
@@ -28,7 +29,7 @@ fixed: {{optimizer: adamw, dataset: digits, augment: none, epochs: {epochs}, val
 params:
   lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
   weight_decay: {{type: float, low: 1.0e-6, high: 1.0e-2, log: true}}
-  batch_size: {{type: categorical, choices: [64]}}
+  batch_size: {{type: categorical, choices: [32, 64]}}
 """
 
 
@@ -43,7 +44,6 @@ def load(tmp_path, name="pbt"):
     (["--pbt-interval", "6"], "--pbt-interval"),
     (["--pbt-quantile", "0.6"], "--pbt-quantile"),
     (["--pbt-quantile", "0"], "--pbt-quantile"),
-    (["--pbt-mutate", "batch_size"], "batch_size: a shape setting"),
     (["--pbt-mutate", "momentum"], "momentum: not a searched parameter"),
     (["--pruner", "median"], "--pbt with pruner median"),
     (["--objective", "val_acc,seconds"], "--pbt with objectives"),
@@ -86,6 +86,31 @@ def test_explore_never_leaves_the_space():
                 assert out["lr"] in (pytest.approx(9e-3 * 0.8), 1e-2)
                 assert out["t"] in (20, 30)
     assert moved == {"lr", "h", "wd", "t"}
+    shapes = {"batch_size": CategoricalDistribution([32, 64, 128]),
+              "augment": CategoricalDistribution(["none", "final"])}
+    donor = {"batch_size": 64, "augment": "none"}
+    kept = [explore(donor, shapes, list(shapes), 0.0, rng) for _ in range(50)]
+    assert all(out == donor for out in kept)  # never perturbed: x1.2 of a batch is no choice
+    drawn = [explore(donor, shapes, list(shapes), 1.0, rng) for _ in range(50)]
+    assert {o["batch_size"] for o in drawn} == {32, 64, 128} and len({o["augment"] for o in drawn}) == 2
+
+
+def test_only_a_network_or_local_workers_limits_who_copies_whom():
+    """Batch size and augmentation are explored by resampling; the optimiser is copied from
+    the donor, never explored; a searched number of local workers is said at the start."""
+    space = parse_space("fixed: {dataset: digits, epochs: 6}\nparams:\n"
+                        "  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+                        "  batch_size: {type: categorical, choices: [32, 64]}\n"
+                        "  optimizer: {type: categorical, choices: [adamw, sgdm]}\n"
+                        "  local_workers: {type: categorical, choices: [1, 2]}\n", "k.yaml")
+    pbt = resolve_pbt({}, space, 6, None, ["val_acc"])
+    assert pbt.mutate == ["lr", "batch_size"]
+    with pytest.raises(Exception, match="optimizer: not explored"):
+        resolve_pbt({"mutate": "optimizer"}, space, 6, None, ["val_acc"])
+    line = copy_limits(space, {})
+    assert line.startswith("PBT: members copy only members of their own local_workers (searched "
+                           "by k.yaml)")
+    assert copy_limits(space, {"local_workers": 2}) is None
 
 
 def test_a_kill_mid_exploit_lets_only_the_newer_segment_go_on():
@@ -108,8 +133,9 @@ def evolved(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pbt")
     (tmp / "s.yaml").write_text(SPACE.format(epochs=6))
     r = subprocess.run([sys.executable, "-m", "search", "run", "--space", "s.yaml", "--pbt",
-                        "--pbt-population", "4", "--pbt-interval", "2", "--pbt-mutate", "lr",
-                        "--seed", "3"], cwd=tmp, capture_output=True, text=True, timeout=600)
+                        "--pbt-population", "4", "--pbt-interval", "2", "--pbt-mutate",
+                        "lr,batch_size", "--pbt-resample-probability", "0.5", "--seed", "1"],
+                       cwd=tmp, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, r, load(tmp)
 
@@ -130,9 +156,14 @@ def test_the_population_evolves_as_optuna_trials_with_their_lineage(evolved):
         assert max(old.intermediate_values) == epoch and epoch % 2 == 0
         assert min(new.intermediate_values) == epoch + 1  # it goes on from the donor's epoch
         assert new.user_attrs["pbt_member"] == old.user_attrs["pbt_member"]
-        assert new.params["weight_decay"] == donor.params["weight_decay"]  # not mutated
+        # the donor copied whole: what explore may not change is the donor's
+        assert new.params["weight_decay"] == donor.params["weight_decay"]
         assert new.params["lr"] != donor.params["lr"] and 1e-4 <= new.params["lr"] <= 1e-2
+        assert new.params["batch_size"] in (32, 64)  # the donor's, or drawn afresh
         assert epoch in donor.intermediate_values  # the donor had reached the step
+    # a loser copied a donor of another batch size: it went on in the donor's pack
+    assert any(trials[trials[old.user_attrs["pbt_replaced_by"]].user_attrs["pbt_parent"]]
+               .params["batch_size"] != old.params["batch_size"] for old in replaced)
     complete = [t for t in trials.values() if t.state == State.COMPLETE]
     assert sorted(t.user_attrs["pbt_member"] for t in complete) == [0, 1, 2, 3]
     assert all(max(t.intermediate_values) == 6 for t in complete)
@@ -172,10 +203,14 @@ def test_every_segment_is_an_mlflow_run_with_its_lineage(evolved):
 @pytest.mark.slow
 def test_the_best_schedule_replays_bit_for_bit_and_retrains(evolved):
     """A member's lineage, replayed from scratch (one run, each segment's settings from
-    its epoch on), is the curve PBT made; `search retrain` replays it on train+val."""
+    its epoch on, its batch size changing midway), is the curve PBT made: the exploit copied
+    weights, optimiser state, generator and epoch across packs. `search retrain` replays it
+    on train+val."""
     tmp, _, study = evolved
-    best = max((t for t in study.trials if t.state == State.COMPLETE),
-               key=lambda t: len(segments(study.trials, t.number)))  # the longest lineage
+    complete = [t for t in study.trials if t.state == State.COMPLETE]
+    crossed = [t for t in complete  # a lineage whose batch size changed (explore drew it)
+               if len({s["params"]["batch_size"] for s in segments(study.trials, t.number)}) > 1]
+    best = max(crossed, key=lambda t: len(segments(study.trials, t.number)))
     schedule = segments(study.trials, best.number)
     assert len(schedule) >= 2
     _replay_each(study.trials, [best])

@@ -27,6 +27,20 @@ def test_sgdm_lr_1_diverges_with_one_clear_line(cli):
     assert "diverged at epoch" in r.stderr
 
 
+@pytest.mark.parametrize("command", [
+    ["train", "--dataset", "digits", "--epochs", "1"],
+    ["run", "--space", "adamw", "--dataset", "digits", "--epochs", "1", "--n-trials", "1"],
+])
+def test_a_gpu_this_machine_lacks_is_one_line_before_anything_trains(cli, tmp_path, command):
+    """`--device cuda` where torch sees no GPU (here: hidden from it): one line naming what
+    torch sees, exit 2, no study; not a CUDA traceback inside the first trial."""
+    r = cli(*command, "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "device: cuda asked for, but torch" in r.stderr
+    assert "CUDA_VISIBLE_DEVICES ''" in r.stderr and "use --device cpu or auto" in r.stderr
+    assert not (tmp_path / "search-journal.log").exists()
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--lr", "abc"], "--lr"),
     (["--optimizer", "adam"], "--optimizer"),

@@ -7,11 +7,12 @@ Packed trials use `trainer.engine.Engine` directly; a run alone is its one-membe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, pack_key
 from trainer.engine import Diverged, Engine
 from trainer.runtime import prepare
 
@@ -74,11 +75,16 @@ def replay(segments: list[tuple[TrainConfig, int]], on_epoch: EpochCallback | No
            holdout: str = "val", on_checkpoint: CheckpointCallback | None = None) -> TrainResult:
     """Trains one run through a schedule: each (config, last epoch) segment goes on from the
     state the previous one left, with its own per-trial settings (a PBT member's lineage, as
-    Ray Tune's PopulationBasedTrainingReplay). The segments share their shape (`pack_key`)."""
-    engine = Engine(prepare(segments[0][0], holdout))
+    Ray Tune's PopulationBasedTrainingReplay). A segment of another shape (`pack_key`: a
+    batch size or augmentation its exploit copied or explore drew) goes on in an engine of
+    its shape, over the same data."""
+    setup = prepare(segments[0][0], holdout)
+    engine = Engine(setup)
     state: dict[str, Any] | None = None
     history: list[dict[str, Any]] = []
     for config, last in segments:
+        if pack_key(config) != engine.key:
+            engine = Engine(dataclasses.replace(setup, config=config))
         member = engine.add(config, state)
         while member.epoch < last:
             [(_, metrics, error)] = engine.run_epoch()

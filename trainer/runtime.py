@@ -4,6 +4,7 @@ and the data splits on the device (`prepare`), shared by all trials of a pack.""
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import torch
 
 from trainer.config import TrainConfig
 from trainer.data import DeviceSplit, load_dataset, split_indices, to_device
+from trainer.errors import ConfigError
 
 _MALLOC_TUNED = False
 
@@ -40,6 +42,28 @@ def resolve_device(name: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def check_device(name: str) -> None:
+    """A device asked for by name that this torch cannot use is one line (ConfigError), before
+    a study starts, not a CUDA traceback inside its first trial."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a torch device; expected auto, cpu, cuda "
+                          "or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(
+                f"device: {name} asked for, but torch {torch.__version__} sees no CUDA device "
+                "(a CPU-only torch build, no NVIDIA driver, or CUDA_VISIBLE_DEVICES "
+                f"{'unset' if visible is None else repr(visible)}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name}: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -63,6 +63,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from search.tracking.models import log_model
     from trainer import TrainConfig, replay, train
     from trainer.data import ensure_available
+    from trainer.runtime import check_device
 
     quiet_libraries()
     study = load_existing_study(args.study, args.storage)
@@ -71,6 +72,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                                "data_root": args.data_root, "model": args.model}.items()
              if v is not None}
     config = TrainConfig.from_dict({**trial_config(best), **flags})
+    check_device(config.device)
     ensure_available(config.dataset, config.data_root)  # CIFAR-100 fetched here if absent
     # a PBT member: its whole schedule, replayed from scratch (each segment's settings)
     schedule = (segments(study.get_trials(deepcopy=False), best.number)

@@ -20,7 +20,7 @@ from search.cli.args import (
 )
 from search.errors import UserError
 from search.inputs.algorithms import PRUNERS, SAMPLERS
-from search.inputs.pbt import FACTORS, Pbt
+from search.inputs.pbt import FACTORS, Pbt, copy_limits
 from search.inputs.settings import (
     DEFAULT_RAMP,
     check_numbers,
@@ -31,7 +31,7 @@ from search.inputs.settings import (
 )
 from search.inputs.values import positive_float, positive_int
 from search.launch import plugins
-from search.logs import quiet_libraries
+from search.logs import quiet_libraries, say
 from search.study.storage import storage_url
 from trainer.catalogue import DATASETS
 from trainer.config import PRECISIONS
@@ -145,29 +145,34 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"--workers {args.workers}: more workers than the {population} PBT "
                             f"members to share (--pbt-population); at most {population}")
         settings.pbt["workers"] = args.workers
+    if settings.pbt is not None and (limits := copy_limits(sources.space, sources.overrides)):
+        say(limits, "search run")
     # last of the checks: it imports torch and the tracking client (seconds), which a bad
     # value above need not wait for
-    preflight(args.mlflow_uri, sources)
+    preflight(args.mlflow_uri, sources, launcher.trains_here)
     launcher.check(settings)
     return launcher.launch(settings, args.workers)
 
 
-def preflight(mlflow_uri: str | None, sources) -> None:
-    """A silent tracking server, a missing dataset or a network that cannot be built is one
-    line before the study starts; a network whose rows cannot run batched is said."""
+def preflight(mlflow_uri: str | None, sources, trains_here: bool = True) -> None:
+    """A silent tracking server, a missing dataset, a device this machine does not have (when
+    its workers train here) or a network that cannot be built is one line before the study
+    starts; a network whose rows cannot run batched is said."""
     from search.tracking.client import check_tracking_uri
     from trainer.data import ensure_available
+    from trainer.runtime import check_device
 
     check_tracking_uri(mlflow_uri)
     dataset = trial_setting(sources.space, sources.overrides, "dataset")
     ensure_available(dataset, trial_setting(sources.space, sources.overrides, "data_root"))
+    if trains_here:
+        check_device(trial_setting(sources.space, sources.overrides, "device"))
     check_networks(sources.space, sources.overrides, dataset)
 
 
 def check_networks(space, overrides: dict, dataset: str) -> None:
     """Every network the space can name (its `model` choices), with its fixed `model_args` and
     each searched argument at its bounds or choices, built once on the CPU."""
-    from search.logs import say
     from trainer.catalogue import dataset_sizes
     from trainer.networks import check
 

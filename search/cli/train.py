@@ -80,10 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from trainer import Diverged, train
     from trainer.data import ensure_available
+    from trainer.runtime import check_device
 
     config = TrainConfig(**{field: getattr(args, field) for _, field, _ in FLAGS},
                          model_args=dict(args.model_arg))
     check_network(config)
+    check_device(config.device)
     ensure_available(config.dataset, config.data_root)  # CIFAR-100 fetched here if absent
     bar = tqdm(total=config.epochs, desc="train", unit="epoch", file=sys.stderr)
 

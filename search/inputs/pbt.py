@@ -25,11 +25,19 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from search.errors import UserError
 from search.inputs.space import Space
 from search.inputs.values import int_at_least
-from trainer.config import PER_TRIAL
+from trainer.config import MODEL_ARGS_PREFIX, PER_TRIAL
 
 KEYS = ("population", "interval", "quantile", "resample_probability", "mutate")
 FACTORS = (0.8, 1.2)  # Ray Tune's perturbation factors
 NEVER_MUTATE = ("seed", "diverge_factor")  # per trial, but not hyperparameters to tune
+# Shape settings (they fix a pack) that explore may resample: a member's state -- weights,
+# optimiser state, generator -- means the same under any of their values. They are never
+# perturbed (x0.8 / x1.2 of a batch size is not a choice), only drawn afresh.
+RESAMPLED = ("batch_size", "augment", "local_steps", "local_partition")
+# Settings a member keeps for its life: a donor's state has another layout under another
+# network (and any `model_args.NAME`) or number of local workers, so a member copies only
+# members that share them. Every other setting is copied from the donor with its state.
+KEPT = ("model", "local_workers")
 
 
 @dataclass
@@ -66,9 +74,29 @@ class Pbt:
 
 
 def mutable_names(space: Space) -> list[str]:
-    """The space's searched settings the stacked engine holds per trial (trainer.config's
-    PER_TRIAL: lr, momentum / betas, weight decay, schedule lengths, ...)."""
-    return [p.name for p in space.params if p.name in PER_TRIAL and p.name not in NEVER_MUTATE]
+    """The space's searched settings explore may change: those the stacked engine holds per
+    trial (trainer.config's PER_TRIAL: lr, momentum / betas, weight decay, schedule lengths,
+    ...), perturbed or resampled, and the shape settings in RESAMPLED, resampled only."""
+    return [p.name for p in space.params
+            if (p.name in PER_TRIAL and p.name not in NEVER_MUTATE) or p.name in RESAMPLED]
+
+
+def kept(params: dict[str, Any]) -> dict[str, Any]:
+    """A member's values it keeps for its life (KEPT and `model_args.*`): its donors share them."""
+    return {k: v for k, v in params.items() if k in KEPT or k.startswith(MODEL_ARGS_PREFIX)}
+
+
+def copy_limits(space: Space, overrides: dict[str, Any]) -> str | None:
+    """The line said at the start when members cannot copy every member: the space searches
+    a setting a member keeps for its life. None when any member may copy any other."""
+    names = [p.name for p in space.params if p.name not in overrides
+             and (p.name in KEPT or p.name.startswith(MODEL_ARGS_PREFIX))]
+    if not names:
+        return None
+    return (f"PBT: members copy only members of their own {', '.join(names)} (searched by "
+            f"{space.path}): another network or number of local workers cannot take a "
+            "member's state; a member whose top quantile holds none of its own trains on as "
+            "it is")
 
 
 def parse_block(doc: Any, where: str) -> dict[str, Any]:
@@ -111,7 +139,8 @@ def resolve_pbt(block: dict[str, Any], space: Space, epochs: int, pruner: str | 
         if key not in allowed:
             searched = {q.name for q in space.params}
             why = ("not a searched parameter of the space" if key not in searched else
-                   "a shape setting (it fixes the pack's tensors or steps), fixed per member")
+                   "not explored: a member's state (weights, optimiser state) would not fit "
+                   "another value")
             raise UserError(f"{name('mutate')}: {key}: {why}; expected some of "
                             f"{', '.join(allowed) or '(none: the space searches no per-trial setting)'}")
     pbt.mutate = pbt.mutate or allowed
@@ -132,7 +161,7 @@ def explore(params: dict[str, Any], distributions: dict[str, BaseDistribution],
     """A donor's values, explored: each mutable one resampled from its distribution with
     `resample_probability`, else multiplied by 0.8 or 1.2 (a categorical moves to a
     neighbouring choice), then clipped and rounded into its distribution (a value never leaves
-    the space)."""
+    the space). A shape setting (RESAMPLED) is only resampled, else kept."""
     sampler = optuna.samplers.RandomSampler(seed=rng.randrange(2**31))
     out = dict(params)
     for name in mutate:
@@ -141,6 +170,8 @@ def explore(params: dict[str, Any], distributions: dict[str, BaseDistribution],
         dist = distributions[name]
         if rng.random() < resample_probability:
             out[name] = sampler.sample_independent(None, None, name, dist)  # type: ignore[arg-type]
+        elif name in RESAMPLED:
+            continue
         elif isinstance(dist, CategoricalDistribution):
             i = dist.choices.index(params[name]) + rng.choice((-1, 1))
             out[name] = dist.choices[min(max(i, 0), len(dist.choices) - 1)]

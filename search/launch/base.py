@@ -38,6 +38,7 @@ class Launcher(abc.ABC):
     block: ClassVar[str | None] = None  # its study file's block (`slurm:`), checked by `chosen`
     task_attr: ClassVar[str | None] = None  # the trial attribute naming the task that ran it
     study_attr: ClassVar[str | None] = None  # the study attribute naming its job (status, clean)
+    trains_here: ClassVar[bool] = True  # its workers use this machine's devices (checked first)
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:

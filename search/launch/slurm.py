@@ -176,6 +176,7 @@ class SlurmLauncher(Launcher):
     """`search run --slurm`: the workers are the tasks of one Slurm job array."""
 
     name, block, task_attr, study_attr = "slurm", "slurm", TASK_ATTR, JOB_ATTR
+    trains_here = False  # a login node need not have the compute nodes' GPUs
 
     def __init__(self, opts: SlurmOptions):
         self.opts = opts

@@ -1,8 +1,11 @@
 """Population-based training (`--pbt`): the one PBT loop. On one worker the population trains
 together as one stacked model; every `interval` epochs the worst quantile of it copies the best
-quantile (exploit: the donor's weights, optimiser and generator state, copied on the device, no
-file round trip) and perturbs the donor's per-trial settings (explore:
-`search.inputs.pbt.explore`). `PbtLoop._step` is the one exploit step; a population shared by
+quantile (exploit: the donor whole -- weights, optimiser and generator state, epoch, and its
+settings, batch size, augmentation and optimiser included -- copied on the device, no file
+round trip; the member goes on in the pack of its donor's shape) and perturbs the donor's
+per-trial settings, resampling its searched batch size or augmentation now and then (explore:
+`search.inputs.pbt.explore`). Only a member of another network or number of local workers
+cannot be copied (said at the start and at the step). `PbtLoop._step` is the one exploit step; a population shared by
 workers (`pbt_shared.SharedPbtLoop`) adds only where its ranking and its remote donors' states
 come from (the storage and published files) and the barrier between them.
 
@@ -26,7 +29,8 @@ from typing import Any
 import optuna
 
 from search import defaults, optuna_seam
-from search.inputs.pbt import Pbt, explore
+from search.inputs.pbt import Pbt, explore, kept
+from search.logs import say
 from search.study.lineage import (
     DONOR_ATTR,
     GENERATION_ATTR,
@@ -43,12 +47,6 @@ from search.study.lineage import (
 from search.study.recovery import RetryDeadTrial
 from search.study.session import TrialRunner
 from search.worker.loop import State, WorkerLoop
-from trainer.config import PER_TRIAL
-
-
-def shape(params: dict[str, Any]) -> dict[str, Any]:
-    """A member's values that fix its pack (not held per row): donors must share them."""
-    return {k: v for k, v in params.items() if k not in PER_TRIAL}
 
 
 class PbtLoop(WorkerLoop):
@@ -136,7 +134,9 @@ class PbtLoop(WorkerLoop):
     def _step(self, epoch: int, group: list[tuple[Any, Any]], ranking: list[int]) -> None:
         """One generation, the population's members ranked best first at `epoch`: each of
         this worker's members in the bottom quantile, and each member vacant since the last
-        step (diverged), copies a member of the top quantile that shares its shape, drawn with
+        step (diverged), copies a member of the top quantile -- one of its own network and
+        local workers (`inputs.pbt.kept`), of any batch size, augmentation or optimiser: it
+        goes on in the pack of its donor's shape --, drawn with
         a generator seeded by the study's seed, the epoch and the member (the same draw
         wherever it is made), then explores. A member that already has a segment starting at
         `epoch` is not stepped again, so a retry resumed there repeats nothing."""
@@ -150,10 +150,12 @@ class PbtLoop(WorkerLoop):
             engine, loser = mine.get(index, (None, None))
             replaces = (self.in_flight[loser].session.trial.number if loser is not None
                         else vacant[index])
-            loser_shape = shape(next(t for t in trials if t.number == replaces).params)
+            own = kept(next(t for t in trials if t.number == replaces).params)
             rng = random.Random(f"{self.seed}:{epoch}:{index}")
-            donors = [j for j in top if shape(self._segment(trials, j, epoch).params) == loser_shape]
+            donors = [j for j in top if kept(self._segment(trials, j, epoch).params) == own]
             if not donors:
+                say(f"PBT: member {index} (trial {replaces}) trains on at epoch {epoch}: no "
+                    f"member of the top quantile has its {', '.join(own)}")
                 continue
             donor = self._segment(trials, rng.choice(donors), epoch)
             state = self._donor_state(int(donor.user_attrs[MEMBER_ATTR]), epoch)
