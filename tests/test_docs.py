@@ -78,3 +78,34 @@ def test_the_readme_command_summary_names_only_real_flags():
             if flag not in known:
                 wrong.append(f"{line.strip()[:40]}…: {flag}")
     assert not wrong, wrong
+
+
+NOTES_COLUMNS = {"optimizer": "optimiser", "batch_size": "batch size", "momentum": "β1 / momentum",
+                 "weight_decay": "weight decay", "lr": "lr", "t_max": "T_max",
+                 "augment": "augmentation"}
+NOTES_STUDIES = ("seed-adamw", "sgdm", "seed-augmentation", "seed-final")
+
+
+def notes_table(study: str) -> str:
+    """The Markdown table of a study file's fixed trials: the notes' rows as the study carries
+    them (label, settings, the reported validation accuracy)."""
+    from search.inputs.studyfile import load_study_file
+
+    sf = load_study_file(study)
+    rows = sf.fixed_trials
+    keys = [k for k in NOTES_COLUMNS if any(k in r.params for r in rows)]
+    lines = ["| row | " + " | ".join(NOTES_COLUMNS[k] for k in keys) + " | reported val acc |",
+             "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        acc = "–" if r.reported is None else f"{100 * r.reported:.2f} %"
+        lines.append(f"| {r.label} | " + " | ".join(f"{r.params.get(k, '')}" for k in keys)
+                     + f" | {acc} |")
+    return "\n".join(lines)
+
+
+def test_the_notes_tables_are_the_study_files_rows():
+    """docs/hand-tuned-study.md shows the notes' tables as the study files that reproduce them
+    carry them: every row, its settings and reported accuracy, so neither drifts alone."""
+    page = (ROOT / "docs" / "hand-tuned-study.md").read_text()
+    for study in NOTES_STUDIES:
+        assert notes_table(study) in page, study

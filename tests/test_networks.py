@@ -58,9 +58,10 @@ def _pack(configs, epochs):
 
 def test_a_batchnorm_network_packed_equals_each_trial_alone_and_keeps_its_statistics(nets):
     """Each trial of a pack keeps its own running statistics (in its checkpoint) and evaluates
-    on them: packed, a deterministic network's numbers are each trial's alone, bit for bit."""
+    on them, and draws its Dropout masks from its own seed: packed, its numbers are its numbers
+    alone, bit for bit (on the CPU)."""
     base = dict(dataset="digits", optimizer="sgdm", augment="none", epochs=2, batch_size=128,
-                model=f"{nets}:bn_net", model_args={"width": 8})
+                model=f"{nets}:bn_net", model_args={"width": 8, "dropout": 0.3})
     configs = [TrainConfig(**base, lr=0.05, seed=1), TrainConfig(**base, lr=0.01, seed=2)]
     engine, members = _pack(configs, 2)
     for config, member in zip(configs, members, strict=True):

@@ -20,6 +20,7 @@ continues it in any pack.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from torch.func import functional_call, vmap
 from trainer.augment import Augment, prepare_eval
 from trainer.config import CHECKPOINT_FORMAT, TrainConfig, pack_key
 from trainer.divergence import Diverged, divergence
-from trainer.local import average_workers, plain, shards
+from trainer.local import average_plan, average_workers, plain, shards
 from trainer.networks import args_key, build, initial_state, packable
 from trainer.runtime import Setup, autocast
 from trainer.schedule import lr_at
@@ -82,6 +83,11 @@ class Engine:
         # rows that cannot run batched (an op without a vmap rule) run one after another
         self.unbatched = (packable(self.model, tuple(setup.train.x.shape[1:]))
                           if self.accelerated and c.model != "lenet5" else None)
+        # a user's network may draw (Dropout): each row, run alone, from its trial's seed, epoch
+        # and step, so its numbers do not depend on its pack-mates (LeNet-5 draws nothing)
+        self.seeded = c.model != "lenet5"
+        self.rng_devices = [setup.device] if setup.device.type == "cuda" else []
+        self.reseed = torch.cuda.manual_seed if self.rng_devices else torch.default_generator.manual_seed
         self.augment = Augment(c.augment)
         labels = setup.train.y.cpu().numpy()
         self.worker_idx = [torch.as_tensor(s, device=setup.device)
@@ -220,34 +226,24 @@ class Engine:
             logits = functional_call(self.model, {**params, **buffers}, (x,))
         return F.cross_entropy(logits.float(), y), logits
 
-    def _forward(self, x: torch.Tensor, y: torch.Tensor):
-        """Per-row mean losses (R,) and logits (R, b, classes)."""
+    def _forward(self, x: torch.Tensor, y: torch.Tensor, seeds: list[int] | None = None):
+        """Per-row mean losses (R,) and logits (R, b, classes). With `seeds`, the rows that run
+        one after another draw their random ops (Dropout) from their own seed each."""
         if self.accelerated and len(x) > 1 and self.unbatched is None:
             # random ops (Dropout) draw differently per row
             return vmap(self._loss, randomness="different")(self.params, self.buffers, x, y)
         # unbind: its backward stacks the rows' gradients in one op (indexing would not)
         rows = {n: p.unbind(0) for n, p in self.params.items()}
-        out = [self._loss({n: r[i] for n, r in rows.items()},
-                          {n: b[i] for n, b in self.buffers.items()},
-                          x[i].contiguous(memory_format=torch.channels_last), y[i])
-               for i in range(len(x))]
+        out = []
+        for i in range(len(x)):
+            with contextlib.ExitStack() as own:
+                if seeds is not None:  # random ops draw from this row's own stream
+                    own.enter_context(torch.random.fork_rng(self.rng_devices))
+                    self.reseed(seeds[i])
+                out.append(self._loss({n: r[i] for n, r in rows.items()},
+                                      {n: b[i] for n, b in self.buffers.items()},
+                                      x[i].contiguous(memory_format=torch.channels_last), y[i]))
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
-
-    def _average_plan(self) -> list[Any]:
-        """Per step of the coming epoch: False (no trial averages), None (all do) or a (P,)
-        bool mask; built before the steps so that none of them copies data to the device."""
-        plan, masks = [], {}
-        for s in range(self.steps_per_epoch):
-            due = tuple((m.step + s + 1) % self.h == 0 for m in self.members)
-            if not any(due):
-                plan.append(False)
-            elif all(due):
-                plan.append(None)
-            else:
-                if due not in masks:
-                    masks[due] = torch.tensor(due, device=self.setup.device)
-                plan.append(masks[due])
-        return plan
 
     def run_epoch(self, stop: StopRule | None = None
                   ) -> list[tuple[Member, dict[str, Any] | None, Diverged | None]]:
@@ -268,7 +264,8 @@ class Engine:
         self.optimizer.hyper["lr"] = torch.tensor([lr for lr in lrs for _ in range(k)], device=dev,
                                                   dtype=torch.float64)
         inner_lr = torch.tensor(lrs, device=dev)
-        plan = self._average_plan() if self.local else []
+        plan = average_plan([m.step for m in members], self.h, self.steps_per_epoch,
+                            dev) if self.local else []
         start = time.perf_counter()
         resumed = members[0].partial if p_count == 1 else None
         loss_sum, correct, stopped_at, order = self.train_steps(inner_lr, plan, stop, resumed)
@@ -330,6 +327,8 @@ class Engine:
         size = setup.train.x.shape[-1]
         plans = torch.stack([self.augment.plan(self.augment.draw(k * self.shortest, m.generator),
                                                size, self.accelerated) for m in members])
+        streams = ([(m.config.seed, m.epoch, j) for m in members for j in range(k)]
+                   if self.seeded else None)
         loss_sum = torch.zeros(r_count, device=dev)
         correct = torch.zeros(r_count, device=dev, dtype=torch.long)
         first = 0
@@ -348,7 +347,8 @@ class Engine:
             x = self.augment.apply_plan(setup.train.x[idx], augment, self.accelerated)
             x = x.view(r_count, b, *shape)
             y = setup.train.y[idx].view(r_count, b)
-            losses, logits = self._forward(x, y)
+            losses, logits = self._forward(x, y, None if streams is None else [
+                hash((*r, s)) & (2**63 - 1) for r in streams])
             losses.sum().backward()
             grads = self.layout.flatten({n: p.grad for n, p in self.params.items()})
             for p in self.params.values():

@@ -32,6 +32,25 @@ def shards(labels: np.ndarray, k: int, partition: str, seed: int) -> list[np.nda
     return [test for _, test in folds.split(np.zeros(len(labels)), labels)]
 
 
+def average_plan(steps: list[int], h: int, steps_per_epoch: int, device: torch.device) -> list:
+    """Per step of the coming epoch, for trials at `steps` optimiser steps so far: False (no
+    trial averages), None (all do) or a (P,) bool mask; built before the steps so that none of
+    them copies data to the device."""
+    plan: list = []
+    masks: dict[tuple[bool, ...], torch.Tensor] = {}
+    for s in range(steps_per_epoch):
+        due = tuple((step + s + 1) % h == 0 for step in steps)
+        if not any(due):
+            plan.append(False)
+        elif all(due):
+            plan.append(None)
+        else:
+            if due not in masks:
+                masks[due] = torch.tensor(due, device=device)
+            plan.append(masks[due])
+    return plan
+
+
 def plain(beta: float, alpha: float) -> bool:
     return beta == 0 and alpha == 1
 

@@ -160,6 +160,9 @@ def open_run(settings: RunSettings, workers: int) -> tuple[optuna.Study, Tracker
              [d == "minimize" for d in directions(settings.objectives)], [p.name for p in space.params])
     if created:
         say(f"MLflow experiment {tracker.run_url() or local_view(tracker)}", "search run")
+    elif trials := len(study.get_trials(deepcopy=False)):  # said, so a resume is never a surprise
+        say(f"study {study.study_name!r} resumed ({trials} trials so far, in "
+            f"{redact(settings.storage)}); --study NEW_NAME starts a separate one", "search run")
     enqueue_fixed_trials(study, settings.fixed_trials, created)
     if settings.table and created:
         study.set_user_attr("table", settings.table)
