@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from search.cli.train import model_arg  # noqa: E402
 from trainer import TrainConfig  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
+from trainer.local import average_plan  # noqa: E402
 from trainer.runtime import prepare  # noqa: E402
 
 # ops that allocate or re-describe memory without a kernel
@@ -124,7 +125,8 @@ def packed_engine(optimizer: str, pack: int, augment: str = "final", local_worke
 def count_steps(engine: Engine, steps: int = 3, forbid_sync: bool = False) -> OpCounter:
     """The ops of `steps` steps of every member (and of the epoch's data order, drawn first)."""
     lrs = torch.full((len(engine.members),), 1e-3)
-    plan = engine._average_plan() if engine.local else []
+    plan = (average_plan([m.step for m in engine.members], engine.h, engine.steps_per_epoch,
+                         engine.setup.device) if engine.local else [])
     counter = OpCounter(forbid_sync)
     with phases(engine, counter), counter:
         engine.train_steps(lrs, plan, stop=lambda done, left, seconds: done >= steps)

@@ -170,11 +170,13 @@ def check_output(model: nn.Module, spec: str, num_classes: int, image_shape: tup
 
 def packable(model: nn.Module, image_shape: tuple[int, ...]) -> str | None:
     """None when two rows of the network run as one batched model (a dry training step under
-    `torch.func.vmap`, on the CPU); else the reason, in one line."""
+    `torch.func.vmap`, on the device the model is on); else the reason, in one line."""
     from torch.func import functional_call, stack_module_state, vmap
 
     params, buffers = stack_module_state([model, model])
-    x, y = torch.zeros(2, 2, *image_shape), torch.zeros(2, 2, dtype=torch.long)
+    device = next(iter(params.values()), torch.empty(0)).device  # the engine asks on its own
+    x = torch.zeros(2, 2, *image_shape, device=device)
+    y = torch.zeros(2, 2, dtype=torch.long, device=device)
 
     def loss(p, b, xi, yi):
         out = functional_call(model, {**p, **b}, (xi,))

@@ -79,6 +79,7 @@ class WorkerLoop:
         self.pack, self.ramp, self.n_trials, self.timeout = pack, ramp, n_trials, timeout
         self.rule = stop_rule(stop_within)
         self.engines: dict[tuple, Any] = {}  # shape key -> trainer.engine.Engine
+        self.said_unbatched: set[str] = set()  # networks whose rows cannot run batched here
         self.in_flight: dict[Any, InFlight] = {}  # engine member -> its trial
         self.asked, self.start = 0, time.monotonic()
 
@@ -187,7 +188,11 @@ class WorkerLoop:
         from trainer.runtime import prepare
 
         if key not in self.engines:
-            self.engines[key] = Engine(prepare(config))
+            engine = self.engines[key] = Engine(prepare(config))
+            if engine.unbatched is not None and config.model not in self.said_unbatched:
+                self.said_unbatched.add(config.model)  # once: its dry step ran on this device
+                say(f"model {config.model}: its rows run one after another on "
+                    f"{engine.setup.device}, not batched ({engine.unbatched})")
         return self.engines[key]
 
     def _train_epoch(self, key: tuple, engine: Any) -> None:
