@@ -273,6 +273,19 @@ def test_a_stopped_population_resumes_and_runs_no_generation_twice(tmp_path):
     assert r.returncode == 0 and len(load(tmp_path).trials) == len(trials)  # finished: nothing
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgdm", "lars", "lamb", "localsgd"])
+def test_every_shipped_space_runs_under_pbt_as_it_is(name):
+    """Searched batch sizes and augmentations are explored by resampling, not refused; only
+    localsgd's searched local_workers limits who copies whom, said in one line."""
+    from search.inputs.space import load_space
+
+    space = load_space(name)
+    pbt = resolve_pbt({}, space, 150, None, ["val_acc"])
+    assert "lr" in pbt.mutate
+    assert ("batch_size" in pbt.mutate) == any(p.name == "batch_size" for p in space.params)
+    assert (copy_limits(space, {}) is None) == (name != "localsgd")
+
+
 @pytest.mark.parametrize("name", ["pbt-adamw", "pbt-sgdm"])
 def test_shipped_pbt_study_files_resolve(name):
     sf = load_study_file(name)
