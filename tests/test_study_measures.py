@@ -14,6 +14,8 @@ ADAMW = str(ROOT / "spaces" / "adamw.yaml")
 
 @pytest.mark.slow
 def test_a_command_that_measures_something_else_never_adds_trials(cli, tmp_path):
+    (tmp_path / "nets.py").write_text("from torch import nn\n\n\ndef tiny(num_classes):\n"
+                                      "    return nn.Sequential(nn.Flatten(), nn.Linear(3072, num_classes))\n")
     first = cli("run", "--space", ADAMW, "--dataset", "digits", "--epochs", "1", "--n-trials", "2")
     assert first.returncode == 0, first.stderr[-2000:]
     # a quiet first run: no MLflow database chatter; the local store's view and how to open it
@@ -23,8 +25,9 @@ def test_a_command_that_measures_something_else_never_adds_trials(cli, tmp_path)
                          "'digit-pairs' in this command"),
                         (["--dataset", "digits", "--epochs", "2"], "epochs 1 in the study, 2 in "
                          "this command"),
-                        (["--dataset", "digits", "--epochs", "1", "--model", "torchvision:resnet18"],
-                         "model 'lenet5' in the study, 'torchvision:resnet18' in this command")):
+                        (["--dataset", "digits", "--epochs", "1", "--model", "nets.py:tiny"],
+                         "model 'lenet5' in the study, '" + str(tmp_path / "nets.py") + ":tiny' "
+                         "in this command")):
         r = cli("run", "--space", ADAMW, *flags, "--n-trials", "3")
         assert r.returncode == 2, r.stderr[-2000:]
         lines = [line for line in r.stderr.splitlines() if "measures something else" in line]

@@ -127,7 +127,8 @@ def pbt_flags(p: argparse.ArgumentParser) -> None:
                    f"value from the space instead of x{FACTORS[0]:g} / x{FACTORS[1]:g} "
                    f"(default {Pbt.resample_probability:g})")
     g.add_argument("--pbt-mutate", help="comma-separated settings that change (default: every "
-                   "searched per-trial setting)")
+                   "searched per-trial setting, and a searched batch size or augmentation, "
+                   "resampled only)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
