@@ -145,3 +145,17 @@ def test_trials_of_one_seed_share_its_initial_weights_and_never_change_them():
     shared, _ = initial_state("lenet5", (), 7, 10)  # what both trials started from, after they trained
     assert all(torch.equal(shared[n], p.detach()) for n, p in fresh.items())
     assert packed[0][0]["train_loss"] != packed[1][0]["train_loss"]  # they trained apart
+
+
+def test_packs_of_other_shapes_share_one_copy_of_the_data():
+    """A worker's packs of other batch sizes (a PBT member's new pack too) train on the one
+    copy of the dataset already on the device; another split is loaded apart."""
+    from trainer.runtime import prepare, prepare_sharing
+
+    first = prepare(TrainConfig(dataset="digits", batch_size=64))
+    other = TrainConfig(dataset="digits", batch_size=128, augment="none")
+    shared = prepare_sharing(other, [first])
+    assert shared.config is other and shared.train.x is first.train.x
+    assert shared.val.y is first.val.y
+    apart = prepare_sharing(TrainConfig(dataset="digits", val_fraction=0.5), [first])
+    assert apart.train.x is not first.train.x and len(apart.val.y) != len(first.val.y)

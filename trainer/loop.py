@@ -7,14 +7,13 @@ Packed trials use `trainer.engine.Engine` directly; a run alone is its one-membe
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.config import TrainConfig, pack_key
 from trainer.engine import Diverged, Engine
-from trainer.runtime import prepare
+from trainer.runtime import prepare, prepare_sharing
 
 EpochCallback = Callable[[dict[str, Any]], bool | None]
 CheckpointCallback = Callable[[dict[str, Any]], None]
@@ -84,7 +83,7 @@ def replay(segments: list[tuple[TrainConfig, int]], on_epoch: EpochCallback | No
     history: list[dict[str, Any]] = []
     for config, last in segments:
         if pack_key(config) != engine.key:
-            engine = Engine(dataclasses.replace(setup, config=config))
+            engine = Engine(prepare_sharing(config, [setup], holdout))
         member = engine.add(config, state)
         while member.epoch < last:
             [(_, metrics, error)] = engine.run_epoch()

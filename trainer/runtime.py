@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,3 +111,17 @@ def prepare(config: TrainConfig, holdout: str = "val") -> Setup:
         train, val = to_device(data.train, device, train_idx), to_device(data.train, device, val_idx)
     return Setup(config, device, precision, train, val, to_device(data.test, device),
                  data.num_classes)
+
+
+# what a Setup is made of besides the shape: packs that agree on these train on the same data
+DATA_SETTINGS = ("dataset", "data_root", "val_fraction", "split_seed", "device", "precision")
+
+
+def prepare_sharing(config: TrainConfig, setups: list[Setup], holdout: str = "val") -> Setup:
+    """`prepare(config, holdout)`, or one of `setups` (made with the same holdout) over the same
+    data and device with this config: packs of other shapes (batch sizes, augmentations, a PBT
+    member's new pack) share one copy of the dataset on the device, loaded and split once."""
+    for setup in setups:
+        if all(getattr(setup.config, k) == getattr(config, k) for k in DATA_SETTINGS):
+            return replace(setup, config=config)
+    return prepare(config, holdout)

@@ -185,10 +185,11 @@ class WorkerLoop:
         """The engine that trains trials of shape `key` (made for the first of them): the one
         place an engine is set up, for a new trial, a resumed one or a PBT member."""
         from trainer.engine import Engine
-        from trainer.runtime import prepare
+        from trainer.runtime import prepare_sharing
 
         if key not in self.engines:
-            engine = self.engines[key] = Engine(prepare(config))
+            setups = [e.setup for e in self.engines.values()]
+            engine = self.engines[key] = Engine(prepare_sharing(config, setups))
             if engine.unbatched is not None and config.model not in self.said_unbatched:
                 self.said_unbatched.add(config.model)  # once: its dry step ran on this device
                 say(f"model {config.model}: its rows run one after another on "
