@@ -226,9 +226,10 @@ class Engine:
             logits = functional_call(self.model, {**params, **buffers}, (x,))
         return F.cross_entropy(logits.float(), y), logits
 
-    def _forward(self, x: torch.Tensor, y: torch.Tensor, seeds: list[int] | None = None):
-        """Per-row mean losses (R,) and logits (R, b, classes). With `seeds`, the rows that run
-        one after another draw their random ops (Dropout) from their own seed each."""
+    def _forward(self, x: torch.Tensor, y: torch.Tensor, streams: list[tuple] | None = None,
+                 step: int = 0):
+        """Per-row mean losses (R,) and logits (R, b, classes). With `streams` (a row's seed,
+        epoch, worker), rows run one after another draw random ops from their own at `step`."""
         if self.accelerated and len(x) > 1 and self.unbatched is None:
             # random ops (Dropout) draw differently per row
             return vmap(self._loss, randomness="different")(self.params, self.buffers, x, y)
@@ -237,9 +238,9 @@ class Engine:
         out = []
         for i in range(len(x)):
             with contextlib.ExitStack() as own:
-                if seeds is not None:  # random ops draw from this row's own stream
+                if streams is not None:  # random ops draw from this row's own stream
                     own.enter_context(torch.random.fork_rng(self.rng_devices))
-                    self.reseed(seeds[i])
+                    self.reseed(hash((*streams[i], step)) & (2**63 - 1))
                 out.append(self._loss({n: r[i] for n, r in rows.items()},
                                       {n: b[i] for n, b in self.buffers.items()},
                                       x[i].contiguous(memory_format=torch.channels_last), y[i]))
@@ -347,8 +348,7 @@ class Engine:
             x = self.augment.apply_plan(setup.train.x[idx], augment, self.accelerated)
             x = x.view(r_count, b, *shape)
             y = setup.train.y[idx].view(r_count, b)
-            losses, logits = self._forward(x, y, None if streams is None else [
-                hash((*r, s)) & (2**63 - 1) for r in streams])
+            losses, logits = self._forward(x, y, streams, s)
             losses.sum().backward()
             grads = self.layout.flatten({n: p.grad for n, p in self.params.items()})
             for p in self.params.values():

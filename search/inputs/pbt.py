@@ -81,16 +81,20 @@ def mutable_names(space: Space) -> list[str]:
             if (p.name in PER_TRIAL and p.name not in NEVER_MUTATE) or p.name in RESAMPLED]
 
 
+def keeps(name: str) -> bool:
+    """Whether a member keeps setting `name` for its life (KEPT and `model_args.*`)."""
+    return name in KEPT or name.startswith(MODEL_ARGS_PREFIX)
+
+
 def kept(params: dict[str, Any]) -> dict[str, Any]:
-    """A member's values it keeps for its life (KEPT and `model_args.*`): its donors share them."""
-    return {k: v for k, v in params.items() if k in KEPT or k.startswith(MODEL_ARGS_PREFIX)}
+    """A member's values it keeps for its life: its donors share them."""
+    return {k: v for k, v in params.items() if keeps(k)}
 
 
 def copy_limits(space: Space, overrides: dict[str, Any]) -> str | None:
     """The line said at the start when members cannot copy every member: the space searches
     a setting a member keeps for its life. None when any member may copy any other."""
-    names = [p.name for p in space.params if p.name not in overrides
-             and (p.name in KEPT or p.name.startswith(MODEL_ARGS_PREFIX))]
+    names = [p.name for p in space.params if p.name not in overrides and keeps(p.name)]
     if not names:
         return None
     return (f"PBT: members copy only members of their own {', '.join(names)} (searched by "
